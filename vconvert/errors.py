@@ -1,0 +1,26 @@
+"""Named exceptions. Each carries the process exit code the CLI uses and a one-sentence message
+that says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class VConvertError(Exception):
+    """Base class: a failure vconvert explains to the user instead of showing a traceback."""
+
+    exit_code = 2
+
+
+class BadInputError(VConvertError):
+    """Bad usage or bad input (a missing file, a wrong option, a model vconvert cannot read): exit 2."""
+
+    exit_code = 2
+
+
+class UntrustedCodeError(BadInputError):
+    """Loading would run code from a file (an unknown pickled class, an arch string read from a file)."""
+
+
+class CheckFailedError(VConvertError):
+    """A verification failed (e.g. ONNX parity): exit 1."""
+
+    exit_code = 1
