@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from vconvert.api import Checkpoint, load, load_checkpoint, save
+from vconvert.convert import ConversionPlan, compress
 from vconvert.layers import (
     VersatileConv2d,
     clip_mask_proxies_,
@@ -16,10 +18,16 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Checkpoint",
+    "ConversionPlan",
     "VersatileConv2d",
     "__version__",
     "clip_mask_proxies_",
+    "compress",
     "fold_model",
+    "load",
+    "load_checkpoint",
     "orthogonality_loss",
+    "save",
     "versatile_layers",
 ]

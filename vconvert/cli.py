@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vconvert import __version__
+from vconvert.errors import BadInputError, VConvertError
 
 app = typer.Typer(
     name="vconvert",
@@ -14,6 +25,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+console = Console()
+error_console = Console(stderr=True)
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+F = TypeVar("F", bound=Callable)
 
 
 def _print_version(value: bool) -> None:
@@ -29,3 +44,301 @@ def main(
     ),
 ) -> None:
     """vconvert: compress, fine-tune and export CNNs with versatile convolutions."""
+
+
+def explained_errors(command: F) -> F:
+    """Turn VConvertError into one sentence on stderr and its exit code (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VConvertError as error:
+            if kwargs.get("debug"):
+                raise
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return run  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- option parsing
+def parse_floats(text: str, option: str, count: int | None = None) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInputError(f"{option} must be comma-separated numbers, got {text!r}.") from None
+    if count is not None and len(values) != count:
+        raise BadInputError(f"{option} needs {count} comma-separated numbers, got {text!r}.")
+    return values
+
+
+def parse_shape(text: str) -> list[int]:
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInputError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}.") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise BadInputError(f"--input-shape must be four positive integers N,C,H,W, got {text!r}.")
+    return shape
+
+
+def parse_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadInputError(
+            f"--arch-kwargs is not valid JSON ({error.msg}); write it like '{{\"num_classes\": 10}}'."
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise BadInputError("--arch-kwargs must be a JSON object, like '{\"num_classes\": 10}'.")
+    return kwargs
+
+
+def parse_preprocessing(mean: str | None, std: str | None, shape: list[int], required: bool) -> dict | None:
+    """Input normalisation as {"mean", "std", "input_size"}; ImageNet's for 3 channels when not given."""
+    channels = shape[1]
+    if mean is None and std is None:
+        if channels != 3:
+            if required:
+                raise BadInputError(f"The model takes {channels} input channels: pass --mean and --std for them.")
+            return None
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if mean is None or std is None:
+        raise BadInputError("Pass --mean and --std together.")
+    return {
+        "mean": parse_floats(mean, "--mean", channels),
+        "std": parse_floats(std, "--std", channels),
+        "input_size": shape[2:],
+    }
+
+
+def fitting_progress(progress: Progress, description: str) -> Callable[[int, int, str], None]:
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int, name: str) -> None:
+        progress.update(task, completed=done, total=total, description=f"{description} {name}")
+
+    return update
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=error_console,
+        transient=True,
+        disable=not error_console.is_terminal,
+    )
+
+
+# --------------------------------------------------------------------------- shared options
+FileArg = Annotated[Path, typer.Argument(help="A model file: a pickled nn.Module, or a state_dict with --arch.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", help="package.module:function that builds the network; FILE is then its state_dict."),
+]
+ArchKwargsOpt = Annotated[
+    str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust", help="Allow unpickling classes outside torch/torchvision/timm/sample_models (runs code)."),
+]
+InputShapeOpt = Annotated[str, typer.Option("--input-shape", help="Example input N,C,H,W used to trace the model.")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="learned | spatial | channel | spatial+channel.")]
+SecondaryOpt = Annotated[
+    int, typer.Option("--secondary", "-s", help="Secondary filters per primary (learned/channel).")
+]
+ChannelWindowOpt = Annotated[
+    int | None, typer.Option("--channel-window", help="Channels per primary filter in the channel modes.")
+]
+ChannelStrideOpt = Annotated[int, typer.Option("--channel-stride", help="Channel stride g of the channel window.")]
+MaskSharingOpt = Annotated[
+    str, typer.Option("--mask-sharing", help="per-filter (own mask per secondary) | shared (per layer).")
+]
+TargetRatioOpt = Annotated[
+    float | None,
+    typer.Option("--target-ratio", help="Pick per-layer settings so the whole model's stored size shrinks by R."),
+]
+ConvertFirstOpt = Annotated[bool, typer.Option("--convert-first", help="Also convert the stem (the first conv).")]
+MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Skip convs with fewer weights than this.")]
+SkipOpt = Annotated[
+    list[str] | None, typer.Option("--skip", help="Skip convs whose name matches this regex (repeatable).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trust: bool):
+    from vconvert.io import load_model
+
+    return load_model(file, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust)
+
+
+def _summary(plan) -> str:
+    converted = plan.converted
+    errors = [layer.fit_error for layer in converted if layer.fit_error is not None]
+    mean_error = f", mean fit error {sum(errors) / len(errors):.3f}" if errors else ""
+    conv_dense = sum(layer.dense_bits for layer in converted)
+    conv_stored = sum(layer.stored_bits for layer in converted)
+    conv_ratio = f", converted convs {conv_dense / conv_stored:.2f}x" if conv_stored else ""
+    return (
+        f"converted {len(converted)} of {len(plan.layers)} convs{conv_ratio}; whole model "
+        f"{plan.model_dense_bits / 8192:,.1f} KiB → {plan.model_stored_bits / 8192:,.1f} KiB "
+        f"({plan.ratio:.2f}x){mean_error}"
+    )
+
+
+# --------------------------------------------------------------------------- commands
+@app.command()
+@explained_errors
+def compress(
+    file: FileArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write the .vc.pt (default: FILE's stem + .vc.pt).")
+    ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = "1,3,224,224",
+    mode: ModeOpt = "learned",
+    secondary: SecondaryOpt = 2,
+    channel_window: ChannelWindowOpt = None,
+    channel_stride: ChannelStrideOpt = 1,
+    mask_sharing: MaskSharingOpt = "per-filter",
+    scale: Annotated[bool, typer.Option("--scale/--no-scale", help="Learn a scale per secondary filter.")] = True,
+    target_ratio: TargetRatioOpt = None,
+    convert_first: ConvertFirstOpt = False,
+    min_params: MinParamsOpt = 0,
+    skip: SkipOpt = None,
+    init: Annotated[str, typer.Option("--init", help="fit (data-free least squares) | naive.")] = "fit",
+    calib_data: Annotated[
+        Path | None, typer.Option("--calib-data", help="Image folder to recalibrate BatchNorm statistics on.")
+    ] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Images used for BN recalibration.")] = 2000,
+    mean: Annotated[
+        str | None, typer.Option("--mean", help="Per-channel input mean, e.g. 0.485,0.456,0.406 (ImageNet's for RGB).")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option("--std", help="Per-channel input std, e.g. 0.229,0.224,0.225 (ImageNet's for RGB).")
+    ] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""
+    from vconvert.api import save
+    from vconvert.convert import compress as compress_model
+    from vconvert.io import check_writable
+
+    shape = parse_shape(input_shape)
+    output = output or file.with_name(file.name.split(".")[0] + ".vc.pt")
+    if output.resolve() == file.resolve():
+        raise BadInputError(f"The output {output} would overwrite the input model; choose another -o.")
+    check_writable(output)
+    preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
+    model, base = _load_input_model(file, arch, arch_kwargs, trust)
+    example = torch.randn(*shape)
+    with _progress() as progress:
+        converted, plan = compress_model(
+            model,
+            example,
+            mode=mode,
+            secondary=secondary,
+            channel_window=channel_window,
+            channel_stride=channel_stride,
+            mask_sharing=mask_sharing,
+            scale=scale,
+            target_ratio=target_ratio,
+            convert_first=convert_first,
+            min_params=min_params,
+            skip=skip or [],
+            init=init,
+            progress=fitting_progress(progress, "fitting"),
+        )
+    metadata: dict = {"input_shape": shape, "preprocessing": preprocessing}
+    if calib_data is not None:
+        from vconvert.calibrate import recalibrate_batchnorm
+        from vconvert.data import calibration_batches
+
+        batches = calibration_batches(
+            calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images
+        )
+        used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
+        metadata["bn_recalibration"] = {"data": str(calib_data), "images": used}
+    save(output, converted, plan, base, model, metadata)
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "plan": plan.to_dict(), "summary": _summary(plan)}, indent=2))
+        return
+    from vconvert.report import layer_table
+
+    console.print(layer_table(plan.table_rows(), title=f"vconvert compress {file.name}"))
+    if plan.traced_with != "fx":
+        console.print(f"[yellow]note:[/] {plan.trace_note}")
+    if plan.choice_note:
+        console.print(plan.choice_note)
+    if calib_data is not None:
+        console.print(f"BatchNorm statistics recalibrated on {metadata['bn_recalibration']['images']} images.")
+    console.print(f"{_summary(plan)}\nwrote {output}")
+
+
+@app.command()
+@explained_errors
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .vc.pt checkpoint, or a plain model (what would convert).")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = "1,3,224,224",
+    mode: ModeOpt = "learned",
+    secondary: SecondaryOpt = 2,
+    convert_first: ConvertFirstOpt = False,
+    min_params: MinParamsOpt = 0,
+    skip: SkipOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-layer table of a .vc.pt (sizes, ratio, fit error, mask density) or of a plain model's convs."""
+    from vconvert.api import is_checkpoint, load_checkpoint
+    from vconvert.convert import compress as compress_model
+    from vconvert.convert import refresh_mask_density
+
+    if is_checkpoint(file):
+        checkpoint = load_checkpoint(file, trust=trust)
+        plan = refresh_mask_density(checkpoint.plan, checkpoint.model)
+        title = f"{file.name} (versatile checkpoint)"
+    else:
+        model, _ = _load_input_model(file, arch, arch_kwargs, trust)
+        _, plan = compress_model(
+            model,
+            torch.randn(*parse_shape(input_shape)),
+            mode=mode,
+            secondary=secondary,
+            convert_first=convert_first,
+            min_params=min_params,
+            skip=skip or [],
+            dry_run=True,
+        )
+        title = f"{file.name}: what --mode {mode} would convert"
+    if as_json:
+        typer.echo(json.dumps({"file": str(file), "plan": plan.to_dict(), "summary": _summary(plan)}, indent=2))
+        return
+    from vconvert.report import layer_table
+
+    console.print(layer_table(plan.table_rows(), title=title))
+    if plan.traced_with != "fx":
+        console.print(f"[yellow]note:[/] {plan.trace_note}")
+    console.print(_summary(plan))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="vconvert")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,177 @@
+"""`vconvert compress` and `vconvert inspect` end to end, including every bad input they handle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vconvert
+from sample_models.resnet_cifar import resnet8
+from vconvert.api import load_checkpoint
+from vconvert.cli import app
+
+ARCH = "sample_models.resnet_cifar:resnet8"
+SHAPE = "2,3,32,32"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def state_dict_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "resnet8.pt"
+    torch.save(resnet8().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def pickled_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "resnet8_module.pt"
+    torch.save(resnet8().eval(), path)
+    return path
+
+
+def assert_one_sentence_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "Traceback" not in result.output + result.stderr
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_compress_state_dict_with_arch_writes_a_checkpoint_that_reloads(state_dict_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.vc.pt"
+    result = invoke("compress", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "converted 8 of 9 convs" in " ".join(result.output.split()) and output.exists()
+
+    checkpoint = load_checkpoint(output)
+    original = resnet8()
+    original.load_state_dict(torch.load(state_dict_file, weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(checkpoint.teacher(x), original.eval()(x))
+        assert torch.equal(vconvert.load(output)(x), checkpoint.model(x))
+    assert torch.load(output, weights_only=True)["plan"]["layers"][0]["name"] == "conv1"
+
+
+def test_compress_pickled_module_without_arch(pickled_file: Path, tmp_path: Path) -> None:
+    result = invoke("compress", pickled_file, "--input-shape", SHAPE, "--mode", "spatial", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.output)
+    assert report["output"].endswith("resnet8_module.vc.pt") and Path(report["output"]).exists()
+    assert {layer["options"]["mode"] for layer in report["plan"]["layers"] if layer["options"]} == {"spatial"}
+
+
+def test_inspect_checkpoint_and_plain_model(state_dict_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "m.vc.pt"
+    assert invoke("compress", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "-o", output).exit_code == 0
+    table = invoke("inspect", output)
+    assert table.exit_code == 0 and "versatile checkpoint" in table.output and "converted" in table.output
+    report = json.loads(invoke("inspect", output, "--json").output)
+    densities = [layer["mask_density"] for layer in report["plan"]["layers"] if layer["decision"] == "converted"]
+    assert densities and all(0.0 < d <= 1.0 for d in densities)
+
+    plain = invoke("inspect", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "--json")
+    assert plain.exit_code == 0, plain.output + plain.stderr
+    decisions = [layer["decision"] for layer in json.loads(plain.output)["plan"]["layers"]]
+    assert decisions[0].startswith("skipped: stem") and decisions.count("converted") == 8
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("missing-file", ["does not exist"]),
+        ("empty-file", ["empty"]),
+        ("truncated-file", []),
+        ("not-a-model", []),
+        ("bad-arch", ["no_such_package"]),
+        ("mismatched-state-dict", []),
+        ("missing-output-folder", ["folder"]),
+        ("rejected-input-shape", ["--input-shape"]),
+        ("bad-input-shape-text", ["--input-shape"]),
+        ("bad-arch-kwargs", ["--arch-kwargs"]),
+        ("skip-matches-nothing", ["--skip"]),
+        ("overwrite-input", ["overwrite"]),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_compress_bad_input(case: str, fragments: list[str], state_dict_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.vc.pt"
+    args: list = [state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "-o", output]
+    if case == "missing-file":
+        args[0] = tmp_path / "nope.pt"
+    elif case == "empty-file":
+        args[0] = _write(tmp_path / "empty.pt", b"")
+    elif case == "truncated-file":
+        args[0] = _write(tmp_path / "cut.pt", state_dict_file.read_bytes()[:3000])
+    elif case == "not-a-model":
+        args[0] = _write(tmp_path / "notes.pt", b"these are not weights\n" * 20)
+    elif case == "bad-arch":
+        args[2] = "no_such_package.models:net"
+    elif case == "mismatched-state-dict":
+        args[2] = "sample_models.resnet_cifar:resnet20"
+    elif case == "missing-output-folder":
+        args[-1] = output = tmp_path / "no" / "such" / "dir" / "out.vc.pt"
+    elif case == "rejected-input-shape":
+        args[4] = "1,1,32,32"
+    elif case == "bad-input-shape-text":
+        args[4] = "1x3x32x32"
+    elif case == "bad-arch-kwargs":
+        args += ["--arch-kwargs", "{num_classes: 10}"]
+    elif case == "skip-matches-nothing":
+        args += ["--skip", "no_such_layer"]
+    elif case == "overwrite-input":
+        args[-1] = state_dict_file
+    before = state_dict_file.read_bytes()
+    result = invoke("compress", *args)
+    assert_one_sentence_error(result, *fragments)
+    if case != "overwrite-input":
+        assert not output.exists(), "nothing may be written on bad input"
+    assert state_dict_file.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "no temporary files left behind"
+
+
+def test_pickled_module_of_unknown_class_needs_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "from torch import nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(8, 16, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return self.b(self.a(x))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from userpkg.nets import TinyNet  # type: ignore[import-not-found]
+
+    model_file = tmp_path / "tiny.pt"
+    torch.save(TinyNet(), model_file)
+    output = tmp_path / "tiny.vc.pt"
+    refused = invoke("compress", model_file, "--input-shape", "1,3,8,8", "-o", output)
+    assert_one_sentence_error(refused, "userpkg.nets.TinyNet", "--trust", "--arch")
+    assert not output.exists()
+
+    trusted = invoke("compress", model_file, "--input-shape", "1,3,8,8", "-o", output, "--trust")
+    assert trusted.exit_code == 0, trusted.output + trusted.stderr
+    # the checkpoint keeps the pickled base: reloading it needs the same trust
+    reload_refused = invoke("inspect", output)
+    assert_one_sentence_error(reload_refused, "--trust")
+    assert invoke("inspect", output, "--trust").exit_code == 0

@@ -1,0 +1,512 @@
+"""The compress pass: find every Conv2d call site, decide per conv, swap in VersatileConv2d, fit.
+
+Reads like ``torch.fx.experimental.optimization.fuse``: deep copy, trace, match exact types, replace.
+The FX trace is used to *find* convs (call sites, order, users); the rewrite swaps modules by
+qualified name, so the converted model keeps the user's classes and attribute names (no
+GraphModule). Models FX cannot trace fall back to forward hooks for the same facts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+
+from vconvert.errors import BadInputError
+from vconvert.fit import initialise_from_weight
+from vconvert.layers import VersatileConv2d
+from vconvert.report import conv_macs, model_stored_bits
+
+CONVERTED = "converted"
+SECONDARY_CANDIDATES = (2, 3, 4, 6, 8)
+
+
+@dataclass
+class ConvOptions:
+    """How eligible convs are converted (the keyword options of VersatileConv2d)."""
+
+    mode: str = "learned"
+    secondary: int = 2
+    channel_window: int | None = None
+    channel_stride: int = 1
+    mask_sharing: str = "per-filter"
+    scale: bool = True
+
+    def layer_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        if self.mode not in ("channel", "spatial+channel"):
+            kwargs.pop("channel_window")
+        return kwargs
+
+
+@dataclass
+class LayerDecision:
+    """One Conv2d of the model: what it is, where it runs, and whether (and how) it was converted."""
+
+    name: str
+    decision: str  # CONVERTED or the reason it was skipped
+    in_channels: int
+    out_channels: int
+    kernel_size: list[int]
+    groups: int
+    call_sites: int
+    input_shape: list[int] | None = None
+    output_shape: list[int] | None = None
+    users: list[str] = field(default_factory=list)
+    macs: int = 0
+    dense_bits: int = 0
+    stored_bits: int = 0
+    options: dict | None = None  # VersatileConv2d keyword options when converted
+    fit_error: float | None = None
+    mask_density: float | None = None
+
+    @property
+    def converted(self) -> bool:
+        return self.decision == CONVERTED
+
+
+@dataclass
+class ConversionPlan:
+    """Plain data (JSON-able): every conv's decision, how the model was analysed, and the totals."""
+
+    layers: list[LayerDecision]
+    traced_with: str  # "fx" or "hooks"
+    trace_note: str
+    input_shape: list[int]
+    init: str
+    target_ratio: float | None = None
+    model_dense_bits: int = 0
+    model_stored_bits: int = 0
+    choice_note: str = ""
+
+    @property
+    def converted(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def ratio(self) -> float:
+        """Whole-model stored-size ratio (dense bits / stored bits)."""
+        return self.model_dense_bits / self.model_stored_bits if self.model_stored_bits else 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConversionPlan:
+        fields = dict(data)
+        fields["layers"] = [LayerDecision(**layer) for layer in data["layers"]]
+        return cls(**fields)
+
+    def table_rows(self) -> list[dict]:
+        rows = []
+        for layer in self.layers:
+            kh, kw = layer.kernel_size
+            options = layer.options or {}
+            rows.append(
+                {
+                    "name": layer.name,
+                    "shape": f"{layer.out_channels}x{layer.in_channels // layer.groups}x{kh}x{kw}",
+                    "decision": layer.decision,
+                    "mode": options.get("mode"),
+                    "secondary": options.get("secondary") if options.get("mode") == "learned" else None,
+                    "dense_bits": layer.dense_bits,
+                    "stored_bits": layer.stored_bits or layer.dense_bits,
+                    "fit_error": layer.fit_error,
+                    "mask_density": layer.mask_density,
+                }
+            )
+        return rows
+
+
+# --------------------------------------------------------------------------- analysis
+class _ConvSiteTracer(fx.Tracer):
+    """Keeps every Conv2d (subclasses too) a leaf so that each call site shows up as one node."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, VersatileConv2d)) or super().is_leaf_module(module, qualified_name)
+
+
+@dataclass
+class _ConvSite:
+    calls: int = 0
+    users: list[str] = field(default_factory=list)
+    input_shape: list[int] | None = None
+    output_shape: list[int] | None = None
+
+
+def _trace_conv_sites(model: nn.Module) -> tuple[dict[str, _ConvSite], str]:
+    """Conv call sites in execution order from an FX trace; raises whatever FX raises."""
+    graph = _ConvSiteTracer().trace(model)
+    sites: dict[str, _ConvSite] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.Conv2d):
+            site = sites.setdefault(node.target, _ConvSite())
+            site.calls += 1
+            site.users.extend(user.name for user in node.users)
+    return sites, "traced with torch.fx"
+
+
+def _record_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, _ConvSite]:
+    """Run one forward with hooks on every Conv2d: call counts, order and shapes."""
+    sites: dict[str, _ConvSite] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            site = sites.setdefault(name, _ConvSite())
+            site.calls += 1
+            site.input_shape = list(inputs[0].shape)
+            site.output_shape = list(output.shape)
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:  # the user's model raised: report it as bad input, not a traceback
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInputError(
+            f"The model rejects an input of shape {list(example.shape)} ({first_line}); "
+            "pass the shape it expects with --input-shape."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sites
+
+
+def analyse(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, _ConvSite], str, str]:
+    """Conv call sites (execution order) with shapes; FX when it can trace, forward hooks otherwise."""
+    observed = _record_shapes(model, example)
+    try:
+        sites, note = _trace_conv_sites(model)
+        traced_with = "fx"
+    except Exception as error:  # FX raises many types for untraceable Python (TraceError, TypeError, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        note = f"torch.fx could not trace the model ({reason[:160]}); convs were found by forward hooks instead"
+        return observed, "hooks", note
+    for name, site in sites.items():
+        if name in observed:
+            site.input_shape, site.output_shape = observed[name].input_shape, observed[name].output_shape
+    return sites, traced_with, note
+
+
+# --------------------------------------------------------------------------- decisions
+def _skip_reason(
+    name: str,
+    conv: nn.Conv2d,
+    site: _ConvSite | None,
+    is_stem: bool,
+    convert_first: bool,
+    min_params: int,
+    skip_patterns: Sequence[str],
+) -> str | None:
+    if type(conv) is not nn.Conv2d:
+        return f"skipped: Conv2d subclass {type(conv).__name__}"
+    if conv.groups == conv.in_channels and conv.groups > 1:
+        return "skipped: depthwise"
+    if conv.groups > 1:
+        return f"skipped: grouped (groups={conv.groups})"
+    if conv.padding_mode != "zeros":
+        return f"skipped: padding_mode={conv.padding_mode!r}"
+    if site is None or site.calls == 0:
+        return "skipped: not called in forward"
+    if site.calls > 1:
+        return f"skipped: called at {site.calls} sites"
+    if is_stem and not convert_first:
+        return "skipped: stem (--convert-first)"
+    for pattern in skip_patterns:
+        if re.search(pattern, name):
+            return f"skipped: matched --skip {pattern!r}"
+    if conv.weight.numel() < min_params:
+        return f"skipped: too small ({conv.weight.numel()} < --min-params {min_params})"
+    return None
+
+
+def _storage_of(conv: nn.Conv2d, options: dict) -> tuple[int, int]:
+    """(dense bits, stored bits) of ``conv`` converted with ``options``, without allocating weights."""
+    meta = VersatileConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.bias is not None,
+        device="meta",
+        dtype=conv.weight.dtype,
+        **options,
+    )
+    return meta.dense_bits(), meta.stored_bits()
+
+
+def _dense_bits(conv: nn.Conv2d) -> int:
+    count = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+    return count * conv.weight.element_size() * 8
+
+
+def _make_layer(conv: nn.Conv2d, options: dict) -> VersatileConv2d:
+    return VersatileConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+        **options,
+    )
+
+
+def _mask_density(layer: VersatileConv2d) -> float | None:
+    mask = layer.output_mask()
+    return None if mask is None else float(mask.detach().float().mean())
+
+
+def _swap(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, replacement)
+
+
+# --------------------------------------------------------------------------- the pass
+def compress(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    mode: str = "learned",
+    secondary: int = 2,
+    channel_window: int | None = None,
+    channel_stride: int = 1,
+    mask_sharing: str = "per-filter",
+    scale: bool = True,
+    target_ratio: float | None = None,
+    convert_first: bool = False,
+    min_params: int = 0,
+    skip: Sequence[str] = (),
+    init: str = "fit",
+    dry_run: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[nn.Module, ConversionPlan]:
+    """Convert the eligible Conv2d layers of ``model`` into VersatileConv2d, initialised without data.
+
+    Returns a converted deep copy (the user's classes and attribute names, eval mode) and the plan.
+    ``target_ratio`` picks the secondary count per layer (mode ``learned`` or the channel modes) or
+    which layers to convert (``spatial``) so that the whole model's stored size shrinks by that
+    factor, preferring the layers whose fit error is lowest per bit saved. ``dry_run`` decides
+    without fitting or swapping anything (``vconvert inspect`` on a plain model). ``progress`` is
+    called as (layers done, layers in all, layer name). The input model is not modified.
+    """
+    if init not in ("fit", "naive"):
+        raise BadInputError(f"--init must be 'fit' or 'naive', got {init!r}.")
+    for pattern in skip:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise BadInputError(f"--skip {pattern!r} is not a valid regular expression ({error}).") from error
+    base_options = ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing, scale)
+    try:  # surface option errors (bad mode, bad sharing) once, before any work
+        VersatileConv2d(max(2, channel_stride + 1), 4, 3, device="meta", **base_options.layer_kwargs())
+    except ValueError as error:
+        raise BadInputError(str(error)) from error
+
+    source = copy.deepcopy(model).eval()
+    sites, traced_with, note = analyse(source, example_input)
+    convs = {name: m for name, m in source.named_modules() if isinstance(m, nn.Conv2d)}
+    order = [name for name in sites if name in convs] + [name for name in convs if name not in sites]
+    stem = order[0] if order else None
+
+    unmatched = [p for p in skip if not any(re.search(p, name) for name in convs)]
+    if unmatched:
+        raise BadInputError(f"--skip {unmatched[0]!r} matches no Conv2d in the model; check the layer names.")
+
+    decisions: dict[str, LayerDecision] = {}
+    eligible: list[str] = []
+    for name in order:
+        conv, site = convs[name], sites.get(name)
+        reason = _skip_reason(name, conv, site, name == stem, convert_first, min_params, skip)
+        decision = LayerDecision(
+            name=name,
+            decision=reason or CONVERTED,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=list(conv.kernel_size),
+            groups=conv.groups,
+            call_sites=site.calls if site else 0,
+            input_shape=site.input_shape if site else None,
+            output_shape=site.output_shape if site else None,
+            users=site.users if site else [],
+            dense_bits=_dense_bits(conv),
+        )
+        if site and site.output_shape:
+            decision.macs = conv_macs(site.output_shape, conv.in_channels, conv.kernel_size, conv.groups)
+        if reason is None:
+            try:
+                dense_bits, stored_bits = _storage_of(conv, base_options.layer_kwargs())
+            except ValueError as error:
+                decision.decision = f"skipped: options do not apply ({error})"
+            else:
+                if stored_bits >= dense_bits:
+                    decision.decision = "skipped: does not save storage"
+                else:
+                    eligible.append(name)
+        decisions[name] = decision
+
+    model_dense_bits = model_stored_bits(source)
+    chosen = {name: base_options.layer_kwargs() for name in eligible}
+    choice_note = ""
+    if target_ratio is not None:
+        chosen, choice_note = _choose_for_target(
+            source, {n: convs[n] for n in eligible}, base_options, target_ratio, model_dense_bits, init
+        )
+        for name in eligible:
+            if name not in chosen:
+                decisions[name].decision = "skipped: not needed for --target-ratio"
+
+    if dry_run:
+        for name, options in chosen.items():
+            decisions[name].options = options
+            decisions[name].stored_bits = _storage_of(convs[name], options)[1]
+        chosen = {}
+    converted = source
+    for index, (name, options) in enumerate(chosen.items()):
+        if progress:
+            progress(index, len(chosen), name)
+        conv = convs[name]
+        layer = _make_layer(conv, options)
+        error = initialise_from_weight(layer, conv.weight.detach(), _detached(conv.bias), method=init)
+        _swap(converted, name, layer)
+        decision = decisions[name]
+        decision.options = options
+        decision.stored_bits = layer.stored_bits()
+        decision.fit_error = float(error)
+        decision.mask_density = _mask_density(layer)
+    if progress:
+        progress(len(chosen), len(chosen), "")
+
+    plan = ConversionPlan(
+        layers=list(decisions.values()),
+        traced_with=traced_with,
+        trace_note=note,
+        input_shape=list(example_input.shape),
+        init=init,
+        target_ratio=target_ratio,
+        model_dense_bits=model_dense_bits,
+        model_stored_bits=model_dense_bits - sum(d.dense_bits - d.stored_bits for d in decisions.values() if d.options),
+        choice_note=choice_note,
+    )
+    return converted.eval(), plan
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def _candidate_options(base: ConvOptions, conv: nn.Conv2d) -> list[dict]:
+    """Options for one layer in order of increasing compression."""
+    if base.mode == "spatial":
+        return [base.layer_kwargs()]
+    candidates = []
+    for count in SECONDARY_CANDIDATES:
+        options = ConvOptions(**{**asdict(base), "secondary": count, "channel_window": None}).layer_kwargs()
+        try:
+            _storage_of(conv, options)
+        except ValueError:
+            continue
+        candidates.append(options)
+    return candidates
+
+
+def _choose_for_target(
+    model: nn.Module,
+    convs: dict[str, nn.Conv2d],
+    base: ConvOptions,
+    target_ratio: float,
+    model_dense_bits: int,
+    init: str,
+) -> tuple[dict[str, dict], str]:
+    """Greedy: repeatedly take the step (convert a layer, or raise its secondary count) with the
+    lowest increase of relative fit error per bit saved, until the whole model is small enough."""
+    if target_ratio <= 1.0:
+        raise BadInputError(f"--target-ratio must be greater than 1, got {target_ratio}.")
+    budget = model_dense_bits / target_ratio
+    ladders: dict[str, list[tuple[dict, int, float]]] = {}
+    for name, conv in convs.items():
+        steps = []
+        for options in _candidate_options(base, conv):
+            layer = _make_layer(conv, options)
+            error = initialise_from_weight(layer, conv.weight.detach(), _detached(conv.bias), method=init)
+            if layer.stored_bits() < _dense_bits(conv):
+                steps.append((options, layer.stored_bits(), float(error)))
+        ladders[name] = steps
+    level = dict.fromkeys(convs, -1)
+    total = model_dense_bits
+
+    def step_cost(name: str) -> float | None:
+        steps, current = ladders[name], level[name]
+        if current + 1 >= len(steps):
+            return None
+        before_bits = steps[current][1] if current >= 0 else _dense_bits(convs[name])
+        before_error = steps[current][2] if current >= 0 else 0.0
+        saved = before_bits - steps[current + 1][1]
+        return (steps[current + 1][2] - before_error) / saved if saved > 0 else None
+
+    while total > budget:
+        costs = {name: cost for name in convs if (cost := step_cost(name)) is not None}
+        if not costs:
+            best = model_dense_bits / total
+            raise BadInputError(
+                f"--target-ratio {target_ratio} is out of reach: converting every eligible conv as far as "
+                f"secondary={SECONDARY_CANDIDATES[-1]} gives {best:.2f}x; ask for less or convert more layers."
+            )
+        name = min(costs, key=costs.__getitem__)
+        steps, current = ladders[name], level[name]
+        before_bits = steps[current][1] if current >= 0 else _dense_bits(convs[name])
+        total -= before_bits - steps[current + 1][1]
+        level[name] = current + 1
+    chosen = {name: ladders[name][lvl][0] for name, lvl in level.items() if lvl >= 0}
+    counts = sorted({options["secondary"] for options in chosen.values()}) if base.mode != "spatial" else []
+    note = (
+        f"--target-ratio {target_ratio}: converted {len(chosen)} of {len(convs)} eligible convs"
+        + (f" with secondary counts {counts}" if counts else "")
+        + ", taking first the steps with the least fit error per bit saved;"
+        + f" whole model {model_dense_bits / total:.2f}x"
+    )
+    return chosen, note
+
+
+def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
+    """Swap in (untrained) VersatileConv2d layers where ``plan`` converted a conv, by qualified name.
+
+    Used to rebuild a converted model from its base before loading the converted state_dict.
+    """
+    for decision in plan.converted:
+        try:
+            conv = model.get_submodule(decision.name)
+        except AttributeError as error:
+            raise BadInputError(
+                f"The checkpoint's plan names layer {decision.name!r}, which the base model lacks."
+            ) from error
+        if not isinstance(conv, nn.Conv2d):
+            raise BadInputError(f"The checkpoint's plan names {decision.name!r}, which is not a Conv2d in the base.")
+        _swap(model, decision.name, _make_layer(conv, decision.options or {}))
+    return model
+
+
+def refresh_mask_density(plan: ConversionPlan, model: nn.Module) -> ConversionPlan:
+    """A copy of ``plan`` with each converted layer's mask density read from ``model`` (it changes
+    when masks are learned)."""
+    refreshed = ConversionPlan.from_dict(copy.deepcopy(plan.to_dict()))
+    for decision in refreshed.converted:
+        layer = model.get_submodule(decision.name)
+        if isinstance(layer, VersatileConv2d):
+            decision.mask_density = _mask_density(layer)
+    return refreshed
