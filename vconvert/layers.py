@@ -232,19 +232,21 @@ class VersatileConv2d(nn.Module):
             self.fixed_mask.copy_(rings[self.secondary_index % self.spatial_masks].unsqueeze(1))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options) -> VersatileConv2d:
+    def from_conv(cls, conv: nn.Conv2d, *, init: str = "fit", **options) -> VersatileConv2d:
         """A versatile layer with ``conv``'s geometry, dtype and device, initialised from its weights.
 
-        Each primary filter starts as the first filter of its group; per-output scales are then the
-        least-squares fit of the group's filters (``vconvert.fit`` gives a much closer initialisation).
+        ``init="fit"`` groups similar filters and fits masks, primaries and scales to the dense
+        weight (:func:`vconvert.fit.initialise_from_weight`); ``init="naive"`` is the baseline (each
+        primary filter is the first filter of its consecutive group, masks on, least-squares scales).
         """
+        from vconvert.fit import initialise_from_weight  # fit builds on this module
+
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}.")
         if conv.groups != 1:
             raise ValueError(f"grouped or depthwise convolutions (groups={conv.groups}) cannot be made versatile.")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported; only 'zeros' is.")
-        weight = conv.weight
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -253,23 +255,11 @@ class VersatileConv2d(nn.Module):
             conv.padding,
             conv.dilation,
             conv.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
             **options,
         )
-        with torch.no_grad():
-            first_filter = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)[:, 0]
-            window = layer.channel_window
-            layer.primary.copy_(weight[first_filter, :window])
-            if layer.mask_proxy is not None:
-                layer.mask_proxy.fill_(_PROXY_ON)
-            if layer.scale is not None:
-                layer.scale.fill_(1.0)
-                unscaled = layer.dense_weight()
-                fitted = (unscaled * weight).flatten(1).sum(1) / unscaled.flatten(1).pow(2).sum(1).clamp_min(1e-12)
-                layer.scale.copy_(fitted)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
+        initialise_from_weight(layer, conv.weight, conv.bias, init)
         return layer
 
     # ---- the representation ------------------------------------------------------------

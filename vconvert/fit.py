@@ -1,0 +1,598 @@
+"""Data-free initialisation of a VersatileConv2d from a pretrained dense weight (METHOD.md §6).
+
+The fit approximates every output filter W_o by the layer's representation
+
+    W[o, off_o : off_o + ĉ] ≈ α_o · M_o ∘ f[p_o]
+
+in three stages, all vectorised over the P groups of a layer:
+
+1. *Slots* (fixed-structure modes only): in the spatial and channel modes a slot fixes the
+   output's ring mask and channel window, so outputs first get the slot whose view loses the least
+   of their energy, under the layer's slot counts.
+2. *Grouping*: greedily, the largest unassigned filter seeds a group and takes its most similar
+   unassigned filters (pair cost = residual of the best rank-1 fit of the two views). The result is
+   a new (primary index, secondary index) per output, so no channel permutation is needed.
+3. *Alternation* from the per-group rank-1 fit, a fixed number of times: masks and primary
+   filter jointly (learned modes: for every element, the best subset of group members that keeps
+   it, solved exactly by enumerating subsets), per-output scale α (least squares), and where slots
+   carry structure (fixed masks, channel windows, shared masks) the best assignment of the group's
+   members to its slots (all permutations are tried). Each step solves its sub-problem exactly,
+   so the error never increases.
+
+Everything here is a pure function on tensors except :func:`initialise_from_weight`, which writes
+the result into a layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vconvert.layers import _PROXY_OFF, _PROXY_ON, VersatileConv2d, nested_spatial_masks
+
+METHODS = ("fit", "naive")
+DEFAULT_ITERATIONS = 8
+_MAX_SUBSET_MEMBERS = 8  # 2^s subsets per element; beyond this, masks and primary alternate instead
+_MAX_PERMUTED_SLOTS = 6  # s! slot assignments per group; beyond this, slots stay as grouped
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """What a layer's structure fixes, per slot j of a group (pure data, read from a layer).
+
+    ``cells`` (P, S) marks which (primary, slot) cells exist (the last group may be partial);
+    ``offsets`` (S,) is each slot's channel offset; ``rings`` (S, ĉ·kh·kw) each slot's fixed mask
+    (all ones without fixed masks); ``learned`` is None, "per-filter" or "shared".
+    """
+
+    cells: Tensor
+    offsets: Tensor
+    rings: Tensor
+    window: int
+    kernel_size: tuple[int, int]
+    learned: str | None
+
+    @property
+    def slots_matter(self) -> bool:
+        """Whether moving an output to another slot of its group changes what it can represent."""
+        return self.learned != "per-filter" and self.cells.shape[1] > 1
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted representation: flattened primaries (P, K), the output → (primary, slot) map,
+    learned masks ((N or S), K) as 0/1 floats or None, and scales (N,)."""
+
+    primary: Tensor
+    primary_index: Tensor
+    secondary_index: Tensor
+    mask: Tensor | None
+    scale: Tensor
+
+
+# --------------------------------------------------------------------------- small algebra
+def relative_error(approx: Tensor, weight: Tensor) -> float:
+    """‖approx − weight‖_F / ‖weight‖_F (0 for an all-zero weight approximated exactly)."""
+    reference = weight.norm().item()
+    difference = (approx - weight).norm().item()
+    if reference == 0.0:
+        return 0.0 if difference == 0.0 else math.inf
+    return difference / reference
+
+
+def fit_scale(views: Tensor, approx: Tensor) -> Tensor:
+    """Least-squares α per row: argmin_α ‖views − α·approx‖² over the last axis (0 where approx = 0)."""
+    energy = approx.pow(2).sum(-1)
+    inner = (views * approx).sum(-1)
+    return torch.where(energy > 0, inner / energy.clamp_min(torch.finfo(energy.dtype).tiny), 0.0)
+
+
+def fit_primary(views: Tensor, masks: Tensor, scale: Tensor, fallback: Tensor | None = None) -> Tensor:
+    """Least-squares primary filter per group: argmin_f Σ_j ‖X_j − α_j M_j ∘ f‖², elementwise.
+
+    ``views`` (P, S, K), ``masks`` broadcastable to it, ``scale`` (P, S). Elements no member keeps
+    take ``fallback`` (default 0).
+    """
+    weighted = scale.unsqueeze(-1) * masks
+    numerator = (weighted * views).sum(1)
+    denominator = (weighted * scale.unsqueeze(-1)).sum(1)
+    solved = numerator / denominator.clamp_min(torch.finfo(views.dtype).tiny)
+    return torch.where(denominator > 0, solved, 0.0 if fallback is None else fallback)
+
+
+def fit_masks(views: Tensor, approx: Tensor, shared: bool = False) -> Tensor:
+    """Keep an element where the secondary filter lowers its error: (X − A)² < X² (0/1 floats).
+
+    ``views`` and ``approx`` are (P, S, K); with ``shared`` the errors are summed over groups and
+    one mask per slot (S, K) is returned.
+    """
+    kept, dropped = (views - approx).pow(2), views.pow(2)
+    if shared:
+        kept, dropped = kept.sum(0), dropped.sum(0)
+    return (kept < dropped).to(views.dtype)
+
+
+def member_subsets(count: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """All 2^count subsets of ``count`` members as 0/1 rows, shape (2^count, count); row b = bits of b."""
+    bits = torch.arange(2**count).unsqueeze(1) >> torch.arange(count).unsqueeze(0)
+    return (bits & 1).to(dtype)
+
+
+def subset_gains(views: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per element and member subset B: the error removed by keeping the element in B's members.
+
+    Returns gains (P, K, 2^S) = (Σ_{j∈B} α_j X_j)² / Σ_{j∈B} α_j², numerators (P, K, 2^S) and
+    denominators (P, 2^S) (0 where the subset has no scaled member).
+    """
+    subsets = member_subsets(views.shape[1], views.dtype).to(views.device)  # (B, S)
+    numerator = (scale.unsqueeze(-1) * views).transpose(1, 2) @ subsets.T  # (P, K, B)
+    denominator = (scale * scale) @ subsets.T  # (P, B)
+    inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(torch.finfo(views.dtype).tiny), 0.0)
+    return numerator.pow(2) * inverse.unsqueeze(1), numerator, denominator
+
+
+def fit_masks_and_primary(views: Tensor, scale: Tensor, shared: bool = False) -> tuple[Tensor, Tensor]:
+    """Optimal learned masks and primary filters for fixed scales, solved exactly per element.
+
+    For element e of group p, keeping it in the members of subset B costs
+    Σ_j X_je² − (Σ_{j∈B} α_j X_je)² / Σ_{j∈B} α_j², with f_e the matching least-squares value;
+    the best of the 2^s subsets is chosen (summed over groups when masks are ``shared`` per slot).
+    Returns masks ((P, S, K), or (S, K) when shared) and primaries (P, K).
+    """
+    groups, _, size = views.shape
+    subsets = member_subsets(views.shape[1], views.dtype).to(views.device)
+    gain, numerator, denominator = subset_gains(views, scale)
+    tiny = torch.finfo(views.dtype).tiny
+    everyone = torch.where(denominator[:, -1:] > 0, numerator[..., -1] / denominator[:, -1:].clamp_min(tiny), 0.0)
+    if shared:
+        best = gain.sum(0).argmax(-1)  # (K,)
+        masks = subsets[best].T  # (S, K)
+        chosen = best.view(1, -1, 1).expand(groups, -1, 1)
+    else:
+        best = gain.argmax(-1)  # (P, K)
+        masks = subsets[best].permute(0, 2, 1)  # (P, S, K)
+        chosen = best.unsqueeze(-1)
+    top = numerator.gather(-1, chosen).squeeze(-1)
+    bottom = denominator.unsqueeze(1).expand(-1, size, -1).gather(-1, chosen).squeeze(-1)
+    primary = torch.where(bottom > 0, top / bottom.clamp_min(tiny), everyone)
+    return masks, primary
+
+
+def rank_one(views: Tensor) -> tuple[Tensor, Tensor]:
+    """Best rank-1 fit per group, views (P, S, K) ≈ scale (P, S) ⊗ primary (P, K), via the S×S Gram."""
+    gram = views @ views.transpose(1, 2)
+    _, vectors = torch.linalg.eigh(gram)
+    top = vectors[..., -1]  # unit vector of the largest eigenvalue
+    primary = torch.einsum("ps,psk->pk", top, views)
+    # a sign convention makes runs reproducible: the largest member gets a positive scale
+    sign = torch.sign(top.gather(1, gram.diagonal(dim1=1, dim2=2).argmax(1, keepdim=True)))
+    sign = torch.where(sign == 0, 1.0, sign)
+    return top * sign, primary * sign
+
+
+def pair_cost(first: Tensor, second: Tensor) -> Tensor:
+    """Residual of the best rank-1 fit of every pair of rows: λ_min of [[‖a‖², a·b], [a·b, ‖b‖²]].
+
+    ``first`` (n, K), ``second`` (m, K); returns (n, m). It is 0 for parallel rows (whatever their
+    signs and lengths) and min(‖a‖², ‖b‖²) for orthogonal ones.
+    """
+    a = first.pow(2).sum(1).unsqueeze(1)
+    b = second.pow(2).sum(1).unsqueeze(0)
+    cross = first @ second.T
+    half_gap = (a - b) / 2
+    return ((a + b) / 2 - torch.sqrt(half_gap.pow(2) + cross.pow(2))).clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------- structure
+def slot_layout(layer: VersatileConv2d) -> SlotLayout:
+    """Read the per-slot structure of ``layer`` (cells, channel offsets, fixed masks)."""
+    slots = layer.group_size
+    device = layer.primary.device
+    cells = torch.zeros(layer.num_primary, slots, dtype=torch.bool, device=device)
+    cells[layer.primary_index, layer.secondary_index] = True
+    slot = torch.arange(slots, device=device)
+    offsets = ((slot // layer.spatial_masks) % layer.channel_positions) * layer.channel_stride
+    kh, kw = layer.kernel_size
+    if layer.mode.startswith("spatial"):
+        rings = nested_spatial_masks(layer.kernel_size).to(device)[slot % layer.spatial_masks]
+        rings = rings.unsqueeze(1).expand(-1, layer.channel_window, -1, -1).reshape(slots, -1)
+    else:
+        rings = torch.ones(slots, layer.channel_window * kh * kw, device=device)
+    learned = layer.mask_sharing if layer.mode == "learned" else None
+    return SlotLayout(cells, offsets, rings, layer.channel_window, layer.kernel_size, learned)
+
+
+def slot_views(weight: Tensor, layout: SlotLayout) -> Tensor:
+    """(N, S, K): every output's filter as slot j sees it (its channel window, times the slot's ring)."""
+    slots = layout.cells.shape[1]
+    if layout.learned is not None:
+        return weight.flatten(1).unsqueeze(1).expand(-1, slots, -1)
+    channels = layout.offsets.view(-1, 1) + torch.arange(layout.window, device=weight.device).view(1, -1)
+    windows = weight[:, channels]  # (N, S, ĉ, kh, kw)
+    return windows.flatten(2) * layout.rings.to(weight.dtype)
+
+
+def assign_slots(loss: Tensor, quota: Tensor) -> Tensor:
+    """Slot per output, with exactly quota[j] outputs in slot j, greedily keeping ``loss`` (N, S) low.
+
+    Slots are filled from the costliest on average; each takes the outputs that lose least by
+    going there rather than to their best remaining slot (exact for two slots).
+    """
+    outputs, slots = loss.shape
+    slot_of = torch.full((outputs,), -1, dtype=torch.long, device=loss.device)
+    remaining = list(range(slots))
+    for slot in sorted(remaining, key=lambda j: -loss[:, j].mean().item()):
+        remaining.remove(slot)
+        free = slot_of < 0
+        if remaining:
+            regret = loss[:, slot] - loss[:, remaining].min(1).values
+        else:
+            regret = torch.zeros_like(loss[:, slot])
+        regret = torch.where(free, regret, math.inf)
+        chosen = torch.topk(regret, int(quota[slot]), largest=False).indices
+        slot_of[chosen] = slot
+    return slot_of
+
+
+def masked_pair_cost(first: Tensor, second: Tensor, angles: int = 16) -> Tensor:
+    """Error of the best two-member group with per-filter masks, for rows ``first`` (n, K) against
+    candidates ``second`` (n, k, K); returns (n, k).
+
+    With scales in direction (cos θ, sin θ), every element is either kept by both members (residual
+    (a sin θ − b cos θ)²), by one (the other's value is lost) or by none; the best θ of a grid over
+    [0, π) is taken. It never exceeds :func:`pair_cost` by more than the grid's resolution.
+    """
+    a, b = first.unsqueeze(1), second
+    single = torch.minimum(a.pow(2), b.pow(2))
+    best = None
+    for step in range(angles):
+        theta = math.pi * step / angles
+        both = (a * math.sin(theta) - b * math.cos(theta)).pow(2)
+        cost = torch.minimum(both, single).sum(-1)
+        best = cost if best is None else torch.minimum(best, cost)
+    return best
+
+
+def grouping_costs(filters: Tensor, masked: bool, budget: int = 1 << 20) -> Tensor:
+    """(N, N) symmetric pair costs with a zero diagonal: :func:`pair_cost`, refined by
+    :func:`masked_pair_cost` for each row's nearest candidates (as many as ``budget`` elements allow)."""
+    outputs, size = filters.shape
+    cost = pair_cost(filters, filters)
+    if masked and outputs > 1:
+        shortlist = min(outputs - 1, max(4, budget // max(outputs * size, 1)))
+        nearest = torch.topk(cost.fill_diagonal_(math.inf), shortlist, dim=1, largest=False).indices
+        refined = masked_pair_cost(filters, filters[nearest])
+        cost.scatter_(1, nearest, torch.minimum(cost.gather(1, nearest), refined))
+        cost = torch.minimum(cost, cost.T)
+    return cost.fill_diagonal_(0.0)
+
+
+def group_outputs(costs: list[Tensor], energy: Tensor, cells: Tensor, slot_of: Tensor | None = None) -> Tensor:
+    """Greedy grouping: (P, S) table of the output in each cell, -1 for cells that do not exist.
+
+    Groups are filled in order; the largest unassigned filter seeds a group and each further cell
+    takes the unassigned output with the lowest cost against the seed. Without ``slot_of`` (slots
+    interchangeable) ``costs`` is one (N, N) matrix; with it, cell j takes an output of slot j and
+    ``costs[j]`` compares the seed with outputs as slot j sees them.
+    """
+    rows = cells.tolist()
+    outputs, slots = energy.shape[0], cells.shape[1]
+    members = torch.full((len(rows), slots), -1, dtype=torch.long)
+    free = torch.ones(outputs, dtype=torch.bool, device=energy.device)
+    for group, row in enumerate(rows):
+        present = [j for j in range(slots) if row[j]]
+        if not present:
+            continue
+        allowed = free if slot_of is None else free & (slot_of == present[0])
+        seed = int(torch.where(allowed, energy, -math.inf).argmax())
+        members[group, present[0]] = seed
+        free[seed] = False
+        if slot_of is None:
+            if len(present) > 1:
+                cost = torch.where(free, costs[0][seed], math.inf)
+                chosen = torch.topk(cost, len(present) - 1, largest=False).indices
+                members[group, present[1:]] = chosen.cpu()
+                free[chosen] = False
+            continue
+        for j in present[1:]:
+            cost = torch.where(free & (slot_of == j), costs[j][seed], math.inf)
+            partner = int(cost.argmin())
+            members[group, j] = partner
+            free[partner] = False
+    return members.to(energy.device)
+
+
+def group_cost(cost: Tensor, members: Tensor) -> Tensor:
+    """Σ over groups of the pair costs of their members (the grouping surrogate), as a 0-dim tensor."""
+    valid = members >= 0
+    index = members.clamp_min(0)
+    within = cost[index.unsqueeze(2), index.unsqueeze(1)] * (valid.unsqueeze(2) & valid.unsqueeze(1))
+    return within.sum() / 2
+
+
+def improve_groups(cost: Tensor, members: Tensor, rounds: int = 30) -> Tensor:
+    """Local search on a grouping with interchangeable slots: swap two outputs of different groups
+    whenever that lowers :func:`group_cost`; each round applies the best non-overlapping swaps.
+
+    ``cost`` (N, N) symmetric with a zero diagonal. For groups of two this is 2-opt on a matching.
+    """
+    members = members.clone()
+    valid = members >= 0
+    groups, slots = members.shape
+    cell_group = torch.arange(groups, device=members.device).unsqueeze(1).expand(-1, slots)[valid]
+    for _ in range(rounds):
+        order = members[valid]
+        group_of = torch.empty(cost.shape[0], dtype=torch.long, device=cost.device)
+        group_of[order] = cell_group
+        # to_group[x, g] = Σ_{z ∈ g} C[x, z]
+        to_group = (cost[:, members.clamp_min(0)] * valid).sum(-1)
+        own = to_group.gather(1, group_of.unsqueeze(1)).squeeze(1)
+        x_to_gy = to_group[:, group_of]
+        delta = x_to_gy + x_to_gy.T - own.unsqueeze(1) - own.unsqueeze(0) - 2 * cost
+        delta = torch.where(group_of.unsqueeze(1) == group_of.unsqueeze(0), math.inf, delta)
+        best, partner = delta.min(1)
+        threshold = -1e-9 * float(own.abs().sum()) / max(len(own), 1)
+        candidates = torch.nonzero(best < threshold).squeeze(1)
+        if candidates.numel() == 0:
+            break
+        candidates = candidates[best[candidates].argsort()].tolist()
+        partner_of, groups_of = partner.tolist(), group_of.tolist()
+        position = {
+            int(o): (int(g), int(j)) for (g, j), o in zip(valid.nonzero().tolist(), order.tolist(), strict=True)
+        }
+        touched: set[int] = set()
+        for x in candidates:
+            y = partner_of[x]
+            if groups_of[x] in touched or groups_of[y] in touched:
+                continue
+            touched.update((groups_of[x], groups_of[y]))
+            (gx, jx), (gy, jy) = position[x], position[y]
+            members[gx, jx], members[gy, jy] = y, x
+    return members
+
+
+def best_direction(views: Tensor, candidates: Tensor, shared: bool = False) -> Tensor:
+    """Per group, the scale direction among ``candidates`` (P, C, S) whose exact masks and primary
+    (:func:`fit_masks_and_primary`) leave the smallest error; returns (P, S).
+
+    The error is Σ X² minus the best subset gains, so only the gains are compared."""
+    best_error, best = None, None
+    for index in range(candidates.shape[1]):
+        scale = candidates[:, index]
+        gain = subset_gains(views, scale)[0]
+        error = -(gain.sum(0).amax(-1).sum().expand(views.shape[0]) if shared else gain.amax(-1).sum(1))
+        if best is None:
+            best_error, best = error, scale
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best = torch.where(better.unsqueeze(1), scale, best)
+    return best
+
+
+def direction_candidates(rank_one_scale: Tensor, angles: int = 16) -> Tensor:
+    """(P, C, S) start directions: the rank-1 fit's, every single member, and for groups of two an
+    angular grid over [0, π)."""
+    groups, slots = rank_one_scale.shape
+    options = [rank_one_scale.unsqueeze(1)]
+    options.append(torch.eye(slots, dtype=rank_one_scale.dtype, device=rank_one_scale.device).expand(groups, -1, -1))
+    if slots == 2:
+        theta = torch.arange(angles, dtype=rank_one_scale.dtype, device=rank_one_scale.device) * (math.pi / angles)
+        options.append(torch.stack([theta.cos(), theta.sin()], 1).expand(groups, -1, -1))
+    return torch.cat(options, 1)
+
+
+def gather_members(views: Tensor, members: Tensor) -> Tensor:
+    """(P, S, K) views of each cell's output as its own slot sees it; zeros for missing cells."""
+    slot = torch.arange(members.shape[1], device=members.device).expand_as(members)
+    gathered = views[members.clamp_min(0), slot]
+    return gathered * (members >= 0).unsqueeze(-1).to(views.dtype)
+
+
+def slot_permutation_costs(
+    views: Tensor, members: Tensor, slot_masks: Tensor, primary: Tensor, outside: Tensor, use_scale: bool
+) -> Tensor:
+    """(P, S, S) error of putting the output of cell m into slot j of its group, given the primary.
+
+    ``slot_masks`` (S, K) is each slot's mask (fixed ring or shared learned mask), ``outside``
+    (N, S) the energy each output loses outside slot j's channel window. Missing outputs cost 0
+    anywhere; a real output in a missing cell costs ∞.
+    """
+    valid = members >= 0
+    candidate = views[members.clamp_min(0)]  # (P, S_member, S_slot, K)
+    approx = slot_masks.unsqueeze(0) * primary.unsqueeze(1)  # (P, S_slot, K)
+    if use_scale:
+        inner = torch.einsum("pmjk,pjk->pmj", candidate, approx)
+        energy = approx.pow(2).sum(-1).unsqueeze(1)
+        explained = torch.where(energy > 0, inner.pow(2) / energy.clamp_min(torch.finfo(views.dtype).tiny), 0.0)
+        cost = candidate.pow(2).sum(-1) - explained
+    else:
+        cost = (candidate - approx.unsqueeze(1)).pow(2).sum(-1)
+    cost = cost + outside[members.clamp_min(0)]
+    cost = torch.where(valid.unsqueeze(-1), cost, 0.0)
+    # every existing cell holds an output, so a group's missing cells are exactly its empty ones
+    return torch.where(valid.unsqueeze(-1) & ~valid.unsqueeze(1), math.inf, cost)
+
+
+def best_slot_permutation(cost: Tensor) -> Tensor:
+    """Apply the cheapest slot assignment per group: cost (P, S, S) → new position of each member (P, S).
+
+    Keeps the current assignment unless another is strictly cheaper.
+    """
+    slots = cost.shape[1]
+    perms = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)  # (Q, S)
+    member = torch.arange(slots, device=cost.device)
+    total = cost[:, member.unsqueeze(0).expand_as(perms), perms].sum(-1)  # (P, Q); perms[0] is identity
+    best = total.argmin(1)
+    keep = total.gather(1, best.unsqueeze(1)).squeeze(1) >= total[:, 0] * (1 - 1e-9)
+    best = torch.where(keep, 0, best)
+    return perms[best]
+
+
+def permute_members(members: Tensor, position: Tensor) -> Tensor:
+    """Move member m of each group to slot position[p, m]."""
+    moved = torch.empty_like(members)
+    moved.scatter_(1, position, members)
+    return moved
+
+
+# --------------------------------------------------------------------------- the fit
+def _broadcast(masks: Tensor) -> Tensor:
+    """Per-slot masks (S, K) as (1, S, K); per-filter masks (P, S, K) unchanged."""
+    return masks.unsqueeze(0) if masks.dim() == 2 else masks
+
+
+def _approximation(primary: Tensor, masks: Tensor, scale: Tensor) -> Tensor:
+    return scale.unsqueeze(-1) * _broadcast(masks) * primary.unsqueeze(1)
+
+
+def fit_weight(
+    weight: Tensor,
+    layout: SlotLayout,
+    *,
+    use_scale: bool = True,
+    iterations: int = DEFAULT_ITERATIONS,
+) -> FitResult:
+    """Group, then alternate masks/primary, scales and slot assignment (see the module docstring)."""
+    outputs = weight.shape[0]
+    views = slot_views(weight, layout)
+    energy = weight.flatten(1).pow(2).sum(1)
+    outside = energy.unsqueeze(1) - views.pow(2).sum(-1)
+    slots = layout.cells.shape[1]
+    fixed = layout.learned is None and slots > 1
+    rings = layout.rings.to(weight.dtype)
+    if fixed:
+        slot_of = assign_slots(outside, layout.cells.sum(0))
+        costs = [pair_cost(views[:, 0] * rings[j], views[:, j]) for j in range(slots)]
+        members = group_outputs(costs, energy, layout.cells, slot_of)
+    else:
+        cost = grouping_costs(weight.flatten(1), masked=layout.learned == "per-filter")
+        members = improve_groups(cost, group_outputs([cost], energy, layout.cells))
+    valid = (members >= 0).to(weight.dtype)
+    permute = layout.slots_matter and slots <= _MAX_PERMUTED_SLOTS
+    exact_masks = layout.learned is not None and slots <= _MAX_SUBSET_MEMBERS
+
+    grouped = gather_members(views, members)
+    scale, primary = rank_one(grouped)
+    # masks: (P, S, K) per filter, else one (S, K) per slot (fixed rings, shared learned masks)
+    masks = rings.unsqueeze(0).expand_as(grouped).clone() if layout.learned == "per-filter" else rings
+    if not use_scale:
+        scale = valid
+        primary = fit_primary(grouped, _broadcast(masks), scale)
+    elif layout.learned == "per-filter" and exact_masks:
+        scale = best_direction(grouped, direction_candidates(scale) * valid.unsqueeze(1))
+    for _ in range(iterations):
+        if layout.learned is None:
+            primary = fit_primary(grouped, _broadcast(masks), scale, fallback=primary)
+        elif exact_masks:
+            masks, primary = fit_masks_and_primary(grouped, scale, shared=layout.learned == "shared")
+        else:
+            masks = fit_masks(grouped, _approximation(primary, rings, scale), shared=layout.learned == "shared")
+            primary = fit_primary(grouped, _broadcast(masks), scale, fallback=primary)
+        if use_scale:
+            scale = fit_scale(grouped, _broadcast(masks) * primary.unsqueeze(1)) * valid
+        if permute:
+            cost = slot_permutation_costs(views, members, masks, primary, outside, use_scale)
+            position = best_slot_permutation(cost)
+            members = permute_members(members, position)
+            grouped = gather_members(views, members)
+            valid = (members >= 0).to(weight.dtype)
+            scale = permute_members(scale, position)
+            if use_scale:
+                scale = fit_scale(grouped, _broadcast(masks) * primary.unsqueeze(1)) * valid
+    return _result(members, primary, masks, scale, layout, outputs)
+
+
+def _result(
+    members: Tensor, primary: Tensor, masks: Tensor, scale: Tensor, layout: SlotLayout, outputs: int
+) -> FitResult:
+    valid = members >= 0
+    groups, slots = members.shape
+    cell_group = torch.arange(groups, device=members.device).unsqueeze(1).expand(-1, slots)
+    cell_slot = torch.arange(slots, device=members.device).unsqueeze(0).expand(groups, -1)
+    order = members[valid]
+    primary_index = torch.empty(outputs, dtype=torch.long, device=members.device)
+    secondary_index = torch.empty_like(primary_index)
+    primary_index[order] = cell_group[valid]
+    secondary_index[order] = cell_slot[valid]
+    out_scale = torch.empty(outputs, dtype=scale.dtype, device=scale.device)
+    out_scale[order] = scale[valid]
+    mask = None
+    if layout.learned == "shared":
+        mask = masks
+    elif layout.learned == "per-filter":
+        mask = torch.empty(outputs, masks.shape[-1], dtype=masks.dtype, device=masks.device)
+        mask[order] = masks[valid]
+    return FitResult(primary, primary_index, secondary_index, mask, out_scale)
+
+
+def naive_fit(weight: Tensor, layout: SlotLayout, *, use_scale: bool = True) -> FitResult:
+    """The baseline: consecutive groups, primary = first filter of its group, masks on, LS scales."""
+    outputs = weight.shape[0]
+    groups, slots = layout.cells.shape
+    index = torch.arange(groups * slots, device=weight.device).view(groups, slots)
+    members = torch.where(index < outputs, index, -1)
+    views = slot_views(weight, layout)
+    first = members[:, 0].clamp_min(0)
+    primary = weight[first, layout.offsets[0] : layout.offsets[0] + layout.window].flatten(1)
+    grouped = gather_members(views, members)
+    valid = (members >= 0).to(weight.dtype)
+    rings = layout.rings.to(weight.dtype)
+    scale = valid
+    if use_scale:
+        scale = fit_scale(grouped, rings.unsqueeze(0) * primary.unsqueeze(1)) * valid
+    masks = rings if layout.learned != "per-filter" else rings.unsqueeze(0).expand_as(grouped)
+    return _result(members, primary, masks, scale, layout, outputs)
+
+
+# --------------------------------------------------------------------------- entry point
+@torch.no_grad()
+def initialise_from_weight(
+    layer: VersatileConv2d,
+    weight: Tensor,
+    bias: Tensor | None,
+    method: str = "fit",
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+) -> float:
+    """Initialise ``layer`` in place from a dense conv weight (N, c, kh, kw) and bias; no data needed.
+
+    ``method`` "fit" groups similar filters and alternates masks, primaries, scales and slot
+    assignment (METHOD.md §6); "naive" is the baseline (consecutive groups, first filter as primary,
+    masks on). Writes primary, primary_index/secondary_index (and the derived fixed structure),
+    mask_proxy (0.75 on, 0.25 off), scale and bias. Returns ‖W_layer − W‖_F / ‖W‖_F.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+    expected = (layer.out_channels, layer.in_channels, *layer.kernel_size)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, but the layer needs {expected}.")
+    if (bias is None) != (layer.bias is None):
+        raise ValueError("bias must be given exactly when the layer has a bias.")
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    target = weight.detach().to(device=layer.primary.device, dtype=dtype)
+    layout = slot_layout(layer)
+    layout = SlotLayout(
+        layout.cells, layout.offsets, layout.rings.to(dtype), layout.window, layout.kernel_size, layout.learned
+    )
+    use_scale = layer.scale is not None
+    if method == "fit":
+        result = fit_weight(target, layout, use_scale=use_scale, iterations=iterations)
+    else:
+        result = naive_fit(target, layout, use_scale=use_scale)
+    layer.primary.copy_(result.primary.view_as(layer.primary))
+    layer.primary_index.copy_(result.primary_index)
+    layer.secondary_index.copy_(result.secondary_index)
+    layer.derive_fixed_structure()
+    if layer.mask_proxy is not None:
+        on = result.mask.view_as(layer.mask_proxy) > 0.5
+        layer.mask_proxy.copy_(torch.where(on, _PROXY_ON, _PROXY_OFF))
+    if layer.scale is not None:
+        layer.scale.copy_(result.scale)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return relative_error(layer.dense_weight().to(dtype), target)
