@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vconvert import __version__
-from vconvert.errors import BadInputError, VConvertError
+from vconvert.cli_common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ChannelStrideOpt,
+    ChannelWindowOpt,
+    ConvertFirstOpt,
+    DebugOpt,
+    FileArg,
+    InputShapeOpt,
+    JsonOpt,
+    MaskSharingOpt,
+    MinParamsOpt,
+    ModeOpt,
+    SecondaryOpt,
+    SkipOpt,
+    TargetRatioOpt,
+    TrustOpt,
+    console,
+    explained_errors,
+    fitting_progress,
+    parse_kwargs,
+    parse_preprocessing,
+    parse_shape,
+    progress_bar,
+)
+from vconvert.errors import BadInputError
 
 app = typer.Typer(
     name="vconvert",
@@ -25,10 +46,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-error_console = Console(stderr=True)
-IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
-F = TypeVar("F", bound=Callable)
 
 
 def _print_version(value: bool) -> None:
@@ -44,134 +61,6 @@ def main(
     ),
 ) -> None:
     """vconvert: compress, fine-tune and export CNNs with versatile convolutions."""
-
-
-def explained_errors(command: F) -> F:
-    """Turn VConvertError into one sentence on stderr and its exit code (a traceback only with --debug)."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except VConvertError as error:
-            if kwargs.get("debug"):
-                raise
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(error.exit_code) from None
-
-    return run  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- option parsing
-def parse_floats(text: str, option: str, count: int | None = None) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise BadInputError(f"{option} must be comma-separated numbers, got {text!r}.") from None
-    if count is not None and len(values) != count:
-        raise BadInputError(f"{option} needs {count} comma-separated numbers, got {text!r}.")
-    return values
-
-
-def parse_shape(text: str) -> list[int]:
-    try:
-        shape = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise BadInputError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}.") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise BadInputError(f"--input-shape must be four positive integers N,C,H,W, got {text!r}.")
-    return shape
-
-
-def parse_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BadInputError(
-            f"--arch-kwargs is not valid JSON ({error.msg}); write it like '{{\"num_classes\": 10}}'."
-        ) from None
-    if not isinstance(kwargs, dict):
-        raise BadInputError("--arch-kwargs must be a JSON object, like '{\"num_classes\": 10}'.")
-    return kwargs
-
-
-def parse_preprocessing(mean: str | None, std: str | None, shape: list[int], required: bool) -> dict | None:
-    """Input normalisation as {"mean", "std", "input_size"}; ImageNet's for 3 channels when not given."""
-    channels = shape[1]
-    if mean is None and std is None:
-        if channels != 3:
-            if required:
-                raise BadInputError(f"The model takes {channels} input channels: pass --mean and --std for them.")
-            return None
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if mean is None or std is None:
-        raise BadInputError("Pass --mean and --std together.")
-    return {
-        "mean": parse_floats(mean, "--mean", channels),
-        "std": parse_floats(std, "--std", channels),
-        "input_size": shape[2:],
-    }
-
-
-def fitting_progress(progress: Progress, description: str) -> Callable[[int, int, str], None]:
-    task = progress.add_task(description, total=None)
-
-    def update(done: int, total: int, name: str) -> None:
-        progress.update(task, completed=done, total=total, description=f"{description} {name}")
-
-    return update
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=error_console,
-        transient=True,
-        disable=not error_console.is_terminal,
-    )
-
-
-# --------------------------------------------------------------------------- shared options
-FileArg = Annotated[Path, typer.Argument(help="A model file: a pickled nn.Module, or a state_dict with --arch.")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option("--arch", help="package.module:function that builds the network; FILE is then its state_dict."),
-]
-ArchKwargsOpt = Annotated[
-    str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option("--trust", help="Allow unpickling classes outside torch/torchvision/timm/sample_models (runs code)."),
-]
-InputShapeOpt = Annotated[str, typer.Option("--input-shape", help="Example input N,C,H,W used to trace the model.")]
-ModeOpt = Annotated[str, typer.Option("--mode", help="learned | spatial | channel | spatial+channel.")]
-SecondaryOpt = Annotated[
-    int, typer.Option("--secondary", "-s", help="Secondary filters per primary (learned/channel).")
-]
-ChannelWindowOpt = Annotated[
-    int | None, typer.Option("--channel-window", help="Channels per primary filter in the channel modes.")
-]
-ChannelStrideOpt = Annotated[int, typer.Option("--channel-stride", help="Channel stride g of the channel window.")]
-MaskSharingOpt = Annotated[
-    str, typer.Option("--mask-sharing", help="per-filter (own mask per secondary) | shared (per layer).")
-]
-TargetRatioOpt = Annotated[
-    float | None,
-    typer.Option("--target-ratio", help="Pick per-layer settings so the whole model's stored size shrinks by R."),
-]
-ConvertFirstOpt = Annotated[bool, typer.Option("--convert-first", help="Also convert the stem (the first conv).")]
-MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Skip convs with fewer weights than this.")]
-SkipOpt = Annotated[
-    list[str] | None, typer.Option("--skip", help="Skip convs whose name matches this regex (repeatable).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
 
 def _load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trust: bool):
@@ -243,7 +132,7 @@ def compress(
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = _load_input_model(file, arch, arch_kwargs, trust)
     example = torch.randn(*shape)
-    with _progress() as progress:
+    with progress_bar() as progress:
         converted, plan = compress_model(
             model,
             example,
