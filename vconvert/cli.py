@@ -224,6 +224,16 @@ def inspect(
     console.print(_summary(plan))
 
 
+from vconvert.cli_finetune import evaluate, finetune  # noqa: E402  (commands of their own module)
+
+app.command()(finetune)
+app.command()(evaluate)
+
+from vconvert.cli_export import export  # noqa: E402
+
+app.command()(export)
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="vconvert")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from vconvert.errors import BadInputError
 
@@ -55,3 +57,191 @@ def calibration_batches(
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
     for start in range(0, len(order), batch_size):
         yield torch.stack([dataset[index][0] for index in order[start : start + batch_size]])
+
+
+# --------------------------------------------------------------------------- fine-tuning data sets
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS = "digits"
+DIGITS_SIZE = 32
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass
+class DataSpec:
+    """What a data set feeds a model: recorded in checkpoints so evaluate/export preprocess alike."""
+
+    source: str
+    input_size: list[int]
+    channels: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SeededSamples(Dataset):
+    """Makes a sample's random augmentation a function of (seed, epoch, index) only, so a run gives
+    the same batches whatever the worker count, the number of DDP ranks or a resume."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.base[index]
+
+
+class _TensorImages(Dataset):
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+def digits_tensors(split: str) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 handwritten digits as (N, 1, 32, 32) floats in [0, 1] and labels.
+
+    A fixed 80/20 split (seed 0) gives "train" and "test".
+    """
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    labels = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = int(len(labels) * (1 - DIGITS_TEST_FRACTION))
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return images[chosen], labels[chosen]
+
+
+def _digits_spec(mean: Sequence[float] | None, std: Sequence[float] | None) -> DataSpec:
+    images, _ = digits_tensors("train")
+    return DataSpec(
+        source=DIGITS,
+        input_size=[DIGITS_SIZE, DIGITS_SIZE],
+        channels=1,
+        mean=list(mean) if mean is not None else [round(float(images.mean()), 4)],
+        std=list(std) if std is not None else [round(float(images.std()), 4)],
+        classes=[str(digit) for digit in range(10)],
+    )
+
+
+def _split_folder(root: Path, train: bool) -> Path:
+    names = ("train",) if train else ("val", "test")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    wanted = "train/" if train else "val/ or test/"
+    raise BadInputError(f"Data folder {root} has no {wanted} subfolder; lay it out as {root}/{wanted}<class>/<image>.")
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - reading the header is the check
+        return True
+    except Exception:  # PIL raises many types for a file that is not an image
+        return False
+
+
+def drop_unreadable(dataset) -> int:
+    """Remove samples whose file is not a readable image from an ImageFolder; return how many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        readable = list(pool.map(_readable, [path for path, _ in dataset.samples]))
+    kept = [sample for sample, ok in zip(dataset.samples, readable, strict=True) if ok]
+    dropped = len(dataset.samples) - len(kept)
+    dataset.samples = dataset.imgs = kept
+    dataset.targets = [label for _, label in kept]
+    return dropped
+
+
+def _folder_transforms(size: list[int], channels: int, mean, std, augment: bool):
+    from torchvision import transforms
+
+    steps: list = [transforms.Grayscale(1)] if channels == 1 else []
+    small = max(size) <= 64
+    if augment and small:
+        steps += [
+            transforms.Resize(size),
+            transforms.RandomCrop(size, padding=max(1, size[0] // 8), padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+        ]
+    elif augment:
+        steps += [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+    elif small:
+        steps += [transforms.Resize(size)]
+    else:
+        steps += [transforms.Resize([round(s / 0.875) for s in size]), transforms.CenterCrop(size)]
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def open_split(
+    data: str,
+    train: bool,
+    *,
+    input_size: Sequence[int] | None = None,
+    channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    augment: bool = True,
+) -> tuple[Dataset, DataSpec, int]:
+    """The train (augmented when ``augment``) or evaluation split of ``data``: ``"digits"`` or an
+    image folder with ``train/`` and ``val/`` (or ``test/``) subfolders of class folders.
+
+    Returns (dataset of (image, label), its DataSpec, number of unreadable files skipped).
+    ImageNet's mean/std are the default for folders; digits use their own.
+    """
+    if data == DIGITS:
+        spec = _digits_spec(mean, std)
+        images, labels = digits_tensors("train" if train else "test")
+        from torchvision import transforms
+
+        steps: list = [transforms.Normalize(spec.mean, spec.std)]
+        if train and augment:
+            steps.insert(0, transforms.RandomCrop(DIGITS_SIZE, padding=2))
+        return _TensorImages(images, labels, transforms.Compose(steps)), spec, 0
+
+    from torchvision.datasets import ImageFolder
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise BadInputError(f"Data folder {root} does not exist; pass an image folder or 'digits'.")
+    folder = _split_folder(root, train)
+    size = list(input_size) if input_size else [224, 224]
+    mean = list(mean) if mean is not None else list(IMAGENET_MEAN[:channels])
+    std = list(std) if std is not None else list(IMAGENET_STD[:channels])
+    transform = _folder_transforms(size, channels, mean, std, augment and train)
+    try:
+        dataset = ImageFolder(str(folder), transform=transform, allow_empty=True)
+    except FileNotFoundError as error:
+        raise BadInputError(f"Data folder {folder} has no class subfolders ({error}).") from None
+    empty = [name for index, name in enumerate(dataset.classes) if index not in set(dataset.targets)]
+    if empty:
+        raise BadInputError(
+            f"Class folder(s) {', '.join(empty[:3])} in {folder} hold no images; remove them or add images."
+        )
+    skipped = drop_unreadable(dataset)
+    if not dataset.samples:
+        raise BadInputError(f"No readable image in {folder}.")
+    spec = DataSpec(str(root), size, channels, mean, std, list(dataset.classes))
+    return dataset, spec, skipped

@@ -195,6 +195,7 @@ class VersatileConv2d(nn.Module):
         self.register_buffer("primary_index", outputs // self.group_size)
         self.register_buffer("secondary_index", outputs % self.group_size)
         self.register_buffer("channel_offset", torch.empty_like(outputs))
+        self.mask_threshold = MASK_THRESHOLD  # a mask bit is on where its proxy exceeds this
         self.mask_proxy: nn.Parameter | None = None
         self.fixed_mask: Tensor | None
         if mode == "learned":
@@ -266,7 +267,7 @@ class VersatileConv2d(nn.Module):
     def output_mask(self) -> Tensor | None:
         """Per-output binary mask, broadcastable to (N, ĉ, kh, kw); STE-differentiable when learned."""
         if self.mask_proxy is not None:
-            mask = binarize_ste(self.mask_proxy)
+            mask = binarize_ste(self.mask_proxy, self.mask_threshold)
             return mask.index_select(0, self.secondary_index) if self.mask_sharing == "shared" else mask
         return self.fixed_mask
 
@@ -303,7 +304,7 @@ class VersatileConv2d(nn.Module):
         """TPAMI orthogonality penalty of the learned masks (zero for fixed masks)."""
         if self.mask_proxy is None:
             return self.primary.new_zeros(())
-        masks = binarize_ste(self.mask_proxy).flatten(1)
+        masks = binarize_ste(self.mask_proxy, self.mask_threshold).flatten(1)
         if self.mask_sharing == "shared":
             members = torch.arange(masks.shape[0], device=masks.device).unsqueeze(0)
         else:

@@ -1,0 +1,263 @@
+"""Fine-tuning: loss pieces, mask-update rules, a real run on digits, exact resume after SIGKILL,
+NaN handling, bad data, and DistributedDataParallel on 2 CPU processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sample_models.resnet_cifar import resnet8
+from vconvert import VersatileConv2d, compress, load_checkpoint, save
+from vconvert.cli import app
+from vconvert.errors import CheckFailedError
+from vconvert.finetune import FinetuneConfig, distillation_loss, finetune, topk_correct, warmup_cosine
+from vconvert.io import BaseSpec
+from vconvert.mask_learning import MaskLearner, MaskSettings, anneal_factor, binary_masks, count_flips
+
+QUICK = {"epochs": 2, "batch_size": 64, "train_limit": 256, "eval_limit": 96, "workers": 0, "recalibrate_images": 128}
+
+
+def _converted_checkpoint(path: Path, in_channels: int = 1, num_classes: int = 10) -> Path:
+    torch.manual_seed(0)
+    teacher = resnet8(num_classes=num_classes, in_channels=in_channels).eval()
+    model, plan = compress(teacher, torch.randn(2, in_channels, 32, 32))
+    base = BaseSpec(
+        arch="sample_models.resnet_cifar:resnet8",
+        arch_kwargs={"in_channels": in_channels, "num_classes": num_classes},
+        pickled=None,
+        source="test",
+    )
+    save(path, model, plan, base, teacher, {"input_shape": [1, in_channels, 32, 32]})
+    return path
+
+
+def test_warmup_cosine_schedule() -> None:
+    factors = [warmup_cosine(step, 4, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[-1] < 0.02
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+
+
+def test_distillation_loss_is_zero_only_for_equal_logits() -> None:
+    logits = torch.randn(8, 10)
+    assert distillation_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(8, 10), 4.0).item() > 0.01
+
+
+def test_topk_correct() -> None:
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_correct(logits, torch.tensor([1, 2]), 1) == 1
+    assert topk_correct(logits, torch.tensor([1, 2]), 2) == 1
+    assert topk_correct(logits, torch.tensor([1, 2]), 3) == 2
+
+
+def test_anneal_factor() -> None:
+    assert anneal_factor(0.0, 0.6) == 1.0 and anneal_factor(0.3, 0.6) == pytest.approx(0.5)
+    assert anneal_factor(0.6, 0.6) == 0.0 and anneal_factor(0.9, 0.6) == 0.0
+
+
+def _layer_with_grad() -> tuple[torch.nn.Module, VersatileConv2d]:
+    torch.manual_seed(0)
+    layer = VersatileConv2d(8, 8, 3, padding=1)
+    model = torch.nn.Sequential(layer)
+    return model, layer
+
+
+def test_flip_rule_respects_its_budget_and_first_order_gain() -> None:
+    model, layer = _layer_with_grad()
+    learner = MaskLearner(model, MaskSettings("flip", flip_rate=0.1, anneal=1.0, evidence_decay=0.0), 100, 1)
+    before = binary_masks(model)
+    on = (layer.mask_proxy > 0.5).clone()
+    gradient = torch.randn_like(layer.mask_proxy)
+    layer.mask_proxy.grad = gradient.clone()
+    flipped = learner.after_step()
+    after = binary_masks(model)
+    assert flipped == int(0.1 * layer.mask_proxy.numel())  # the budget binds: half the bits have gain > 0
+    assert count_flips(before, after) == flipped
+    changed = before["0"] != after["0"]
+    gain = torch.where(on, gradient, -gradient)  # flipping lowers the loss to first order where gain > 0
+    assert bool((gain[changed] > 0).all())
+    assert float(gain[changed].min()) >= float(gain[~changed].max()), "the strongest evidence flips first"
+    assert layer.mask_proxy.grad is None
+
+
+def test_frozen_and_tpami_rules() -> None:
+    model, layer = _layer_with_grad()
+    MaskLearner(model, MaskSettings("frozen"), 10, 1)
+    assert not layer.mask_proxy.requires_grad
+    model, layer = _layer_with_grad()
+    learner = MaskLearner(model, MaskSettings("tpami"), 10, 1)
+    with torch.no_grad():
+        layer.mask_proxy.add_(0.3)
+    learner.before_step()
+    assert set(layer.mask_proxy.unique().tolist()) <= {0.0, 1.0}
+    assert layer.mask_threshold == 0.0
+
+
+def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    history = finetune(source, output, FinetuneConfig(masks="flip", **QUICK))
+    assert [entry.epoch for entry in history] == [1, 2]
+    lines = (tmp_path / "ft.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    best = load_checkpoint(tmp_path / "ft.best.vc.pt")
+    last = load_checkpoint(output)
+    assert last.metadata["finetune"]["complete"] and last.metadata["data"]["source"] == "digits"
+    assert best.metadata["finetune"]["val_top1"] == max(entry.val_top1 for entry in history)
+    assert history[-1].train_loss < history[0].train_loss * 1.5
+    original = load_checkpoint(source).model.state_dict()
+    changed = [
+        k for k, v in last.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, original[k])
+    ]
+    assert any(name.endswith("primary") for name in changed), "primary filters must train"
+
+
+def _run_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vconvert", "finetune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+FINETUNE_ARGS = ["--data", "digits", "--epochs", "4", "--batch-size", "64", "--train-limit", "512",
+                 "--eval-limit", "64", "--workers", "0", "--recalibrate-images", "128", "--masks", "flip"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    straight = tmp_path / "straight.vc.pt"
+    completed = _run_cli(str(source), "-o", str(straight), *FINETUNE_ARGS)
+    assert completed.wait(timeout=600) == 0, completed.stderr.read().decode()
+
+    killed = tmp_path / "killed.vc.pt"
+    process = _run_cli(str(source), "-o", str(killed), *FINETUNE_ARGS)
+    metrics = tmp_path / "killed.metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = load_checkpoint(killed)
+    assert not interrupted.metadata["finetune"]["complete"], "the kill must land before the run ends"
+
+    resumed = _run_cli(str(source), "-o", str(killed), *FINETUNE_ARGS, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()
+    expected, actual = load_checkpoint(straight).model.state_dict(), load_checkpoint(killed).model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6, msg=name)
+    straight_lines = [json.loads(line) for line in (tmp_path / "straight.metrics.jsonl").read_text().splitlines()]
+    resumed_lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [e["val_top1"] for e in resumed_lines] == [e["val_top1"] for e in straight_lines]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    finetune(source, output, FinetuneConfig(**{**QUICK, "epochs": 1}))
+    good = output.read_bytes()
+    broken = load_checkpoint(source)
+    with torch.no_grad():
+        broken.model.fc.weight.fill_(float("nan"))
+    save(tmp_path / "broken.vc.pt", broken.model, broken.plan, broken.base, broken.teacher, broken.metadata)
+    with pytest.raises(CheckFailedError, match="loss became nan"):
+        finetune(tmp_path / "broken.vc.pt", output, FinetuneConfig(**{**QUICK, "recalibrate_images": 0}))
+    assert output.read_bytes() == good
+
+
+def _image_folder(root: Path, classes: int, per_class: int, broken: int = 0, empty: str | None = None) -> Path:
+    for split in ("train", "val"):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                color = (label * 25 % 255, index * 7 % 255, 128)
+                Image.new("RGB", (32, 32), color).save(folder / f"{index}.png")
+        for index in range(broken):
+            (root / split / "class0" / f"broken{index}.png").write_bytes(b"not an image")
+        if empty:
+            (root / split / empty).mkdir()
+    return root
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_image_folder_with_unreadable_files_skips_them_with_a_count(tmp_path: Path) -> None:
+    data = _image_folder(tmp_path / "data", classes=10, per_class=4, broken=3)
+    source = _converted_checkpoint(tmp_path / "m.vc.pt", in_channels=3)
+    history = finetune(
+        source, tmp_path / "ft.vc.pt",
+        FinetuneConfig(data=str(data), epochs=1, batch_size=8, workers=0, recalibrate_images=16),
+    )  # fmt: skip
+    assert history[0].extra["skipped_images"] == 6  # 3 in train, 3 in val
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing-folder", "does not exist"),
+        ("no-train-split", "no train/"),
+        ("empty-class-folder", "hold no images"),
+        ("class-count-mismatch", "the model predicts 10"),
+        ("bad-mask-rule", "--masks must be one of"),
+    ],
+    ids=lambda value: value if " " not in value else "",
+)
+def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt", in_channels=3)
+    output = tmp_path / "ft.vc.pt"
+    data, extra = tmp_path / "data", []
+    if case == "missing-folder":
+        data = tmp_path / "nowhere"
+    elif case == "no-train-split":
+        data.mkdir()
+    elif case == "empty-class-folder":
+        _image_folder(data, classes=10, per_class=2, empty="zzz_empty")
+    elif case == "class-count-mismatch":
+        _image_folder(data, classes=3, per_class=2)
+    elif case == "bad-mask-rule":
+        _image_folder(data, classes=10, per_class=2)
+        extra = ["--masks", "random"]
+    result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and fragment in message, message
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    args = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--eval-limit", "64",
+            "--workers", "0", "--recalibrate-images", "128", "--bn-mode", "frozen", "--masks", "flip"]  # fmt: skip
+    single = tmp_path / "single.vc.pt"
+    assert _run_cli(str(source), "-o", str(single), *args).wait(timeout=600) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    double = tmp_path / "ddp.vc.pt"
+    completed = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "vconvert", "finetune", str(source),
+         "-o", str(double), *args],
+        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    expected, actual = load_checkpoint(single).model.state_dict(), load_checkpoint(double).model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

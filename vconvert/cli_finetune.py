@@ -1,0 +1,160 @@
+"""The ``finetune`` and ``evaluate`` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vconvert.cli_common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DebugOpt,
+    JsonOpt,
+    TrustOpt,
+    console,
+    error_console,
+    explained_errors,
+    parse_floats,
+    parse_kwargs,
+    parse_shape,
+)
+from vconvert.errors import BadInputError
+
+DataOpt = Annotated[
+    str, typer.Option("--data", help="'digits' (ships with scikit-learn) or a folder with train/ and val/ (or test/).")
+]
+
+
+@explained_errors
+def finetune(
+    file: Annotated[Path, typer.Argument(help="The .vc.pt written by compress.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The fine-tuned .vc.pt (last epoch).")],
+    data: DataOpt = "digits",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split over ranks).")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the weights (SGD, Nesterov).")] = 0.01,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up, then cosine.")] = 0.5,
+    masks: Annotated[
+        str, typer.Option("--masks", help="Mask learning: frozen | flip | ste | tpami (see README).")
+    ] = "frozen",
+    mask_lr: Annotated[float, typer.Option("--mask-lr", help="Proxy learning rate (ste, tpami).")] = 0.05,
+    flip_rate: Annotated[
+        float, typer.Option("--flip-rate", help="flip: fraction of mask bits flipped per epoch at the start.")
+    ] = 0.01,
+    mask_anneal: Annotated[
+        float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
+    ] = 0.6,
+    ortho_weight: Annotated[float, typer.Option("--ortho-weight", help="λ of the orthogonality loss.")] = 0.05,
+    distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Distil from the original model.")] = True,
+    temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the KD term.")] = 0.7,
+    recalibrate_images: Annotated[
+        int, typer.Option("--recalibrate-images", help="BN recalibration images before epoch 1 (0: off).")
+    ] = 2000,
+    bn_mode: Annotated[
+        str, typer.Option("--bn-mode", help="train | frozen (BN statistics fixed after recalibration).")
+    ] = "train",
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crops and flips.")] = True,
+    train_limit: Annotated[int | None, typer.Option("--train-limit", help="Use only N training images.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on only N images.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 2,
+    mean: Annotated[str | None, typer.Option("--mean", help="Override the input mean.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Override the input std.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run that writes OUTPUT.")] = False,
+    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="Write TensorBoard logs here.")] = None,
+    trust: TrustOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fine-tune a converted model with the original as teacher; writes OUTPUT, OUTPUT's .best.vc.pt
+    and .metrics.jsonl. Under torchrun it runs DistributedDataParallel."""
+    from vconvert.finetune import FinetuneConfig, setup_distributed
+    from vconvert.finetune import finetune as run_finetune
+    from vconvert.mask_learning import STRATEGIES
+
+    if masks not in STRATEGIES:
+        raise BadInputError(f"--masks must be one of {', '.join(STRATEGIES)}; got {masks!r}.")
+    if (mean is None) != (std is None):
+        raise BadInputError("Pass --mean and --std together.")
+    config = FinetuneConfig(
+        data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate, mask_anneal=mask_anneal,
+        ortho_weight=ortho_weight, distill=distill, temperature=temperature, distill_weight=distill_weight,
+        recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment, train_limit=train_limit,
+        eval_limit=eval_limit, seed=seed, workers=workers,
+        mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
+    )  # fmt: skip
+    main = setup_distributed().main
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        console=error_console,
+        transient=True,
+        disable=not main or not error_console.is_terminal,
+    )
+    task = progress.add_task("train", total=None, epoch=0, epochs=epochs, loss=float("nan"))
+
+    def on_step(step: int, steps: int, info: dict) -> None:
+        progress.update(task, completed=step, total=steps, epoch=info["epoch"], loss=info["loss"])
+
+    def on_epoch(metrics) -> None:
+        if not as_json:
+            console.print(
+                f"epoch {metrics.epoch}/{epochs}: loss {metrics.train_loss:.4f}, "
+                f"train top-1 {metrics.train_top1:.2f}%, "
+                f"val top-1 {metrics.val_top1:.2f}% (top-5 {metrics.val_top5:.2f}%), "
+                f"{metrics.mask_flips} mask bits flipped, {metrics.images_per_s:.0f} img/s"
+            )
+
+    with progress:
+        history = run_finetune(
+            file, output, config, trust=trust, resume=resume, on_epoch=on_epoch, progress=on_step,
+            tensorboard=tensorboard,
+        )  # fmt: skip
+    if not main:
+        return
+    best = max(history, key=lambda entry: entry.val_top1)
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "history": [vars(entry) for entry in history]}, indent=2))
+    else:
+        console.print(f"wrote {output} (last epoch, val top-1 {history[-1].val_top1:.2f}%); best epoch {best.epoch} "
+                      f"({best.val_top1:.2f}%) in its .best.vc.pt")  # fmt: skip
+
+
+@explained_errors
+def evaluate(
+    file: Annotated[Path, typer.Argument(help="A .vc.pt, an .onnx (run in onnxruntime) or a plain model file.")],
+    data: DataOpt = "digits",
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust: TrustOpt = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate on only N images.")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="N,C,H,W when the file records none.")
+    ] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Top-1/top-5 of a model file on the evaluation split, measured on the artifact itself."""
+    from vconvert.evaluate import evaluate_file
+
+    result = evaluate_file(
+        file, data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust, limit=limit,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(
+            f"{file.name} ({result.kind}) on {data}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
+            f"({result.images} images)"
+        )

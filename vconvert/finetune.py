@@ -1,0 +1,510 @@
+"""Fine-tuning a converted model with its original network as teacher.
+
+Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (learned masks that train).
+SGD with Nesterov momentum, cosine schedule with linear warm-up, BatchNorm recalibration before the
+first epoch, mask updates by one of the strategies of ``vconvert.mask_learning``. Each epoch writes
+the last checkpoint (with everything needed to resume exactly) and the best one, atomically.
+Under ``torchrun`` the student runs in DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0
+alone logs and writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from vconvert.api import Checkpoint, load_checkpoint, save
+from vconvert.calibrate import recalibrate_batchnorm
+from vconvert.data import DataSpec, SeededSamples, open_split
+from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.io import atomic_write_bytes, check_writable
+from vconvert.layers import orthogonality_loss
+from vconvert.mask_learning import MaskLearner, MaskSettings, binary_masks, canonicalise_masks_, count_flips
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (plain data; stored in the checkpoint)."""
+
+    data: str = "digits"
+    epochs: int = 5
+    batch_size: int = 128  # global batch, split across DDP ranks
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    masks: str = "frozen"
+    mask_lr: float = 0.05
+    flip_rate: float = 0.01
+    mask_anneal: float = 0.6
+    ortho_weight: float = 0.05
+    distill: bool = True
+    temperature: float = 4.0
+    distill_weight: float = 0.7
+    label_smoothing: float = 0.0
+    recalibrate_images: int = 2000
+    bn_mode: str = "train"  # train | frozen (BatchNorm statistics fixed after recalibration)
+    augment: bool = True
+    train_limit: int | None = None  # use only this many training images (quick runs)
+    eval_limit: int | None = None
+    seed: int = 0
+    workers: int = 2
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_top1: float
+    val_top1: float
+    val_top5: float
+    mask_flips: int
+    images_per_s: float
+    lr: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- small pure pieces
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean (Hinton et al. 2015)."""
+    log_student = F.log_softmax(student / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).sum())
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights and primary filters; none on BN, biases, scales, masks."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or name.endswith("mask_proxy"):
+            continue
+        is_weight = parameter.ndim > 1
+        (decay if is_weight else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """DDP when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _all_reduce_sum(values: list[float], env: Distributed) -> list[float]:
+    if env.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# --------------------------------------------------------------------------- data
+def _limited(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]  # type: ignore[arg-type]
+    return Subset(dataset, order.tolist())
+
+
+def _resolve_preprocessing(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[list | None, list | None]:
+    """--mean/--std, else what compress recorded, else the data set's own default."""
+    if config.mean is not None:
+        return config.mean, config.std
+    recorded = (checkpoint.metadata or {}).get("preprocessing") or {}
+    if config.data != "digits" and recorded.get("mean") is not None:
+        return recorded["mean"], recorded["std"]
+    return None, None
+
+
+def open_data(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[Dataset, Dataset, DataSpec, int]:
+    input_shape = (checkpoint.metadata or {}).get("input_shape") or [1, 3, 224, 224]
+    mean, std = _resolve_preprocessing(config, checkpoint)
+    options = {"input_size": input_shape[2:], "channels": input_shape[1], "mean": mean, "std": std}
+    train, spec, skipped_train = open_split(config.data, True, augment=config.augment, **options)
+    options["mean"], options["std"] = spec.mean, spec.std
+    evaluation, eval_spec, skipped_eval = open_split(config.data, False, augment=False, **options)
+    if eval_spec.classes != spec.classes:
+        raise BadInputError(
+            f"The evaluation split's classes ({len(eval_spec.classes)}) differ from the training split's "
+            f"({len(spec.classes)}); give both the same class folders."
+        )
+    return (
+        SeededSamples(_limited(train, config.train_limit, config.seed), config.seed),
+        _limited(evaluation, config.eval_limit, config.seed),
+        spec,
+        skipped_train + skipped_eval,
+    )
+
+
+def _loader(dataset: Dataset, batch: int, workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        drop_last=sampler is not None,
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device, batch: int = 256, workers: int = 2):
+    """(top-1 %, top-5 %, images) of ``model`` on ``dataset``."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in _loader(dataset, batch, workers):
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        correct1 += topk_correct(logits, labels, 1)
+        correct5 += topk_correct(logits, labels, 5)
+        total += len(labels)
+    return 100.0 * correct1 / max(1, total), 100.0 * correct5 / max(1, total), total
+
+
+# --------------------------------------------------------------------------- the run
+def _output_paths(output: Path) -> tuple[Path, Path, Path]:
+    stem = output.name[: -len(".vc.pt")] if output.name.endswith(".vc.pt") else output.stem
+    return output, output.with_name(f"{stem}.best.vc.pt"), output.with_name(f"{stem}.metrics.jsonl")
+
+
+def _check_classes(model: nn.Module, dataset: Dataset, spec: DataSpec, device: torch.device) -> None:
+    image, _ = dataset[0]
+    with torch.no_grad():
+        outputs = model.eval()(image.unsqueeze(0).to(device)).shape[-1]
+    if outputs != len(spec.classes):
+        raise BadInputError(
+            f"The data has {len(spec.classes)} classes but the model predicts {outputs}; "
+            "fine-tune on data with the model's classes (or convert a model built for these classes)."
+        )
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def finetune(
+    checkpoint_path: str | Path,
+    output: str | Path,
+    config: FinetuneConfig,
+    *,
+    trust: bool = False,
+    resume: bool = False,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+    tensorboard: str | Path | None = None,
+) -> list[EpochMetrics]:
+    """Fine-tune the converted model of ``checkpoint_path`` and write ``output`` (last epoch, with
+    resume state), ``<stem>.best.vc.pt`` (best validation top-1) and ``<stem>.metrics.jsonl``.
+
+    ``progress(step, steps, info)`` is called during each epoch, ``on_epoch`` after it (rank 0 only).
+    With ``resume`` the run continues from ``output``'s last completed epoch and ends with the same
+    weights as an uninterrupted run.
+    """
+    env = setup_distributed()
+    output = Path(output)
+    last_path, best_path, metrics_path = _output_paths(output)
+    for path in (last_path, best_path, metrics_path):
+        check_writable(path)
+    if config.bn_mode not in ("train", "frozen"):
+        raise BadInputError(f"--bn-mode must be 'train' or 'frozen', got {config.bn_mode!r}.")
+    if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
+        raise BadInputError(
+            f"--epochs must be ≥ 1 and --batch-size a multiple of the {env.world} process(es); "
+            f"got {config.epochs} and {config.batch_size}."
+        )
+
+    resume_state = None
+    if resume:
+        if not last_path.exists():
+            raise BadInputError(f"--resume: {last_path} does not exist yet; start the run without --resume.")
+        source = load_checkpoint(last_path, trust=trust)
+        resume_state = (source.metadata or {}).get("finetune_state")
+        if resume_state is None:
+            raise BadInputError(f"--resume: {last_path} holds no fine-tuning state to resume from.")
+        if resume_state["config"] != asdict(config):
+            raise BadInputError(f"--resume: the options differ from those of the run that wrote {last_path}.")
+        base_metadata = resume_state["base_metadata"]
+    else:
+        source = load_checkpoint(checkpoint_path, trust=trust)
+        base_metadata = dict(source.metadata or {})
+
+    torch.manual_seed(config.seed)
+    train_set, eval_set, spec, skipped = open_data(config, source)
+    teacher_on_cpu = source.teacher if env.device.type == "cpu" else copy.deepcopy(source.teacher)
+    student, teacher = source.model.to(env.device), source.teacher.to(env.device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    _check_classes(student, train_set, spec, env.device)
+
+    per_rank = config.batch_size // env.world
+    sampler = DistributedSampler(
+        train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
+        raise BadInputError(
+            f"The training split has {len(train_set)} images, fewer than one batch of {config.batch_size}; "
+            "lower --batch-size."
+        )
+    total_steps = steps_per_epoch * config.epochs
+    masks = MaskLearner(
+        student,
+        MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal),
+        total_steps,
+        steps_per_epoch,
+    )
+    groups = parameter_groups(student, config.weight_decay)
+    optimiser = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if masks.optimiser_parameters():
+        optimiser.add_param_group(
+            {"params": masks.optimiser_parameters(), "lr": config.mask_lr, "weight_decay": 0.0, "momentum": 0.0}
+        )
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, warmup, total_steps))
+
+    history: list[EpochMetrics] = []
+    best_top1, start_epoch = -1.0, 0
+    if resume_state is not None:
+        optimiser.load_state_dict(resume_state["optimiser"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        masks.load_state_dict(resume_state["masks"])
+        with torch.no_grad():
+            for name, proxy in resume_state["mask_proxies"].items():
+                student.get_submodule(name).mask_proxy.copy_(proxy)
+        history = [EpochMetrics(**entry) for entry in resume_state["history"]]
+        best_top1, start_epoch = resume_state["best_top1"], resume_state["epoch"]
+        _restore_rng(resume_state["rng"])
+    elif config.recalibrate_images > 0:
+        calibration = _limited(
+            open_split(
+                config.data,
+                True,
+                augment=False,
+                input_size=spec.input_size,
+                channels=spec.channels,
+                mean=spec.mean,
+                std=spec.std,
+            )[0],
+            config.recalibrate_images,
+            config.seed,
+        )
+        recalibrate_batchnorm(
+            student,
+            (images.to(env.device) for images, _ in _loader(calibration, 128, config.workers)),
+            max_images=config.recalibrate_images,
+        )
+
+    model: nn.Module = student
+    if env.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
+    writer = _tensorboard(tensorboard) if tensorboard and env.main else None
+    use_amp = env.device.type == "cuda"
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)  # type: ignore[attr-defined]
+        model.train()
+        if config.bn_mode == "frozen":
+            for module in student.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        before = binary_masks(student)
+        sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
+        flips = 0
+        for step, (images, labels) in enumerate(_loader(train_set, per_rank, config.workers, sampler)):
+            images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+            masks.before_step()
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                if config.distill:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    kd = distillation_loss(logits.float(), teacher_logits.float(), config.temperature)
+                    loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+                if masks.learns and config.ortho_weight > 0:
+                    loss = loss + config.ortho_weight * orthogonality_loss(student)
+            loss_value = _all_reduce_sum([float(loss.detach())], env)[0] / env.world
+            if not math.isfinite(loss_value):
+                raise CheckFailedError(
+                    f"The loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; the run stopped and "
+                    f"{last_path} keeps the last good epoch (if any): lower --lr or check the data."
+                )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            flips += masks.after_step()
+            sums[0] += loss_value * len(labels)
+            sums[1] += topk_correct(logits.detach(), labels, 1)
+            sums[2] += len(labels)
+            if progress and env.main:
+                progress(step + 1, steps_per_epoch, {"epoch": epoch + 1, "loss": loss_value})
+        loss_sum, correct, seen = _all_reduce_sum(sums, env)
+        elapsed = time.perf_counter() - started
+        mask_changes = count_flips(before, binary_masks(student))
+        top1, top5, _ = evaluate_model(student, eval_set, env.device, workers=config.workers)
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            train_loss=loss_sum / seen,
+            train_top1=100.0 * correct / seen,
+            val_top1=top1,
+            val_top5=top5,
+            mask_flips=mask_changes,
+            images_per_s=seen / elapsed,
+            lr=scheduler.get_last_lr()[0],
+            seconds=elapsed,
+            extra={"flip_rule_flips": flips, "skipped_images": skipped} if epoch == 0 else {"flip_rule_flips": flips},
+        )
+        history.append(metrics)
+        if env.main:
+            _write_epoch(
+                student,
+                teacher_on_cpu,
+                source,
+                spec,
+                config,
+                metrics,
+                history,
+                best_top1,
+                base_metadata,
+                last_path,
+                best_path,
+                metrics_path,
+                {
+                    "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "masks": masks.state_dict(),
+                    "mask_proxies": {name: layer.mask_proxy.detach().cpu() for name, layer in masks.layers},
+                    "rng": _rng_state(),
+                    "epoch": epoch + 1,
+                },
+            )
+            if writer is not None:
+                for key, value in asdict(metrics).items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
+            if on_epoch:
+                on_epoch(metrics)
+        best_top1 = max(best_top1, top1)
+        if env.world > 1:
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def _write_epoch(
+    student: nn.Module,
+    teacher: nn.Module,
+    source: Checkpoint,
+    spec: DataSpec,
+    config: FinetuneConfig,
+    metrics: EpochMetrics,
+    history: list[EpochMetrics],
+    best_top1: float,
+    base_metadata: dict,
+    last_path: Path,
+    best_path: Path,
+    metrics_path: Path,
+    training: dict,
+) -> None:
+    """Write the last checkpoint (with resume state), the best one when improved, and the metrics line."""
+    snapshot = copy.deepcopy(student).cpu()
+    canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
+    finished = metrics.epoch == config.epochs
+    metadata = {
+        **base_metadata,
+        "data": spec.to_dict(),
+        "preprocessing": {"mean": spec.mean, "std": spec.std, "input_size": spec.input_size},
+        "finetune": {
+            "config": asdict(config),
+            "epochs_done": metrics.epoch,
+            "complete": finished,
+            "val_top1": metrics.val_top1,
+            "val_top5": metrics.val_top5,
+        },
+    }
+    improved = metrics.val_top1 > best_top1
+    state = {
+        **training,
+        "config": asdict(config),
+        "history": [asdict(entry) for entry in history],
+        "best_top1": max(best_top1, metrics.val_top1),
+        "base_metadata": base_metadata,
+    }
+    if improved:
+        save(best_path, snapshot, source.plan, source.base, teacher, metadata)
+    save(last_path, snapshot, source.plan, source.base, teacher, {**metadata, "finetune_state": state})
+    lines = "".join(json.dumps(asdict(entry)) + "\n" for entry in history)
+    atomic_write_bytes(lines.encode(), metrics_path)
+
+
+def _tensorboard(folder: str | Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInputError("--tensorboard needs the tensorboard package: pip install tensorboard.") from None
+    return SummaryWriter(str(folder))
