@@ -157,6 +157,7 @@ CASES = [
     Case("learned-s3-k3x5", {"mode": "learned", "secondary": 3}, (3, 5)),
     Case("learned-s2-k1", {"mode": "learned"}, 1),
     Case("learned-s2-noscale", {"mode": "learned", "scale": False}),
+    Case("learned-s9-alternating-masks", {"mode": "learned", "secondary": 9}),
     Case("spatial-k3", {"mode": "spatial"}),
     Case("spatial-k5", {"mode": "spatial"}, 5),
     Case("channel-s2", {"mode": "channel"}),

@@ -38,28 +38,31 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
     momenta = {norm: norm.momentum for norm in norms}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     used = 0
+    progress: Progress | None = None
     try:
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None
         model.train()
         start = time.perf_counter()
-        with Progress(transient=True, disable=False, auto_refresh=False) as progress:
-            task = None
-            for batch in batches:
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                images = images[: max_images - used]
-                if images.shape[0] == 0:
-                    break
-                model(images.to(device))
-                used += images.shape[0]
-                if task is None and time.perf_counter() - start > _PROGRESS_AFTER_S:
-                    task = progress.add_task("BatchNorm recalibration", total=max_images)
-                if task is not None:
-                    progress.update(task, completed=used, refresh=True)
-                if used >= max_images:
-                    break
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = images[: max_images - used]
+            if images.shape[0] == 0:
+                break
+            model(images.to(device))
+            used += images.shape[0]
+            if progress is None and time.perf_counter() - start > _PROGRESS_AFTER_S:
+                progress = Progress(transient=True)
+                task = progress.add_task("BatchNorm recalibration", total=max_images)
+                progress.start()
+            if progress is not None:
+                progress.update(task, completed=used)
+            if used >= max_images:
+                break
     finally:
+        if progress is not None:
+            progress.stop()
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, training in flags.items():
