@@ -1,0 +1,129 @@
+"""`vconvert export` end to end: the table, --json, --compact, and each failure it must handle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sample_models.resnet_cifar import resnet8
+from vconvert.cli import app
+
+ARCH = "sample_models.resnet_cifar:resnet8"
+SHAPE = "2,3,32,32"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_sentence_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output + result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "Traceback" not in result.output + result.stderr
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    weights = folder / "resnet8.pt"
+    torch.save(resnet8().state_dict(), weights)
+    output = folder / "resnet8.vc.pt"
+    result = invoke("compress", weights, "--arch", ARCH, "--input-shape", SHAPE, "-o", output, "--init", "naive")
+    assert result.exit_code == 0, result.output + result.stderr
+    return output
+
+
+def test_export_prints_the_table_and_writes_one_verified_file(checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "model.onnx"
+    result = invoke("export", checkpoint, "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    text = " ".join(result.output.split())
+    for fragment in ("original", "exported", "stored parameters", "MACs", "latency", "fused", "top-1 identical"):
+        assert fragment in text, text
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert json.loads(props["vconvert.preprocessing"])["input_size"] == [32, 32]
+
+
+def test_export_compact_json(checkpoint: Path, tmp_path: Path) -> None:
+    dense, compact = tmp_path / "dense.onnx", tmp_path / "compact.onnx"
+    assert invoke("export", checkpoint, "-o", dense, "--no-compare").exit_code == 0
+    result = invoke("export", checkpoint, "-o", compact, "--compact", "--json", "--no-fold-bn", "--no-compare")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.output)
+    assert report["compact"] and report["compact_vs_dense_max_abs_diff"] <= 1e-6
+    assert report["graph"]["bn_folded"] == [] and compact.stat().st_size < dense.stat().st_size
+    ops = {node.op_type for node in onnx.load(str(compact)).graph.node}
+    assert {"BitShift", "BitwiseAnd", "Gather", "BatchNormalization"} <= ops
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "parent-is-a-file", "output-is-a-directory", "overwrite-input"])
+def test_unwritable_output(case: str, checkpoint: Path, tmp_path: Path) -> None:
+    output = {
+        "missing-folder": tmp_path / "no" / "such" / "m.onnx",
+        "parent-is-a-file": tmp_path / "file.txt" / "m.onnx",
+        "output-is-a-directory": tmp_path,
+        "overwrite-input": checkpoint,
+    }[case]
+    (tmp_path / "file.txt").write_text("x")
+    before = checkpoint.read_bytes()
+    result = invoke("export", checkpoint, "-o", output)
+    assert_one_sentence_error(result, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert checkpoint.read_bytes() == before
+
+
+def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str):
+    package = tmp_path / "exportpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(8, 16, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        f"        {body}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from exportpkg.nets import TinyNet  # type: ignore[import-not-found]
+
+    torch.manual_seed(0)
+    model_file = tmp_path / "tiny.pt"
+    torch.save(TinyNet().eval(), model_file)
+    checkpoint = tmp_path / "tiny.vc.pt"
+    result = invoke("compress", model_file, "--input-shape", "1,3,8,8", "-o", checkpoint, "--trust", "--init", "naive")
+    assert result.exit_code == 0, result.output + result.stderr
+    return checkpoint
+
+
+def test_checkpoint_whose_base_needs_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = _user_package(tmp_path, monkeypatch, "return self.b(self.a(x)).mean((2, 3))")
+    output = tmp_path / "tiny.onnx"
+    refused = invoke("export", checkpoint, "-o", output)
+    assert_one_sentence_error(refused, 2, "--trust", "exportpkg.nets.TinyNet")
+    assert not output.exists()
+    trusted = invoke("export", checkpoint, "-o", output, "--trust", "--compact")
+    assert trusted.exit_code == 0, trusted.output + trusted.stderr
+    assert output.exists()
+
+
+def test_parity_failure_exits_1_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = "y = self.b(self.a(x)).mean((2, 3)); return y + 0.5 if torch.compiler.is_exporting() else y"
+    checkpoint = _user_package(tmp_path, monkeypatch, body)
+    before = {p.name for p in tmp_path.iterdir()}
+    output = tmp_path / "tiny.onnx"
+    result = invoke("export", checkpoint, "-o", output, "--trust")
+    assert_one_sentence_error(result, 1, "max abs difference 0.5", "nothing was written")
+    assert {p.name for p in tmp_path.iterdir()} == before

@@ -1,0 +1,689 @@
+"""Export: fold, optionally fuse BatchNorm, write ONNX, and prove parity in onnxruntime.
+
+The stages, each a function of its own:
+
+1. :func:`prepare_for_export` — a deep copy in eval mode with every VersatileConv2d folded into a
+   plain Conv2d (METHOD.md §1) and, with ``fold_bn``, every BatchNorm2d that directly follows a conv
+   fused into it with torch's own ``fuse_conv_bn_eval``. Conv→BN pairs come from an FX trace; a
+   model FX cannot trace falls back to forward hooks, and that fold is checked numerically (and
+   dropped, with a note, if it changes the output).
+2. :func:`to_onnx` — torch.onnx's dynamo exporter, opset 18, a dynamic batch axis, named input and
+   output(s), returned as one in-memory ``ModelProto`` (no ``.onnx.data`` sidecar).
+3. :func:`vconvert.onnx_compact.compact_graph` for ``--compact``.
+4. :func:`verify_onnx` — ``onnx.checker``, then an onnxruntime CPU session at batch 1 and 4 against
+   the PyTorch folded model: max abs difference ≤ tolerance × output scale and identical top-1.
+5. :func:`export` — all of it, then an atomic write of the verified bytes (nothing under the final
+   name unless every check passed), and the before/after table (:func:`compare`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.io import atomic_write_bytes, check_writable
+from vconvert.layers import VersatileConv2d, fold_model, versatile_layers
+from vconvert.report import model_stored_bits
+
+__all__ = [
+    "OPSET",
+    "ExportReport",
+    "FoldResult",
+    "Parity",
+    "bn_factor",
+    "compare",
+    "count_macs",
+    "export",
+    "find_conv_bn_pairs",
+    "ort_session",
+    "prepare_for_export",
+    "to_onnx",
+    "verify_onnx",
+]
+
+OPSET = 18
+TWO_GB = 2**31 - 2**20  # protobuf's limit, with some room for the graph itself
+INPUT_NAME = "input"
+
+
+# --------------------------------------------------------------------------- fold (+ BN)
+def bn_factor(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """The per-channel factor ``fuse_conv_bn_weights`` multiplies a conv weight by: γ · rsqrt(var + ε)."""
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    return (weight * torch.rsqrt(bn.running_var + bn.eps)).detach()
+
+
+def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and isinstance(bn, nn.BatchNorm2d)
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and conv.out_channels == bn.num_features
+    )
+
+
+def _pairs_from_fx(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) names where the BN's only input is the conv's output and nothing else reads it."""
+    graph = fx.Tracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if source.op != "call_module" or len(source.users) != 1 or calls[node.target] != 1 or calls[source.target] != 1:
+            continue
+        if _fusable(model.get_submodule(source.target), model.get_submodule(node.target)):
+            pairs.append((str(source.target), str(node.target)))
+    return pairs
+
+
+def _pairs_from_hooks(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
+    """(conv, bn) names where the BN was called on the very tensor the conv returned (one call each)."""
+    produced: dict[int, str] = {}
+    consumed: list[tuple[str, int]] = []
+    calls: dict[str, int] = {}
+    handles = []
+
+    def on_conv(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            produced[id(output)] = name
+
+        return hook
+
+    def on_bn(name: str) -> Callable:
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            consumed.append((name, id(inputs[0])))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if type(module) is nn.Conv2d:
+            handles.append(module.register_forward_hook(on_conv(name)))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(on_bn(name)))
+    outputs = []
+    try:
+        with torch.no_grad():
+            outputs.append(model(example))  # keep outputs alive so tensor ids stay unique
+    finally:
+        for handle in handles:
+            handle.remove()
+    pairs = []
+    for bn_name, tensor_id in consumed:
+        conv_name = produced.get(tensor_id)
+        if conv_name and calls.get(conv_name) == 1 and calls.get(bn_name) == 1:
+            if _fusable(model.get_submodule(conv_name), model.get_submodule(bn_name)):
+                pairs.append((conv_name, bn_name))
+    return pairs
+
+
+def find_conv_bn_pairs(model: nn.Module, example: Tensor) -> tuple[list[tuple[str, str]], str]:
+    """Conv→BatchNorm2d pairs that can be fused, and how they were found ("fx" or "hooks")."""
+    try:
+        return _pairs_from_fx(model), "fx"
+    except Exception:  # FX raises many types on untraceable Python
+        return _pairs_from_hooks(model, example), "hooks"
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+@dataclass
+class FoldResult:
+    """What :func:`prepare_for_export` did to the graph (plain data, plus the tensors compact needs)."""
+
+    versatile: list[str]
+    bn_folded: list[tuple[str, str]] = field(default_factory=list)
+    bn_left: list[str] = field(default_factory=list)
+    found_with: str = "fx"
+    note: str = ""
+    bn_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> str:
+        """One sentence on how the graph changed."""
+        text = f"folded {len(self.versatile)} versatile conv(s) into dense Conv2d"
+        if self.bn_folded or self.bn_left:
+            text += f"; fused {len(self.bn_folded)} BatchNorm2d into the preceding conv"
+            if self.bn_left:
+                text += f", {len(self.bn_left)} left as BatchNormalization (no conv right before them)"
+        if self.note:
+            text += f"; {self.note}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("bn_scales")
+        return data
+
+
+def _max_abs(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) if a else 0.0
+
+
+def _outputs(result: Any) -> list[Tensor]:
+    """A model's output as a flat list of tensors (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(result, Tensor):
+        return [result]
+    if isinstance(result, Mapping):
+        result = list(result.values())
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _outputs(item)]
+    raise BadInputError(f"The model returns a {type(result).__name__}; ONNX export needs tensors.")
+
+
+def prepare_for_export(model: nn.Module, example: Tensor, fold_bn: bool = True) -> tuple[nn.Module, FoldResult]:
+    """A folded deep copy (eval mode) of ``model``: plain Conv2d only, BN fused when ``fold_bn``.
+
+    The input model is not modified.
+    """
+    versatile = [name for name, _ in versatile_layers(model)]
+    folded = fold_model(model)
+    result = FoldResult(versatile=versatile)
+    if not fold_bn:
+        return folded, result
+    pairs, found_with = find_conv_bn_pairs(folded, example)
+    result.found_with = found_with
+    fused = copy.deepcopy(folded) if found_with == "hooks" else folded  # hooks: keep the original to check
+    for conv_name, bn_name in pairs:
+        conv, bn = fused.get_submodule(conv_name), fused.get_submodule(bn_name)
+        result.bn_scales[conv_name] = bn_factor(bn)
+        _set_module(fused, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_module(fused, bn_name, nn.Identity())
+    if found_with == "hooks" and pairs:
+        with torch.no_grad():
+            before, after = _outputs(folded(example)), _outputs(fused(example))
+        scale = max(float(t.abs().max()) for t in before) or 1.0
+        if _max_abs(before, after) > 1e-4 * scale:
+            result.note = (
+                "torch.fx could not trace the model and the BN pairs found by hooks changed its output, "
+                "so no BN was fused"
+            )
+            result.bn_scales = {}
+            return folded, result
+        result.note = "torch.fx could not trace the model; conv→BN pairs were found by forward hooks and checked"
+    result.bn_folded = pairs
+    fused_bns = {bn for _, bn in pairs}
+    result.bn_left = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d) and n not in fused_bns]
+    return fused, result
+
+
+def count_macs(model: nn.Module, example: Tensor) -> int:
+    """Multiply-accumulates per forward of ``example`` in Conv2d and Linear layers (forward hooks)."""
+    total = 0
+    handles = []
+
+    def hook(module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+# --------------------------------------------------------------------------- ONNX
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def to_onnx(
+    module: nn.Module, example: Tensor, *, optimize: bool = True, dynamic_batch: bool = True
+) -> onnx.ModelProto:
+    """``module`` (eval mode) as an ONNX model in memory: dynamo exporter, opset 18, input "input",
+    output "output" (or "output_0", "output_1", ... for several), batch axis named "batch"."""
+    with torch.no_grad():
+        outputs = _outputs(module(example))
+    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=output_names,
+                dynamic_shapes=dynamic,
+                optimize=optimize,
+                verbose=False,
+            )
+    except Exception as error:
+        raise BadInputError(
+            f"torch.onnx could not export the folded model ({type(error).__name__}: {_first_line(error)}); "
+            "rerun with --debug for the exporter's report."
+        ) from error
+    if program is None:
+        raise BadInputError("torch.onnx returned no program for the folded model.")
+    return program.model_proto
+
+
+def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
+    """Store ``metadata`` as model-level metadata_props (JSON for anything that is not a string)."""
+    existing = {prop.key: prop for prop in model.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or model.metadata_props.add()
+        prop.key, prop.value = key, value if isinstance(value, str) else json.dumps(value)
+
+
+def ort_session(model: bytes | str, threads: int | None = None):
+    """An onnxruntime CPU InferenceSession (all graph optimisations on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # idle worker threads must not spin: sessions measured side by side would steal each other's cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, batch: Tensor) -> list[np.ndarray]:
+    return session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+
+
+@dataclass
+class Parity:
+    """How an ONNX model compared with the PyTorch folded model (plain data)."""
+
+    max_abs_diff: float
+    output_scale: float
+    tolerance: float
+    top1_agree: bool
+    top1_mismatches: int
+    batches: list[int]
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs_diff / self.output_scale
+
+
+def verify_onnx(
+    model_bytes: bytes,
+    reference: nn.Module,
+    inputs: Sequence[Tensor],
+    tolerance: float = 1e-4,
+    what: str = "the ONNX model",
+    outputs: list | None = None,
+) -> Parity:
+    """Check ``model_bytes`` with onnx.checker, then run it in onnxruntime (CPU) on every batch of
+    ``inputs`` against ``reference``: max |ort − torch| ≤ tolerance · max|torch| and the same top-1
+    (ignoring rows whose two best logits are closer than that bound: a tie has no order).
+
+    Raises :class:`CheckFailedError` (exit 1) saying by how much on failure. The onnxruntime outputs
+    are appended to ``outputs`` when it is given (one list of arrays per batch).
+    """
+    try:
+        onnx.checker.check_model(onnx.load_from_string(model_bytes))
+    except Exception as error:
+        raise CheckFailedError(f"onnx.checker rejects {what} ({_first_line(error)}).") from error
+    try:
+        session = ort_session(model_bytes)
+    except Exception as error:
+        raise CheckFailedError(f"onnxruntime cannot load {what} ({_first_line(error)}).") from error
+    worst, scale, mismatches = 0.0, 0.0, 0
+    results = []
+    for batch in inputs:
+        with torch.no_grad():
+            expected = [t.detach().float() for t in _outputs(reference(batch))]
+        arrays = _run(session, batch)
+        if outputs is not None:
+            outputs.append(arrays)
+        got = [torch.from_numpy(a) for a in arrays]
+        if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
+            raise CheckFailedError(
+                f"{what} returns shapes {[tuple(t.shape) for t in got]} for a batch of {len(batch)}, PyTorch "
+                f"{[tuple(t.shape) for t in expected]}."
+            )
+        scale = max(scale, *(float(t.abs().max()) for t in expected))
+        worst = max(worst, _max_abs(got, expected))
+        results.append((got, expected))
+    scale = scale or 1.0
+    bound = tolerance * scale
+    for got, expected in results:
+        for g, e in zip(got, expected, strict=True):
+            if e.dim() == 2 and e.shape[1] > 1:
+                top2 = e.topk(2, dim=1).values
+                decided = (top2[:, 0] - top2[:, 1]) > 2 * bound
+                mismatches += int(((g.argmax(1) != e.argmax(1)) & decided).sum())
+    parity = Parity(worst, scale, tolerance, mismatches == 0, mismatches, [len(b) for b in inputs])
+    if worst > bound or mismatches:
+        raise CheckFailedError(
+            f"{what} does not match the PyTorch folded model: max abs difference {worst:.3g} is "
+            f"{worst / scale:.3g} of the output scale {scale:.3g} (allowed {tolerance:g})"
+            + (f", and {mismatches} top-1 prediction(s) differ" if mismatches else "")
+            + "; nothing was written."
+        )
+    return parity
+
+
+def measure_latency(sessions: Mapping[str, Any], batch: Tensor, seconds: float = 1.0, rounds: int = 200) -> dict:
+    """Median onnxruntime latency (ms) of each session on ``batch``, measured in interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():  # warm-up
+        for _ in range(2):
+            _run(session, batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            begin = time.perf_counter()
+            _run(session, batch)
+            times[name].append((time.perf_counter() - begin) * 1e3)
+        if time.perf_counter() - start > seconds and len(next(iter(times.values()))) >= 5:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# --------------------------------------------------------------------------- the whole export
+@dataclass
+class ExportReport:
+    """What :func:`export` wrote and measured (plain data; ``to_dict`` for ``--json``)."""
+
+    output: str
+    compact: bool
+    file_bytes: int
+    opset: int
+    graph: dict
+    graph_note: str
+    parity: dict
+    compact_vs_dense_max_abs_diff: float | None
+    inputs: str
+    table: list[dict]
+    timings_s: dict
+    metadata: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stored_floats(model: nn.Module) -> int:
+    """Floating-point parameters stored (a versatile layer's masks are bits, not counted here)."""
+    total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, VersatileConv2d) and name == "mask_proxy":
+                continue
+            total += param.numel()
+    return total
+
+
+def _dense_weights(module: nn.Module, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: module.get_submodule(name).weight.detach().cpu().numpy() for name in names}
+
+
+def _serialise(model: onnx.ModelProto) -> bytes:
+    if model.ByteSize() > TWO_GB:
+        raise BadInputError(
+            "The ONNX model is over 2 GB, which one protobuf file cannot hold; vconvert writes single files only."
+        )
+    return model.SerializeToString()
+
+
+def compare(
+    exported: Mapping[str, bytes], batch: Tensor, seconds: float = 1.0
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(session start-up ms, median latency ms) of each ONNX model, measured side by side."""
+    startup, sessions = {}, {}
+    for name, data in exported.items():
+        begin = time.perf_counter()
+        sessions[name] = ort_session(data)
+        startup[name] = (time.perf_counter() - begin) * 1e3
+    return startup, measure_latency(sessions, batch, seconds=seconds)
+
+
+def export(
+    model: nn.Module,
+    output: str | Path,
+    *,
+    input_shape: Sequence[int],
+    compact: bool = False,
+    fold_bn: bool = True,
+    teacher: nn.Module | None = None,
+    inputs: Sequence[Tensor] | None = None,
+    inputs_note: str = "random normal inputs",
+    metadata: Mapping[str, Any] | None = None,
+    tolerance: float = 1e-4,
+    latency_seconds: float = 1.0,
+    measure: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Fold ``model``, export it to ONNX at ``output`` and verify it in onnxruntime before writing.
+
+    ``input_shape`` is (N, C, H, W); the batch axis stays dynamic. ``inputs`` are the verification
+    batches (default: random normal at batch 1 and 4). With ``compact`` the file stores the versatile
+    form and rebuilds dense weights in-graph (:mod:`vconvert.onnx_compact`). With ``teacher`` the
+    original network is exported the same way and the before/after table compares both; ``measure``
+    False skips the table's latency and start-up columns (and the teacher). Nothing is
+    written under ``output`` unless every check passed; failures raise :class:`CheckFailedError`.
+    """
+    from vconvert.onnx_compact import compact_graph
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    def say(text: str) -> None:
+        if progress:
+            progress(text)
+
+    output = check_writable(output)
+    training = [name or "the model" for name, m in model.named_modules() if m.training]
+    if training:
+        raise BadInputError(
+            f"The model is in train mode ({training[0]} and {len(training) - 1} more modules), so dropout and "
+            "batch statistics would differ from inference: call model.eval() before exporting."
+        )
+    if len(input_shape) != 4:
+        raise BadInputError(f"The input shape must be N,C,H,W; got {list(input_shape)}.")
+    channels, height, width = (int(v) for v in input_shape[1:])
+    # batch 2: torch.export specialises a size-1 axis to a constant, and the batch must stay dynamic
+    example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+    if inputs is None:
+        generator = torch.Generator().manual_seed(1)
+        inputs = [torch.randn(b, channels, height, width, generator=generator) for b in (1, 4)]
+
+    say("folding")
+    reference = fold_model(model)
+    folded, fold = prepare_for_export(model, example, fold_bn=fold_bn)
+    step("fold_s")
+    say("exporting to ONNX")
+    dense = to_onnx(folded, example, optimize=fold_bn)  # the exporter's optimiser would fuse BN itself
+    info = {
+        "vconvert.format": "compact" if compact else "dense",
+        "vconvert.bn_folded": str(len(fold.bn_folded)),
+        "vconvert.input_shape": [None, channels, height, width],
+        **dict(metadata or {}),
+    }
+    set_metadata(dense, info)
+    step("export_s")
+    say("verifying in onnxruntime")
+    dense_bytes = _serialise(dense)
+    dense_outputs: list = []
+    parity = verify_onnx(dense_bytes, reference, inputs, tolerance, "the dense ONNX export", dense_outputs)
+    step("verify_s")
+    final_bytes, compact_diff, layer_bytes = dense_bytes, None, {}
+    if compact:
+        say("building the compact graph")
+        weights = _dense_weights(folded, fold.versatile)
+        layers = dict(versatile_layers(model))
+        compact_model, layer_bytes = compact_graph(dense, layers, weights, fold.bn_scales)
+        final_bytes = _serialise(compact_model)
+        compact_outputs: list = []
+        parity = verify_onnx(final_bytes, reference, inputs, tolerance, "the compact ONNX export", compact_outputs)
+        compact_diff = max(
+            float(np.abs(a - b).max())
+            for dense_batch, compact_batch in zip(dense_outputs, compact_outputs, strict=True)
+            for a, b in zip(dense_batch, compact_batch, strict=True)
+        )
+        if compact_diff > 1e-6 * parity.output_scale:
+            raise CheckFailedError(
+                f"The compact ONNX export differs from the dense one by {compact_diff:.3g} (allowed "
+                f"{1e-6 * parity.output_scale:.3g}); nothing was written."
+            )
+        step("compact_s")
+
+    say("measuring")
+    exported = {"exported": final_bytes}
+    if compact:
+        exported["dense fold"] = dense_bytes
+    teacher_bytes = None
+    if teacher is not None and measure:
+        teacher_folded, _ = prepare_for_export(teacher.eval(), example, fold_bn=fold_bn)
+        teacher_bytes = _serialise(to_onnx(teacher_folded, example, optimize=fold_bn))
+        exported = {"original": teacher_bytes, **exported}
+        step("teacher_export_s")
+    nothing = dict.fromkeys(exported, float("nan"))
+    startup, latency = compare(exported, inputs[0], seconds=latency_seconds) if measure else (nothing, nothing)
+    step("latency_s")
+    macs = count_macs(folded, example[:1])
+    table = []
+    for name, data in exported.items():
+        source = teacher if name == "original" else model
+        assert source is not None
+        row = {
+            "model": name,
+            "stored_params": _stored_floats(source),
+            "stored_kib": model_stored_bits(source) / 8192,
+            "file_bytes": len(data),
+            "macs": count_macs(teacher, example[:1]) if name == "original" and teacher is not None else macs,
+            "ort_latency_ms": latency[name],
+            "ort_startup_ms": startup[name],
+        }
+        if name == "dense fold":
+            row["stored_params"] = sum(p.numel() for p in folded.parameters())
+            row["stored_kib"] = sum(p.numel() * p.element_size() for p in folded.parameters()) / 1024
+        table.append(row)
+
+    say("writing")
+    atomic_write_bytes(final_bytes, output)
+    step("write_s")
+    return ExportReport(
+        output=str(output),
+        compact=compact,
+        file_bytes=len(final_bytes),
+        opset=OPSET,
+        graph=fold.to_dict() | {"compact_layer_bytes": layer_bytes},
+        graph_note=fold.describe(),
+        parity=asdict(parity),
+        compact_vs_dense_max_abs_diff=compact_diff,
+        inputs=inputs_note,
+        table=table,
+        timings_s=timings,
+        metadata={key: value for key, value in info.items()},
+    )
+
+
+def load_verification_images(
+    metadata: Mapping[str, Any], input_shape: Sequence[int]
+) -> tuple[list[Tensor] | None, str]:
+    """Batches of 1 and 4 real images when the checkpoint names an existing image folder, else None."""
+    recal = metadata.get("bn_recalibration") or {}
+    folder = recal.get("data") if isinstance(recal, Mapping) else None
+    preprocessing = metadata.get("preprocessing") or {}
+    if not folder or not os.path.isdir(folder) or not preprocessing or input_shape[1] != 3:
+        return None, "random normal inputs (the checkpoint names no image folder)"
+    try:
+        from vconvert.data import calibration_batches
+
+        images = next(
+            iter(
+                calibration_batches(
+                    Path(folder),
+                    tuple(input_shape[2:]),
+                    preprocessing["mean"],
+                    preprocessing["std"],
+                    batch_size=4,
+                    limit=4,
+                )
+            )
+        )
+    except Exception as error:
+        return None, f"random normal inputs (reading {folder} failed: {_first_line(error)})"
+    if len(images) < 4:
+        return None, f"random normal inputs ({folder} holds fewer than 4 images)"
+    return [images[:1], images], f"4 real images from {folder}"
+
+
+def export_checkpoint(
+    path: str | Path,
+    output: str | Path,
+    *,
+    trust: bool = False,
+    compact: bool = False,
+    fold_bn: bool = True,
+    input_shape: Sequence[int] | None = None,
+    compare_original: bool = True,
+    tolerance: float = 1e-4,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """:func:`export` for a ``.vc.pt`` file: its model, its teacher, its preprocessing and input shape."""
+    from vconvert.api import load_checkpoint
+
+    output = check_writable(output)
+    if Path(output).resolve() == Path(path).resolve():
+        raise BadInputError(f"The output {output} would overwrite the checkpoint; choose another -o.")
+    checkpoint = load_checkpoint(path, trust=trust)
+    shape = list(input_shape or checkpoint.metadata.get("input_shape") or checkpoint.plan.input_shape)
+    inputs, note = load_verification_images(checkpoint.metadata, shape)
+    metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
+    if checkpoint.metadata.get("preprocessing"):
+        metadata["vconvert.preprocessing"] = checkpoint.metadata["preprocessing"]
+    return export(
+        checkpoint.model,
+        output,
+        input_shape=shape,
+        compact=compact,
+        fold_bn=fold_bn,
+        teacher=checkpoint.teacher if compare_original else None,
+        inputs=inputs,
+        inputs_note=note,
+        metadata=metadata,
+        tolerance=tolerance,
+        progress=progress,
+    )

@@ -1,0 +1,262 @@
+"""The ``--compact`` ONNX: store what a versatile layer stores, rebuild the dense weight in-graph.
+
+A folded versatile conv holds as many weights as the original one, so a dense ONNX file is no
+smaller. The compact file instead stores, per converted conv, the primary filters, the bit-packed
+binary masks (deduplicated rows: the two nested spatial masks of a 3x3 kernel are two rows, not N),
+the per-output scales, the small integer index tensors (primary index, mask row, channel offset) and,
+when BatchNorm was folded, the BN factor. A handful of standard ONNX ops rebuilds the dense weight
+
+    W = scatter_offset( Gather(primary, p) · unpack(mask bits)[row] · α ) · β
+
+from initializers only, so onnxruntime constant-folds it once when the session starts and then runs
+the very same Conv as the dense file. The arithmetic order is the one of
+:func:`vconvert.layers.materialise_weight` followed by ``fuse_conv_bn_eval``, so the rebuilt weight is
+bit-identical to the dense export's.
+
+The encoding (:func:`encode_layer`) and its reference decoder (:func:`decode_layer`) are pure numpy
+functions; :func:`compact_graph` rewrites a dense ONNX model in place of each folded conv's weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vconvert.errors import CheckFailedError
+from vconvert.layers import VersatileConv2d
+
+__all__ = ["CompactLayer", "compact_graph", "decode_layer", "encode_layer", "pack_bits", "unpack_bits"]
+
+
+# --------------------------------------------------------------------------- pure encoding
+def pack_bits(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 array as uint8 bytes, most significant bit first (``np.packbits`` order)."""
+    return np.packbits(mask.astype(bool).reshape(-1), bitorder="big")
+
+
+def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``count`` bits as a uint8 array of 0/1."""
+    return np.unpackbits(packed, bitorder="big")[:count]
+
+
+def smallest_index_dtype(values: np.ndarray) -> np.dtype:
+    """The narrowest unsigned integer type (uint8, uint16, else int32) that holds ``values``."""
+    top = int(values.max()) if values.size else 0
+    if top < 2**8:
+        return np.dtype(np.uint8)
+    if top < 2**16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+@dataclass
+class CompactLayer:
+    """What the compact file stores for one folded versatile conv (numpy arrays, exact copies)."""
+
+    primary: np.ndarray  # (P, ĉ, kh, kw) float
+    primary_index: np.ndarray  # (N,) small unsigned ints
+    mask_bits: np.ndarray | None  # packed (R, ĉ|1, kh, kw) mask rows, uint8
+    mask_shape: tuple[int, ...] | None  # (R, ĉ|1, kh, kw)
+    mask_row: np.ndarray | None  # (N,) row of each output, None when R == N in output order
+    scale: np.ndarray | None  # (N, 1, 1, 1) float
+    channel_offset: np.ndarray | None  # (N, 1, 1, 1) small ints, None when ĉ == c
+    in_channels: int
+    bn_scale: np.ndarray | None  # (N, 1, 1, 1) float: BN weight · rsqrt(var + eps), when BN was folded
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.primary_index.shape[0])
+
+    def nbytes(self) -> int:
+        """Bytes of all stored arrays."""
+        arrays = [self.primary, self.primary_index, self.mask_bits, self.mask_row, self.scale]
+        arrays += [self.channel_offset, self.bn_scale]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+def encode_layer(layer: VersatileConv2d, bn_scale: torch.Tensor | None = None) -> CompactLayer:
+    """The compact encoding of ``layer`` (as folded in eval mode), with an optional folded BN factor."""
+    with torch.no_grad():
+        primary = layer.primary.detach().cpu().numpy().copy()
+        index = layer.primary_index.cpu().numpy()
+        mask = layer.output_mask()
+        mask_bits = mask_shape = mask_row = None
+        if mask is not None:
+            mask = mask.detach().cpu()
+            flat = (mask.reshape(mask.shape[0], -1) > 0.5).to(torch.uint8)
+            rows, inverse = torch.unique(flat, dim=0, return_inverse=True)
+            if rows.shape[0] < flat.shape[0]:
+                stored, mask_row = rows, inverse.numpy().astype(smallest_index_dtype(inverse.numpy()))
+            else:
+                stored = flat
+            mask_shape = (int(stored.shape[0]), *mask.shape[1:])
+            mask_bits = pack_bits(stored.numpy())
+        scale = None if layer.scale is None else layer.scale.detach().cpu().numpy().reshape(-1, 1, 1, 1).copy()
+        offset = None
+        if layer.channel_window < layer.in_channels:
+            raw = layer.channel_offset.cpu().numpy()
+            offset = raw.astype(smallest_index_dtype(raw)).reshape(-1, 1, 1, 1)
+        beta = None if bn_scale is None else bn_scale.detach().cpu().numpy().reshape(-1, 1, 1, 1).copy()
+    return CompactLayer(
+        primary=primary,
+        primary_index=index.astype(smallest_index_dtype(index)),
+        mask_bits=mask_bits,
+        mask_shape=mask_shape,
+        mask_row=mask_row,
+        scale=scale,
+        channel_offset=offset,
+        in_channels=layer.in_channels,
+        bn_scale=beta,
+    )
+
+
+def decode_layer(encoded: CompactLayer) -> np.ndarray:
+    """Reference decoder (numpy, same arithmetic order as the graph): the dense (N, c, kh, kw) weight."""
+    weight = encoded.primary[encoded.primary_index.astype(np.int64)]
+    if encoded.mask_bits is not None and encoded.mask_shape is not None:
+        count = int(np.prod(encoded.mask_shape))
+        rows = unpack_bits(encoded.mask_bits, count).reshape(encoded.mask_shape).astype(weight.dtype)
+        if encoded.mask_row is not None:
+            rows = rows[encoded.mask_row.astype(np.int64)]
+        weight = weight * rows
+    if encoded.scale is not None:
+        weight = weight * encoded.scale
+    if encoded.channel_offset is not None:
+        out_channels, window, kh, kw = weight.shape
+        dense = np.zeros((out_channels, encoded.in_channels, kh, kw), dtype=weight.dtype)
+        channels = encoded.channel_offset.astype(np.int64) + np.arange(window).reshape(1, -1, 1, 1)
+        np.put_along_axis(dense, np.broadcast_to(channels, weight.shape), weight, axis=1)
+        weight = dense
+    if encoded.bn_scale is not None:
+        weight = weight * encoded.bn_scale
+    return weight
+
+
+# --------------------------------------------------------------------------- the ONNX subgraph
+def _const(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def layer_subgraph(encoded: CompactLayer, output: str, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes and initializers that compute ``decode_layer(encoded)`` into the tensor named ``output``.
+
+    Their own tensors are named ``prefix.*`` (keep it short: names are stored once per tensor)."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+
+    def init(suffix: str, array: np.ndarray) -> str:
+        inits.append(_const(f"{prefix}.{suffix}", array))
+        return f"{prefix}.{suffix}"
+
+    def node(op: str, inputs: list[str], suffix: str, **attrs) -> str:
+        name = f"{prefix}.{suffix}"
+        nodes.append(helper.make_node(op, inputs, [name], **attrs))
+        return name
+
+    def as_int64(stored: np.ndarray, suffix: str) -> str:
+        return node("Cast", [init(suffix, stored)], f"{suffix}_i64", to=TensorProto.INT64)
+
+    weight = node("Gather", [init("primary", encoded.primary), as_int64(encoded.primary_index, "primary_index")], "w0")
+    if encoded.mask_bits is not None and encoded.mask_shape is not None:
+        count = int(np.prod(encoded.mask_shape))
+        packed = init("mask_bits", encoded.mask_bits.reshape(-1, 1))
+        shifts = init("bit_shift", np.arange(7, -1, -1, dtype=np.uint8).reshape(1, 8))
+        bits = node("BitShift", [packed, shifts], "bits_shifted", direction="RIGHT")
+        bits = node("BitwiseAnd", [bits, init("bit_one", np.ones((1, 1), dtype=np.uint8))], "bits")
+        bits = node("Reshape", [bits, init("flat", np.array([-1], dtype=np.int64))], "bits_flat")
+        bits = node(
+            "Slice",
+            [bits, init("slice_start", np.array([0], dtype=np.int64)), init("slice_end", np.array([count]))],
+            "bits_used",
+        )
+        rows = node("Reshape", [bits, init("mask_shape", np.array(encoded.mask_shape, dtype=np.int64))], "rows_u8")
+        rows = node("Cast", [rows], "rows", to=helper.np_dtype_to_tensor_dtype(encoded.primary.dtype))
+        if encoded.mask_row is not None:
+            rows = node("Gather", [rows, as_int64(encoded.mask_row, "mask_row")], "mask")
+        weight = node("Mul", [weight, rows], "w_masked")
+    if encoded.scale is not None:
+        weight = node("Mul", [weight, init("scale", encoded.scale)], "w_scaled")
+    if encoded.channel_offset is not None:
+        out_channels, window, kh, kw = (encoded.out_channels, *encoded.primary.shape[1:])
+        offsets = as_int64(encoded.channel_offset, "channel_offset")
+        window_range = init("window", np.arange(window, dtype=np.int64).reshape(1, -1, 1, 1))
+        channels = node("Add", [offsets, window_range], "channels")
+        channels = node("Expand", [channels, init("window_shape", np.array([out_channels, window, kh, kw]))], "index")
+        zeros = node(
+            "ConstantOfShape",
+            [init("dense_shape", np.array([out_channels, encoded.in_channels, kh, kw], dtype=np.int64))],
+            "zeros",
+            value=numpy_helper.from_array(np.zeros(1, dtype=encoded.primary.dtype)),
+        )
+        weight = node("ScatterElements", [zeros, channels, weight], "w_placed", axis=1)
+    if encoded.bn_scale is not None:
+        weight = node("Mul", [weight, init("bn_scale", encoded.bn_scale)], "w_bn")
+    nodes.append(helper.make_node("Identity", [weight], [output]))
+    return nodes, inits
+
+
+# --------------------------------------------------------------------------- the rewrite
+def _find_weight(initializers: Mapping[str, TensorProto], name: str, expected: np.ndarray) -> str:
+    """The initializer that holds ``expected`` exactly: ``name`` first, else any of the same shape and value."""
+    candidate = initializers.get(name)
+    if candidate is not None and np.array_equal(numpy_helper.to_array(candidate), expected):
+        return name
+    for other_name, tensor in initializers.items():
+        if tuple(tensor.dims) == expected.shape and np.array_equal(numpy_helper.to_array(tensor), expected):
+            return other_name
+    raise CheckFailedError(
+        f"The dense ONNX graph holds no exact copy of the folded weight of {name.removesuffix('.weight')!r} "
+        "(the exporter changed it), so the compact file cannot rebuild it: export without --compact."
+    )
+
+
+def compact_graph(
+    model: onnx.ModelProto,
+    layers: Mapping[str, VersatileConv2d],
+    dense_weights: Mapping[str, np.ndarray],
+    bn_scales: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A copy of the dense ``model`` with each folded conv's weight initializer replaced by its rebuild.
+
+    ``layers`` maps conv names to the versatile layers they were folded from, ``dense_weights`` to the
+    folded (and BN-fused) weights that the dense graph holds, ``bn_scales`` to the BN factor fused in.
+    Each encoding is checked against ``dense_weights`` with :func:`decode_layer` (bit-exact) before the
+    graph is touched. Returns the new model and per-layer stored bytes.
+    """
+    bn_scales = bn_scales or {}
+    compact = onnx.ModelProto()
+    compact.CopyFrom(model)
+    graph = compact.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    replaced: set[str] = set()
+    stored: dict[str, int] = {}
+    for number, (name, layer) in enumerate(layers.items()):
+        expected = dense_weights[name]
+        encoded = encode_layer(layer, bn_scales.get(name))
+        decoded = decode_layer(encoded)
+        if decoded.shape != expected.shape or not np.array_equal(decoded, expected):
+            difference = float(np.abs(decoded - expected).max()) if decoded.shape == expected.shape else float("inf")
+            raise CheckFailedError(
+                f"The compact encoding of {name!r} does not rebuild its folded weight exactly (max difference "
+                f"{difference:.3g}); export without --compact and report this."
+            )
+        target = _find_weight(initializers, f"{name}.weight", expected)
+        nodes, inits = layer_subgraph(encoded, target, f"vc{number}")
+        new_nodes += nodes
+        new_inits += inits
+        replaced.add(target)
+        stored[name] = encoded.nbytes()
+    kept = [tensor for tensor in graph.initializer if tensor.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    old_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + old_nodes)  # the rebuilds read initializers only: topological order holds
+    return compact, stored
