@@ -1,10 +1,10 @@
-# Set-up is part of every target: a fresh clone needs only `make test` (or `make demo`, later).
+# Set-up is part of every target: a fresh clone needs only `make demo` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean
+.PHONY: test demo lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/ruff check vconvert tests benchmarks sample_models
 	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/vconvert demo --workdir demo-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check vconvert tests benchmarks sample_models
