@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check vconvert tests benchmarks sample_models
+	$(BIN)/ruff check vconvert tests benchmarks sample_models docs
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/vconvert demo --workdir demo-output
 
 lint: $(STAMP)
-	$(BIN)/ruff check vconvert tests benchmarks sample_models
-	$(BIN)/ruff format --check vconvert tests benchmarks sample_models
+	$(BIN)/ruff check vconvert tests benchmarks sample_models docs
+	$(BIN)/ruff format --check vconvert tests benchmarks sample_models docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
