@@ -29,6 +29,7 @@ from vconvert.cli_common import (
     TargetRatioOpt,
     TrustOpt,
     console,
+    epoch_progress,
     explained_errors,
     fitting_progress,
     parse_kwargs,
@@ -249,7 +250,9 @@ def demo(
 
     from vconvert.demo import run_demo
 
-    result = run_demo(workdir, epochs=epochs, say=(lambda _: None) if as_json else console.print)
+    progress, on_step = epoch_progress(epochs, enabled=not as_json)
+    with progress:
+        result = run_demo(workdir, epochs=epochs, say=(lambda _: None) if as_json else console.print, progress=on_step)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -98,6 +98,26 @@ def fitting_progress(progress: Progress, description: str) -> Callable[[int, int
     return update
 
 
+def epoch_progress(epochs: int, enabled: bool = True) -> tuple[Progress, Callable[[int, int, dict], None]]:
+    """A progress bar for training epochs and the callback that ``finetune`` feeds it."""
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        console=error_console,
+        transient=True,
+        disable=not enabled or not error_console.is_terminal,
+    )
+    task = progress.add_task("train", total=None, epoch=0, epochs=epochs, loss=float("nan"))
+
+    def on_step(step: int, steps: int, info: dict) -> None:
+        progress.update(task, completed=step, total=steps, epoch=info["epoch"], loss=info["loss"])
+
+    return progress, on_step
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vconvert.cli_common import (
     ArchKwargsOpt,
@@ -16,7 +15,7 @@ from vconvert.cli_common import (
     JsonOpt,
     TrustOpt,
     console,
-    error_console,
+    epoch_progress,
     explained_errors,
     parse_floats,
     parse_kwargs,
@@ -91,20 +90,7 @@ def finetune(
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main
-    progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        console=error_console,
-        transient=True,
-        disable=not main or not error_console.is_terminal,
-    )
-    task = progress.add_task("train", total=None, epoch=0, epochs=epochs, loss=float("nan"))
-
-    def on_step(step: int, steps: int, info: dict) -> None:
-        progress.update(task, completed=step, total=steps, epoch=info["epoch"], loss=info["loss"])
+    progress, on_step = epoch_progress(epochs, enabled=main)
 
     def on_epoch(metrics) -> None:
         if not as_json:

@@ -49,7 +49,12 @@ def sample_model_files() -> tuple[Path, dict]:
     return weights, json.loads(weights.with_suffix(".json").read_text())
 
 
-def run_demo(workdir: str | Path, epochs: int = 3, say: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    workdir: str | Path,
+    epochs: int = 3,
+    say: Callable[[str], None] = print,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> DemoResult:
     """Run the pipeline into ``workdir`` and measure both models on their exported ONNX files."""
     from vconvert.api import load_checkpoint, save
     from vconvert.convert import compress
@@ -82,7 +87,10 @@ def run_demo(workdir: str | Path, epochs: int = 3, say: Callable[[str], None] = 
 
     started = time.perf_counter()
     history = finetune(
-        files["resnet20.vc.pt"], files["resnet20.ft.vc.pt"], FinetuneConfig(data="digits", epochs=epochs, workers=0)
+        files["resnet20.vc.pt"],
+        files["resnet20.ft.vc.pt"],
+        FinetuneConfig(data="digits", epochs=epochs, workers=0),
+        progress=progress,
     )
     stages["finetune"] = time.perf_counter() - started
     say(
