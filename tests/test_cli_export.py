@@ -1,7 +1,8 @@
-"""`vconvert export` end to end: the table, --json, --compact, and each failure it must handle."""
+"""`vconvert export` end to end: the table, --json, --compact, --ring, and each failure it must handle."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -30,16 +31,28 @@ def assert_one_sentence_error(result, code: int, *fragments: str) -> None:
         assert fragment in message, message
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt")
+def _compress_resnet8(folder: Path, *options: str) -> Path:
     torch.manual_seed(0)
     weights = folder / "resnet8.pt"
     torch.save(resnet8().state_dict(), weights)
     output = folder / "resnet8.vc.pt"
-    result = invoke("compress", weights, "--arch", ARCH, "--input-shape", SHAPE, "-o", output, "--init", "naive")
+    result = invoke(
+        "compress", weights, "--arch", ARCH, "--input-shape", SHAPE, "-o", output, "--init", "naive", *options
+    )
     assert result.exit_code == 0, result.output + result.stderr
     return output
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet8 converted in the default (learned) mode."""
+    return _compress_resnet8(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def spatial_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet8 converted in spatial mode (nested masks)."""
+    return _compress_resnet8(tmp_path_factory.mktemp("spatial"), "--mode", "spatial")
 
 
 def test_export_prints_the_table_and_writes_one_verified_file(checkpoint: Path, tmp_path: Path) -> None:
@@ -55,15 +68,41 @@ def test_export_prints_the_table_and_writes_one_verified_file(checkpoint: Path, 
 
 
 def test_export_compact_json(checkpoint: Path, tmp_path: Path) -> None:
-    dense, compact = tmp_path / "dense.onnx", tmp_path / "compact.onnx"
-    assert invoke("export", checkpoint, "-o", dense, "--no-compare").exit_code == 0
+    compact = tmp_path / "compact.onnx"
     result = invoke("export", checkpoint, "-o", compact, "--compact", "--json", "--no-fold-bn", "--no-compare")
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(result.output)
     assert report["compact"] and report["compact_vs_dense_max_abs_diff"] <= 1e-6
-    assert report["graph"]["bn_folded"] == [] and compact.stat().st_size < dense.stat().st_size
+    rows = {row["model"]: row for row in report["table"]}
+    assert report["graph"]["bn_folded"] == [] and compact.stat().st_size == rows["exported"]["file_bytes"]
+    assert rows["exported"]["file_bytes"] < rows["dense fold"]["file_bytes"]  # measured side by side in the run
     ops = {node.op_type for node in onnx.load(str(compact)).graph.node}
     assert {"BitShift", "BitwiseAnd", "Gather", "BatchNormalization"} <= ops
+
+
+def test_export_ring_json(spatial_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "ring.onnx"
+    result = invoke("export", spatial_checkpoint, "-o", output, "--ring", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.output)
+    rows = {row["model"]: row for row in report["table"]}
+    assert (
+        report["graph"]["ring"] and report["parity"]["top1_agree"] and report["metadata"]["vconvert.format"] == "ring"
+    )
+    assert rows["exported"]["macs"] < 0.75 * rows["original"]["macs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ring.onnx"]
+
+
+@pytest.mark.parametrize("case", ["with-compact", "no-spatial-layer"])
+def test_ring_it_cannot_honour_exits_2(case: str, checkpoint: Path, spatial_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "ring.onnx"
+    if case == "with-compact":
+        result = invoke("export", spatial_checkpoint, "-o", output, "--ring", "--compact")
+        assert_one_sentence_error(result, 2, "--ring cannot be combined with --compact")
+    else:
+        result = invoke("export", checkpoint, "-o", output, "--ring")
+        assert_one_sentence_error(result, 2, "spatial mode", "learned", "without --ring")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["missing-folder", "parent-is-a-file", "output-is-a-directory", "overwrite-input"])
@@ -82,8 +121,9 @@ def test_unwritable_output(case: str, checkpoint: Path, tmp_path: Path) -> None:
     assert checkpoint.read_bytes() == before
 
 
-def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str):
-    package = tmp_path / "exportpkg"
+def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, body: str):
+    """A user package ``name`` (each test its own: Python caches imported modules) holding TinyNet."""
+    package = tmp_path / name
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "nets.py").write_text(
@@ -97,11 +137,11 @@ def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str):
         f"        {body}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from exportpkg.nets import TinyNet  # type: ignore[import-not-found]
+    tiny_net = importlib.import_module(f"{name}.nets").TinyNet
 
     torch.manual_seed(0)
     model_file = tmp_path / "tiny.pt"
-    torch.save(TinyNet().eval(), model_file)
+    torch.save(tiny_net().eval(), model_file)
     checkpoint = tmp_path / "tiny.vc.pt"
     result = invoke("compress", model_file, "--input-shape", "1,3,8,8", "-o", checkpoint, "--trust", "--init", "naive")
     assert result.exit_code == 0, result.output + result.stderr
@@ -109,10 +149,10 @@ def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str):
 
 
 def test_checkpoint_whose_base_needs_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint = _user_package(tmp_path, monkeypatch, "return self.b(self.a(x)).mean((2, 3))")
+    checkpoint = _user_package(tmp_path, monkeypatch, "trustpkg", "return self.b(self.a(x)).mean((2, 3))")
     output = tmp_path / "tiny.onnx"
     refused = invoke("export", checkpoint, "-o", output)
-    assert_one_sentence_error(refused, 2, "--trust", "exportpkg.nets.TinyNet")
+    assert_one_sentence_error(refused, 2, "--trust", "trustpkg.nets.TinyNet")
     assert not output.exists()
     trusted = invoke("export", checkpoint, "-o", output, "--trust", "--compact")
     assert trusted.exit_code == 0, trusted.output + trusted.stderr
@@ -121,7 +161,7 @@ def test_checkpoint_whose_base_needs_trust(tmp_path: Path, monkeypatch: pytest.M
 
 def test_parity_failure_exits_1_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     body = "y = self.b(self.a(x)).mean((2, 3)); return y + 0.5 if torch.compiler.is_exporting() else y"
-    checkpoint = _user_package(tmp_path, monkeypatch, body)
+    checkpoint = _user_package(tmp_path, monkeypatch, "paritypkg", body)
     before = {p.name for p in tmp_path.iterdir()}
     output = tmp_path / "tiny.onnx"
     result = invoke("export", checkpoint, "-o", output, "--trust")

@@ -38,6 +38,14 @@ def export(
         bool,
         typer.Option("--compact", help="Store primary filters + bit-packed masks; rebuild dense weights in-graph."),
     ] = False,
+    ring: Annotated[
+        bool,
+        typer.Option(
+            "--ring",
+            help="Run each spatial-mode versatile conv as one cropped conv per ring size (fewer MACs); "
+            "other convs fold densely. Not with --compact.",
+        ),
+    ] = False,
     fold_bn: Annotated[
         bool, typer.Option("--fold-bn/--no-fold-bn", help="Fuse each BatchNorm into the conv right before it.")
     ] = True,
@@ -59,9 +67,12 @@ def export(
     debug: DebugOpt = False,
 ) -> None:
     """Fold a converted model into plain convs, write ONNX and verify it in onnxruntime before reporting."""
-    from vconvert.export import export_checkpoint
+    from vconvert.errors import BadInputError
+    from vconvert.export import RING_WITH_COMPACT, export_checkpoint
     from vconvert.io import check_writable
 
+    if ring and compact:
+        raise BadInputError(RING_WITH_COMPACT)
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
     with progress_bar() as progress:
@@ -71,6 +82,7 @@ def export(
             output,
             trust=trust,
             compact=compact,
+            ring=ring,
             fold_bn=fold_bn,
             input_shape=shape,
             compare_original=compare_original,

@@ -9,11 +9,16 @@ The stages, each a function of its own:
    dropped, with a note, if it changes the output).
 2. :func:`to_onnx` — torch.onnx's dynamo exporter, opset 18, a dynamic batch axis, named input and
    output(s), returned as one in-memory ``ModelProto`` (no ``.onnx.data`` sidecar).
-3. :func:`vconvert.onnx_compact.compact_graph` for ``--compact``.
+3. :func:`vconvert.onnx_compact.compact_graph` for ``--compact``, or
+   :func:`vconvert.ring_export.ring_convs` for ``--ring`` (spatial convs as one conv per ring size).
 4. :func:`verify_onnx` — ``onnx.checker``, then an onnxruntime CPU session at batch 1 and 4 against
    the PyTorch folded model: max abs difference ≤ tolerance × output scale and identical top-1.
 5. :func:`export` — all of it, then an atomic write of the verified bytes (nothing under the final
    name unless every check passed), and the before/after table (:func:`compare`).
+
+Memory: a resnet50-sized export holds several 100 MB copies of the weights (modules, protos,
+serialised bytes, onnxruntime sessions), so :func:`export` drops each as soon as the next stage has
+what it needs; the peak must stay near one model's worth above the import baseline.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ __all__ = [
     "FoldResult",
     "Parity",
     "bn_factor",
+    "check_ring_request",
     "compare",
     "count_macs",
     "export",
     "find_conv_bn_pairs",
+    "format_name",
     "ort_session",
     "prepare_for_export",
     "to_onnx",
@@ -61,6 +68,9 @@ __all__ = [
 OPSET = 18
 TWO_GB = 2**31 - 2**20  # protobuf's limit, with some room for the graph itself
 INPUT_NAME = "input"
+RING_WITH_COMPACT = (
+    "--ring cannot be combined with --compact (the compact file rebuilds dense weights, not ring convs); choose one."
+)
 
 
 # --------------------------------------------------------------------------- fold (+ BN)
@@ -163,6 +173,8 @@ class FoldResult:
     bn_left: list[str] = field(default_factory=list)
     found_with: str = "fx"
     note: str = ""
+    ring: list[str] = field(default_factory=list)
+    ring_left_dense: dict[str, str] = field(default_factory=dict)
     bn_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
@@ -172,6 +184,11 @@ class FoldResult:
             text += f"; fused {len(self.bn_folded)} BatchNorm2d into the preceding conv"
             if self.bn_left:
                 text += f", {len(self.bn_left)} left as BatchNormalization (no conv right before them)"
+        if self.ring:
+            text += f"; ran {len(self.ring)} spatial conv(s) as one cropped conv per ring size"
+            if self.ring_left_dense:
+                name, why = next(iter(self.ring_left_dense.items()))
+                text += f" ({len(self.ring_left_dense)} left dense, e.g. {name}: {why})"
         if self.note:
             text += f"; {self.note}"
         return text
@@ -355,7 +372,7 @@ def verify_onnx(
     are appended to ``outputs`` when it is given (one list of arrays per batch).
     """
     try:
-        onnx.checker.check_model(onnx.load_from_string(model_bytes))
+        onnx.checker.check_model(model_bytes)  # bytes, not a parsed copy: one model less in memory
     except Exception as error:
         raise CheckFailedError(f"onnx.checker rejects {what} ({_first_line(error)}).") from error
     try:
@@ -461,15 +478,40 @@ def _serialise(model: onnx.ModelProto) -> bytes:
 
 
 def compare(
-    exported: Mapping[str, bytes], batch: Tensor, seconds: float = 1.0
+    exported: dict[str, bytes], batch: Tensor, seconds: float = 1.0
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(session start-up ms, median latency ms) of each ONNX model, measured side by side."""
+    """(session start-up ms, median latency ms) of each ONNX model, measured side by side.
+
+    ``exported`` is emptied as the sessions start, so that bytes nobody else holds are freed before
+    the next session loads (a session keeps its own copy of the weights).
+    """
     startup, sessions = {}, {}
-    for name, data in exported.items():
+    for name in list(exported):
+        data = exported.pop(name)
         begin = time.perf_counter()
         sessions[name] = ort_session(data)
         startup[name] = (time.perf_counter() - begin) * 1e3
+        del data
     return startup, measure_latency(sessions, batch, seconds=seconds)
+
+
+def format_name(compact: bool, ring: bool) -> str:
+    """The ``vconvert.format`` metadata value: "compact", "ring" or "dense"."""
+    return "compact" if compact else "ring" if ring else "dense"
+
+
+def check_ring_request(layers: Mapping[str, VersatileConv2d], compact: bool) -> None:
+    """Raise :class:`BadInputError` when ``--ring`` cannot be honoured for these versatile layers."""
+    from vconvert.ring_export import spatial_layers
+
+    if compact:
+        raise BadInputError(RING_WITH_COMPACT)
+    if not spatial_layers(layers):
+        modes = sorted({layer.mode for layer in layers.values()}) or ["none"]
+        raise BadInputError(
+            f"--ring needs versatile layers in spatial mode and this model has none (modes: {', '.join(modes)}); "
+            "export without --ring."
+        )
 
 
 def export(
@@ -478,6 +520,7 @@ def export(
     *,
     input_shape: Sequence[int],
     compact: bool = False,
+    ring: bool = False,
     fold_bn: bool = True,
     teacher: nn.Module | None = None,
     inputs: Sequence[Tensor] | None = None,
@@ -492,12 +535,15 @@ def export(
 
     ``input_shape`` is (N, C, H, W); the batch axis stays dynamic. ``inputs`` are the verification
     batches (default: random normal at batch 1 and 4). With ``compact`` the file stores the versatile
-    form and rebuilds dense weights in-graph (:mod:`vconvert.onnx_compact`). With ``teacher`` the
-    original network is exported the same way and the before/after table compares both; ``measure``
-    False skips the table's latency and start-up columns (and the teacher). Nothing is
-    written under ``output`` unless every check passed; failures raise :class:`CheckFailedError`.
+    form and rebuilds dense weights in-graph (:mod:`vconvert.onnx_compact`); with ``ring`` every
+    spatial versatile conv runs as one cropped conv per ring size (:mod:`vconvert.ring_export`), the
+    other convs fold densely. With ``teacher`` the original network is exported the same way and the
+    before/after table compares both; ``measure`` False skips the table's latency and start-up
+    columns (and the teacher). Nothing is written under ``output`` unless every check passed; failures
+    raise :class:`CheckFailedError`, options that cannot be honoured :class:`BadInputError`.
     """
     from vconvert.onnx_compact import compact_graph
+    from vconvert.ring_export import ring_convs
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -521,6 +567,9 @@ def export(
         )
     if len(input_shape) != 4:
         raise BadInputError(f"The input shape must be N,C,H,W; got {list(input_shape)}.")
+    layers = dict(versatile_layers(model))
+    if ring:
+        check_ring_request(layers, compact)
     channels, height, width = (int(v) for v in input_shape[1:])
     # batch 2: torch.export specialises a size-1 axis to a constant, and the batch must stay dynamic
     example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
@@ -531,73 +580,84 @@ def export(
     say("folding")
     reference = fold_model(model)
     folded, fold = prepare_for_export(model, example, fold_bn=fold_bn)
+    if ring:
+        rings = ring_convs(folded, layers)
+        if not rings.ringed:
+            raise BadInputError(
+                f"--ring found no spatial conv it can crop ({next(iter(rings.left_dense.values()))}); "
+                "export without --ring."
+            )
+        fold.ring, fold.ring_left_dense = rings.ringed, rings.left_dense
+    macs = count_macs(folded, example[:1])
+    folded_params = sum(p.numel() for p in folded.parameters())
+    folded_kib = sum(p.numel() * p.element_size() for p in folded.parameters()) / 1024
+    weights = _dense_weights(folded, fold.versatile) if compact else {}
     step("fold_s")
     say("exporting to ONNX")
-    dense = to_onnx(folded, example, optimize=fold_bn)  # the exporter's optimiser would fuse BN itself
+    proto = to_onnx(folded, example, optimize=fold_bn)  # the exporter's optimiser would fuse BN itself
+    del folded
     info = {
-        "vconvert.format": "compact" if compact else "dense",
+        "vconvert.format": format_name(compact, ring),
         "vconvert.bn_folded": str(len(fold.bn_folded)),
         "vconvert.input_shape": [None, channels, height, width],
         **dict(metadata or {}),
     }
-    set_metadata(dense, info)
+    set_metadata(proto, info)
+    first_bytes = _serialise(proto)
     step("export_s")
     say("verifying in onnxruntime")
-    dense_bytes = _serialise(dense)
-    dense_outputs: list = []
-    parity = verify_onnx(dense_bytes, reference, inputs, tolerance, "the dense ONNX export", dense_outputs)
+    first_outputs: list = []
+    what = "the ring ONNX export" if ring else "the dense ONNX export"
+    parity = verify_onnx(first_bytes, reference, inputs, tolerance, what, first_outputs)
     step("verify_s")
-    final_bytes, compact_diff, layer_bytes = dense_bytes, None, {}
+    final_bytes, compact_diff, layer_bytes = first_bytes, None, {}
     if compact:
         say("building the compact graph")
-        weights = _dense_weights(folded, fold.versatile)
-        layers = dict(versatile_layers(model))
-        compact_model, layer_bytes = compact_graph(dense, layers, weights, fold.bn_scales)
-        final_bytes = _serialise(compact_model)
+        layer_bytes = compact_graph(proto, layers, weights, fold.bn_scales)
+        del weights
+        final_bytes = _serialise(proto)
+        del proto
         compact_outputs: list = []
         parity = verify_onnx(final_bytes, reference, inputs, tolerance, "the compact ONNX export", compact_outputs)
-        compact_diff = max(
-            float(np.abs(a - b).max())
-            for dense_batch, compact_batch in zip(dense_outputs, compact_outputs, strict=True)
-            for a, b in zip(dense_batch, compact_batch, strict=True)
-        )
+        compact_diff = _max_abs_arrays(first_outputs, compact_outputs)
         if compact_diff > 1e-6 * parity.output_scale:
             raise CheckFailedError(
                 f"The compact ONNX export differs from the dense one by {compact_diff:.3g} (allowed "
                 f"{1e-6 * parity.output_scale:.3g}); nothing was written."
             )
         step("compact_s")
+    else:
+        del proto
+    del reference
 
     say("measuring")
     exported = {"exported": final_bytes}
     if compact:
-        exported["dense fold"] = dense_bytes
-    teacher_bytes = None
+        exported["dense fold"] = first_bytes
+    del first_bytes  # final_bytes still holds it when there is no compact file
     if teacher is not None and measure:
-        teacher_folded, _ = prepare_for_export(teacher.eval(), example, fold_bn=fold_bn)
-        teacher_bytes = _serialise(to_onnx(teacher_folded, example, optimize=fold_bn))
-        exported = {"original": teacher_bytes, **exported}
+        exported = {"original": _teacher_bytes(teacher, example, fold_bn), **exported}
         step("teacher_export_s")
+    sizes = {name: len(data) for name, data in exported.items()}
     nothing = dict.fromkeys(exported, float("nan"))
     startup, latency = compare(exported, inputs[0], seconds=latency_seconds) if measure else (nothing, nothing)
+    exported.clear()
     step("latency_s")
-    macs = count_macs(folded, example[:1])
     table = []
-    for name, data in exported.items():
+    for name, size in sizes.items():
         source = teacher if name == "original" else model
         assert source is not None
         row = {
             "model": name,
             "stored_params": _stored_floats(source),
             "stored_kib": model_stored_bits(source) / 8192,
-            "file_bytes": len(data),
+            "file_bytes": size,
             "macs": count_macs(teacher, example[:1]) if name == "original" and teacher is not None else macs,
             "ort_latency_ms": latency[name],
             "ort_startup_ms": startup[name],
         }
         if name == "dense fold":
-            row["stored_params"] = sum(p.numel() for p in folded.parameters())
-            row["stored_kib"] = sum(p.numel() * p.element_size() for p in folded.parameters()) / 1024
+            row["stored_params"], row["stored_kib"] = folded_params, folded_kib
         table.append(row)
 
     say("writing")
@@ -617,6 +677,21 @@ def export(
         timings_s=timings,
         metadata={key: value for key, value in info.items()},
     )
+
+
+def _max_abs_arrays(first: Sequence[Sequence[np.ndarray]], second: Sequence[Sequence[np.ndarray]]) -> float:
+    """Max |a − b| over matching onnxruntime outputs of two models (one list of arrays per batch)."""
+    return max(
+        float(np.abs(a - b).max())
+        for first_batch, second_batch in zip(first, second, strict=True)
+        for a, b in zip(first_batch, second_batch, strict=True)
+    )
+
+
+def _teacher_bytes(teacher: nn.Module, example: Tensor, fold_bn: bool) -> bytes:
+    """The original network exported the way :func:`export` exports the converted one (for the table)."""
+    teacher_folded, _ = prepare_for_export(teacher.eval(), example, fold_bn=fold_bn)
+    return _serialise(to_onnx(teacher_folded, example, optimize=fold_bn))
 
 
 def load_verification_images(
@@ -656,6 +731,7 @@ def export_checkpoint(
     *,
     trust: bool = False,
     compact: bool = False,
+    ring: bool = False,
     fold_bn: bool = True,
     input_shape: Sequence[int] | None = None,
     compare_original: bool = True,
@@ -679,6 +755,7 @@ def export_checkpoint(
         output,
         input_shape=shape,
         compact=compact,
+        ring=ring,
         fold_bn=fold_bn,
         teacher=checkpoint.teacher if compare_original else None,
         inputs=inputs,
