@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision.models as tvm
 from torch import fx, nn
 
-from vconvert import VersatileConv2d, fold_model
+from vconvert import VersatileConv2d, fold_model, load, save
 from vconvert.convert import ConversionPlan, apply_plan, compress
 from vconvert.errors import BadInputError
+from vconvert.io import BaseSpec
 from vconvert.report import model_stored_bits
 
 
@@ -61,7 +64,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, relative: float) -> boo
     "arch",
     [pytest.param(a, id=a.name, marks=[pytest.mark.slow] if a.name in HEAVY else []) for a in ARCHS],
 )
-def test_torchvision_architecture_converts_and_folds(arch: Arch) -> None:
+def test_torchvision_architecture_converts_folds_and_round_trips(arch: Arch, tmp_path: Path) -> None:
     model = arch.build()
     example = torch.randn(1, 3, arch.size, arch.size)
     reference = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -87,11 +90,11 @@ def test_torchvision_architecture_converts_and_folds(arch: Arch) -> None:
         expected = converted(example)
         assert _close(fold_model(converted)(example), expected, 1e-4)
 
-    # rebuilding from the plain-data plan reproduces the model exactly
-    rebuilt = apply_plan(arch.build(), ConversionPlan.from_dict(plan.to_dict()))
-    rebuilt.load_state_dict(converted.state_dict(), strict=True)
+    # the checkpoint round-trips: save → load (rebuild the base, re-apply the plan, strict load)
+    path = tmp_path / f"{arch.name}.vc.pt"
+    save(path, converted, plan, BaseSpec(f"torchvision.models:{arch.name}", {}, None, "test"), model)
     with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(example), expected)
+        assert torch.equal(load(path)(example), expected)
 
 
 class Untraceable(nn.Module):
@@ -129,6 +132,15 @@ class Awkward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shared(self.shared(self.stem(x)))
         return self.plain(self.reflect(self.grouped(self.custom(x))))
+
+
+def test_plan_is_plain_data_that_rebuilds_the_model() -> None:
+    model, example = tvm.resnet18(weights=None).eval(), torch.randn(1, 3, 32, 32)
+    converted, plan = compress(model, example)
+    rebuilt = apply_plan(tvm.resnet18(weights=None), ConversionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))))
+    rebuilt.load_state_dict(converted.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(example), converted(example))
 
 
 def test_untraceable_model_falls_back_to_hooks() -> None:
