@@ -271,7 +271,8 @@ def demo(
     table.add_row("onnxruntime latency, batch 1 (ms)", f"{before.latency_ms:.2f}", f"{after.latency_ms:.2f}",
                   f"{after.latency_ms / before.latency_ms:.2f}x")  # fmt: skip
     console.print(table)
-    console.print(f"artifacts in {result.workdir}/ ({sum(result.stages_s.values()):.0f} s in all)")
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.stages_s.items())
+    console.print(f"artifacts in {result.workdir}/ ({stages})")
 
 
 def run() -> None:

@@ -62,6 +62,7 @@ def run_demo(
     from vconvert.export import compare, count_macs, export, export_checkpoint
     from vconvert.finetune import FinetuneConfig, finetune
     from vconvert.io import load_model
+    from vconvert.layers import fold_model
     from vconvert.report import model_stored_bits
 
     workdir = Path(workdir)
@@ -127,7 +128,7 @@ def run_demo(
         "vconvert": DemoRow(
             model_stored_bits(finetuned) / 8192,
             files["resnet20.onnx"].stat().st_size / 1e6,
-            count_macs(finetuned, example),
+            count_macs(fold_model(finetuned), example),
             accuracy["resnet20.onnx"],
             latency["resnet20.onnx"],
         ),
