@@ -91,7 +91,11 @@ def main() -> None:
                 "finetune_s": round(seconds, 1),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+            write_results(args, start_eval, compress_s, rows)
 
+
+def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float, rows: list[dict]) -> None:
+    """(Re)write the JSON and Markdown results with the rows measured so far."""
     result = {
         "benchmark": "mask_learning",
         "command": "python benchmarks/mask_learning.py " + " ".join(sys.argv[1:]),
@@ -106,6 +110,7 @@ def main() -> None:
         "machine": platform.platform(),
         "torch": torch.__version__,
         "rows": rows,
+        "complete": len(rows) == len(args.rules.split(",")),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "mask_learning.json").write_text(json.dumps(result, indent=2) + "\n")
