@@ -8,9 +8,9 @@ and the compact file against its targets.
 2. Runs `vconvert export` (dense, with the side-by-side table, i.e. also exporting the original) and
    `vconvert export --compact` in child processes: wall time and their own peak RSS (os.wait4), with
    the `import torch, vconvert.cli` baseline measured in the same run.
-Writes benchmarks/results/export_speed.json. Targets (issue 5): export + verification ≤ 60 s on 2 cores,
-peak RSS ≤ 2.5 GB; compact file ≤ 1.05 × dense / stored-size ratio; compact vs dense outputs ≤ 1e-6;
-steady-state latency compact / dense ≤ 1.03.
+Writes benchmarks/results/export_speed_<arch>.json. Targets (issue 5): export + verification ≤ 60 s on
+2 cores, peak RSS ≤ 2.5 GB (dense and compact); compact file ≤ 1.05 × dense / stored-size ratio;
+compact vs dense outputs ≤ 1e-6; steady-state latency compact / dense ≤ 1.03.
 """
 
 from __future__ import annotations
@@ -88,7 +88,12 @@ def main() -> None:
         dense_bytes = compact_table["dense fold"]["file_bytes"]
         results["targets"] = {
             "export_and_verify_wall_s": {"measured": results["dense"]["wall_s"], "target": 60.0},
-            "peak_rss_gb": {"measured": results["dense"]["peak_rss_gb"], "target": 2.5},
+            "peak_rss_gb": {
+                "measured": max(results["dense"]["peak_rss_gb"], results["compact"]["peak_rss_gb"]),
+                "dense": results["dense"]["peak_rss_gb"],
+                "compact": results["compact"]["peak_rss_gb"],
+                "target": 2.5,
+            },
             "compact_file_over_dense_per_ratio": {
                 "measured": results["compact"]["file_bytes"] / (dense_bytes / plan.ratio),
                 "target": 1.05,

@@ -11,8 +11,9 @@ The stages, each a function of its own:
    output(s), returned as one in-memory ``ModelProto`` (no ``.onnx.data`` sidecar).
 3. :func:`vconvert.onnx_compact.compact_graph` for ``--compact``, or
    :func:`vconvert.ring_export.ring_convs` for ``--ring`` (spatial convs as one conv per ring size).
-4. :func:`verify_onnx` — ``onnx.checker``, then an onnxruntime CPU session at batch 1 and 4 against
-   the PyTorch folded model: max abs difference ≤ tolerance × output scale and identical top-1.
+4. :func:`verify_onnx` (:func:`start_session` + :func:`check_parity`) — ``onnx.checker``, then an
+   onnxruntime CPU session at batch 1 and 4 against the PyTorch folded model: max abs difference ≤
+   tolerance × output scale and identical top-1.
 5. :func:`export` — all of it, then an atomic write of the verified bytes (nothing under the final
    name unless every check passed), and the before/after table (:func:`compare`).
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import io
 import json
 import os
@@ -53,14 +56,17 @@ __all__ = [
     "FoldResult",
     "Parity",
     "bn_factor",
+    "check_parity",
     "check_ring_request",
     "compare",
     "count_macs",
+    "expected_outputs",
     "export",
     "find_conv_bn_pairs",
     "format_name",
     "ort_session",
     "prepare_for_export",
+    "start_session",
     "to_onnx",
     "verify_onnx",
 ]
@@ -356,50 +362,62 @@ class Parity:
         return self.max_abs_diff / self.output_scale
 
 
-def verify_onnx(
-    model_bytes: bytes,
-    reference: nn.Module,
+def expected_outputs(reference: nn.Module, inputs: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``reference``'s outputs (float, flattened to a list) on every batch of ``inputs``."""
+    with torch.no_grad():
+        return [[t.detach().float() for t in _outputs(reference(batch))] for batch in inputs]
+
+
+def start_session(model_bytes: bytes, what: str = "the ONNX model") -> tuple[Any, float]:
+    """onnx.checker, then an onnxruntime CPU session: (session, start-up ms); CheckFailedError if either fails."""
+    try:
+        onnx.checker.check_model(model_bytes)  # bytes, not a parsed copy: one model less in memory
+    except Exception as error:
+        raise CheckFailedError(f"onnx.checker rejects {what} ({_first_line(error)}).") from error
+    begin = time.perf_counter()
+    try:
+        session = ort_session(model_bytes)
+    except Exception as error:
+        raise CheckFailedError(f"onnxruntime cannot load {what} ({_first_line(error)}).") from error
+    startup_ms = (time.perf_counter() - begin) * 1e3
+    release_freed_memory()  # the session's start-up transients (a compact file constant-folds its weights)
+    return session, startup_ms
+
+
+def check_parity(
+    session: Any,
+    expected: Sequence[Sequence[Tensor]],
     inputs: Sequence[Tensor],
     tolerance: float = 1e-4,
     what: str = "the ONNX model",
     outputs: list | None = None,
 ) -> Parity:
-    """Check ``model_bytes`` with onnx.checker, then run it in onnxruntime (CPU) on every batch of
-    ``inputs`` against ``reference``: max |ort − torch| ≤ tolerance · max|torch| and the same top-1
-    (ignoring rows whose two best logits are closer than that bound: a tie has no order).
+    """Run ``session`` on every batch of ``inputs`` against the PyTorch ``expected`` outputs (see
+    :func:`expected_outputs`): max |ort − torch| ≤ tolerance · max|torch| and the same top-1 (ignoring
+    rows whose two best logits are closer than that bound: a tie has no order).
 
     Raises :class:`CheckFailedError` (exit 1) saying by how much on failure. The onnxruntime outputs
     are appended to ``outputs`` when it is given (one list of arrays per batch).
     """
-    try:
-        onnx.checker.check_model(model_bytes)  # bytes, not a parsed copy: one model less in memory
-    except Exception as error:
-        raise CheckFailedError(f"onnx.checker rejects {what} ({_first_line(error)}).") from error
-    try:
-        session = ort_session(model_bytes)
-    except Exception as error:
-        raise CheckFailedError(f"onnxruntime cannot load {what} ({_first_line(error)}).") from error
     worst, scale, mismatches = 0.0, 0.0, 0
     results = []
-    for batch in inputs:
-        with torch.no_grad():
-            expected = [t.detach().float() for t in _outputs(reference(batch))]
+    for batch, wanted in zip(inputs, expected, strict=True):
         arrays = _run(session, batch)
         if outputs is not None:
             outputs.append(arrays)
         got = [torch.from_numpy(a) for a in arrays]
-        if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
+        if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in wanted]:
             raise CheckFailedError(
                 f"{what} returns shapes {[tuple(t.shape) for t in got]} for a batch of {len(batch)}, PyTorch "
-                f"{[tuple(t.shape) for t in expected]}."
+                f"{[tuple(t.shape) for t in wanted]}."
             )
-        scale = max(scale, *(float(t.abs().max()) for t in expected))
-        worst = max(worst, _max_abs(got, expected))
-        results.append((got, expected))
+        scale = max(scale, *(float(t.abs().max()) for t in wanted))
+        worst = max(worst, _max_abs(got, wanted))
+        results.append((got, wanted))
     scale = scale or 1.0
     bound = tolerance * scale
-    for got, expected in results:
-        for g, e in zip(got, expected, strict=True):
+    for got, wanted in results:
+        for g, e in zip(got, wanted, strict=True):
             if e.dim() == 2 and e.shape[1] > 1:
                 top2 = e.topk(2, dim=1).values
                 decided = (top2[:, 0] - top2[:, 1]) > 2 * bound
@@ -413,6 +431,19 @@ def verify_onnx(
             + "; nothing was written."
         )
     return parity
+
+
+def verify_onnx(
+    model_bytes: bytes,
+    reference: nn.Module,
+    inputs: Sequence[Tensor],
+    tolerance: float = 1e-4,
+    what: str = "the ONNX model",
+    outputs: list | None = None,
+) -> Parity:
+    """:func:`start_session` then :func:`check_parity` against ``reference`` run on ``inputs``."""
+    session, _ = start_session(model_bytes, what)
+    return check_parity(session, expected_outputs(reference, inputs), inputs, tolerance, what, outputs)
 
 
 def measure_latency(sessions: Mapping[str, Any], batch: Tensor, seconds: float = 1.0, rounds: int = 200) -> dict:
@@ -482,8 +513,9 @@ def compare(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(session start-up ms, median latency ms) of each ONNX model, measured side by side.
 
-    ``exported`` is emptied as the sessions start, so that bytes nobody else holds are freed before
-    the next session loads (a session keeps its own copy of the weights).
+    Sessions start in the dict's order, so put first the one whose start-up needs most memory (a
+    compact file constant-folds its weights then). ``exported`` is emptied as they start, so that bytes
+    nobody else holds are freed before the next one loads (a session keeps its own copy of the weights).
     """
     startup, sessions = {}, {}
     for name in list(exported):
@@ -492,6 +524,7 @@ def compare(
         sessions[name] = ort_session(data)
         startup[name] = (time.perf_counter() - begin) * 1e3
         del data
+        release_freed_memory()  # a session's start-up transients, before the next one starts
     return startup, measure_latency(sessions, batch, seconds=seconds)
 
 
@@ -578,7 +611,7 @@ def export(
         inputs = [torch.randn(b, channels, height, width, generator=generator) for b in (1, 4)]
 
     say("folding")
-    reference = fold_model(model)
+    expected = expected_outputs(fold_model(model), inputs)  # kept instead of a folded model: a few KB
     folded, fold = prepare_for_export(model, example, fold_bn=fold_bn)
     if ring:
         rings = ring_convs(folded, layers)
@@ -603,22 +636,37 @@ def export(
         **dict(metadata or {}),
     }
     set_metadata(proto, info)
-    first_bytes = _serialise(proto)
+    final_bytes = _serialise(proto)
+    if not compact:
+        del proto
+    release_freed_memory()
     step("export_s")
+
+    # The verification sessions are the ones timed later: each file loads into onnxruntime once.
     say("verifying in onnxruntime")
-    first_outputs: list = []
+    sizes: dict[str, int] = {}
+    timed: dict[str, tuple[Any, float]] = {}  # name -> (session, start-up ms) for the latency columns
     what = "the ring ONNX export" if ring else "the dense ONNX export"
-    parity = verify_onnx(first_bytes, reference, inputs, tolerance, what, first_outputs)
+    session, startup_ms = start_session(final_bytes, what)
+    first_outputs: list = []
+    parity = check_parity(session, expected, inputs, tolerance, what, first_outputs)
     step("verify_s")
-    final_bytes, compact_diff, layer_bytes = first_bytes, None, {}
+    compact_diff, layer_bytes = None, {}
     if compact:
         say("building the compact graph")
+        sizes["dense fold"] = len(final_bytes)
+        if measure:
+            timed["dense fold"] = (session, startup_ms)
+        del session, final_bytes
         layer_bytes = compact_graph(proto, layers, weights, fold.bn_scales)
         del weights
         final_bytes = _serialise(proto)
         del proto
+        release_freed_memory()
+        what = "the compact ONNX export"
+        session, startup_ms = start_session(final_bytes, what)
         compact_outputs: list = []
-        parity = verify_onnx(final_bytes, reference, inputs, tolerance, "the compact ONNX export", compact_outputs)
+        parity = check_parity(session, expected, inputs, tolerance, what, compact_outputs)
         compact_diff = _max_abs_arrays(first_outputs, compact_outputs)
         if compact_diff > 1e-6 * parity.output_scale:
             raise CheckFailedError(
@@ -626,22 +674,32 @@ def export(
                 f"{1e-6 * parity.output_scale:.3g}); nothing was written."
             )
         step("compact_s")
-    else:
-        del proto
-    del reference
+    if measure:
+        timed["exported"] = (session, startup_ms)
+    del session
 
-    say("measuring")
-    exported = {"exported": final_bytes}
-    if compact:
-        exported["dense fold"] = first_bytes
-    del first_bytes  # final_bytes still holds it when there is no compact file
+    say("writing")
+    atomic_write_bytes(final_bytes, output)
+    sizes["exported"] = file_bytes = len(final_bytes)
+    del final_bytes
+    release_freed_memory()
+    step("write_s")
     if teacher is not None and measure:
-        exported = {"original": _teacher_bytes(teacher, example, fold_bn), **exported}
+        say("exporting the original network")
+        teacher_bytes = _teacher_bytes(teacher, example, fold_bn)
+        release_freed_memory()
+        sizes = {"original": len(teacher_bytes), **sizes}
+        timed["original"] = start_session(teacher_bytes, "the original network's ONNX export")
+        del teacher_bytes
         step("teacher_export_s")
-    sizes = {name: len(data) for name, data in exported.items()}
-    nothing = dict.fromkeys(exported, float("nan"))
-    startup, latency = compare(exported, inputs[0], seconds=latency_seconds) if measure else (nothing, nothing)
-    exported.clear()
+    say("measuring")
+    sizes = {name: sizes[name] for name in ("original", "exported", "dense fold") if name in sizes}
+    nothing = dict.fromkeys(sizes, float("nan"))
+    startup = {name: timed[name][1] for name in sizes} if measure else nothing
+    sessions = {name: timed[name][0] for name in sizes} if measure else {}
+    latency = measure_latency(sessions, inputs[0], seconds=latency_seconds) if measure else nothing
+    sessions.clear()
+    timed.clear()
     step("latency_s")
     table = []
     for name, size in sizes.items():
@@ -660,13 +718,10 @@ def export(
             row["stored_params"], row["stored_kib"] = folded_params, folded_kib
         table.append(row)
 
-    say("writing")
-    atomic_write_bytes(final_bytes, output)
-    step("write_s")
     return ExportReport(
         output=str(output),
         compact=compact,
-        file_bytes=len(final_bytes),
+        file_bytes=file_bytes,
         opset=OPSET,
         graph=fold.to_dict() | {"compact_layer_bytes": layer_bytes},
         graph_note=fold.describe(),
@@ -677,6 +732,18 @@ def export(
         timings_s=timings,
         metadata={key: value for key, value in info.items()},
     )
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed tensor and protobuf memory in its heap, so without this the resident size only
+    ever grows and a 100 MB weight copy dropped early still counts at the later peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _max_abs_arrays(first: Sequence[Sequence[np.ndarray]], second: Sequence[Sequence[np.ndarray]]) -> float:
