@@ -16,28 +16,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.compress_speed import run_measured
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def run_measured(command: list[str], folder: Path) -> tuple[float, float, str]:
-    """Run ``command``; return (its own peak RSS in GB, wall seconds, stdout). Exits on failure."""
-    out_path, err_path = folder / "stdout.txt", folder / "stderr.txt"
-    with out_path.open("w") as out, err_path.open("w") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command[:5])} failed: {err_path.read_text().strip()[-2000:]}")
-    return usage.ru_maxrss * 1024 / 1e9, wall, out_path.read_text()
 
 
 def main() -> None:

@@ -232,39 +232,13 @@ def _skip_reason(
 
 def _storage_of(conv: nn.Conv2d, options: dict) -> tuple[int, int]:
     """(dense bits, stored bits) of ``conv`` converted with ``options``, without allocating weights."""
-    meta = VersatileConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.bias is not None,
-        device="meta",
-        dtype=conv.weight.dtype,
-        **options,
-    )
+    meta = VersatileConv2d.shaped_like(conv, device="meta", **options)
     return meta.dense_bits(), meta.stored_bits()
 
 
 def _dense_bits(conv: nn.Conv2d) -> int:
     count = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
     return count * conv.weight.element_size() * 8
-
-
-def _make_layer(conv: nn.Conv2d, options: dict) -> VersatileConv2d:
-    return VersatileConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-        **options,
-    )
 
 
 def _mask_density(layer: VersatileConv2d) -> float | None:
@@ -381,7 +355,7 @@ def compress(
         if progress:
             progress(index, len(chosen), name)
         conv = convs[name]
-        layer = _make_layer(conv, options)
+        layer = VersatileConv2d.shaped_like(conv, **options)
         error = initialise_from_weight(layer, conv.weight.detach(), _detached(conv.bias), method=init)
         _swap(converted, name, layer)
         decision = decisions[name]
@@ -442,7 +416,7 @@ def _choose_for_target(
     for name, conv in convs.items():
         steps = []
         for options in _candidate_options(base, conv):
-            layer = _make_layer(conv, options)
+            layer = VersatileConv2d.shaped_like(conv, **options)
             error = initialise_from_weight(layer, conv.weight.detach(), _detached(conv.bias), method=init)
             if layer.stored_bits() < _dense_bits(conv):
                 steps.append((options, layer.stored_bits(), float(error)))
@@ -497,7 +471,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
             ) from error
         if not isinstance(conv, nn.Conv2d):
             raise BadInputError(f"The checkpoint's plan names {decision.name!r}, which is not a Conv2d in the base.")
-        _swap(model, decision.name, _make_layer(conv, decision.options or {}))
+        _swap(model, decision.name, VersatileConv2d.shaped_like(conv, **(decision.options or {})))
     return model
 
 

@@ -242,13 +242,23 @@ class VersatileConv2d(nn.Module):
         """
         from vconvert.fit import initialise_from_weight  # fit builds on this module
 
+        layer = cls.shaped_like(conv, **options)
+        initialise_from_weight(layer, conv.weight, conv.bias, init)
+        return layer
+
+    @classmethod
+    def shaped_like(cls, conv: nn.Conv2d, device: torch.device | str | None = None, **options) -> VersatileConv2d:
+        """An untrained layer with ``conv``'s geometry and dtype (on ``conv``'s device unless given;
+        ``device="meta"`` sizes it without allocating)."""
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}.")
+            raise TypeError(
+                f"VersatileConv2d.from_conv and shaped_like expect an nn.Conv2d, got {type(conv).__name__}."
+            )
         if conv.groups != 1:
             raise ValueError(f"grouped or depthwise convolutions (groups={conv.groups}) cannot be made versatile.")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported; only 'zeros' is.")
-        layer = cls(
+        return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -256,12 +266,10 @@ class VersatileConv2d(nn.Module):
             conv.padding,
             conv.dilation,
             conv.bias is not None,
-            device=conv.weight.device,
+            device=device if device is not None else conv.weight.device,
             dtype=conv.weight.dtype,
             **options,
         )
-        initialise_from_weight(layer, conv.weight, conv.bias, init)
-        return layer
 
     # ---- the representation ------------------------------------------------------------
     def output_mask(self) -> Tensor | None:
