@@ -1,0 +1,458 @@
+"""Accuracy against stored size on real images: every versatile setting, and torch-pruning at equal size.
+
+Takes the pretrained CIFAR-10 ResNet-20 (../shared/models, 88.57% on the full JPEG test set) and, for
+each setting — spatial (2018), spatial+channel (2018), learned s=2, learned s=4, ``--target-ratio``
+2 and 3 — runs the real CLI: ``vconvert compress`` (every 3x3 conv but the stem: ``--skip
+downsample``, BN recalibration on training images) → ``vconvert finetune`` (same epochs, data, seed
+and distillation for every row) → ``vconvert export`` (``--compact``) → ``vconvert evaluate`` on
+the ONNX file in onnxruntime.
+
+The peer is structured channel pruning with torch-pruning (L2 magnitude, the same ratio in every
+layer, the classifier's outputs kept), pruned until its whole-model stored size is no larger than
+that of versatile ``--target-ratio`` 2 and 3. The pruned dense model is fine-tuned by vconvert's own
+fine-tuning function (``vconvert.finetune.finetune``: same loop, optimiser, schedule, BN
+recalibration, seed and distillation from the original network; only the loading and saving of
+``.vc.pt`` files is swapped for plain modules), exported by ``vconvert.export.export`` (what
+``vconvert export`` calls) and evaluated by ``vconvert evaluate`` on its ONNX file.
+
+Every row records MACs (of the exported graph) and onnxruntime latency, measured side by side for
+all rows at the end (batch 1 and 32), since pruning removes MACs and versatile filters mostly do not.
+
+    python benchmarks/cifar10.py --quick          # ResNet-20, 2,000 training images, 2 epochs (CPU)
+    python benchmarks/cifar10.py                  # 50,000 images, 15 epochs, 10,000 test images (GPU)
+           [--epochs E] [--train-limit N] [--eval-limit N] [--settings a,b] [--models DIR] [--cifar DIR]
+
+Writes benchmarks/results/cifar10.json (after every row, ``complete`` false until the end),
+cifar10.md and cifar10.png. Trained files live in a temporary folder and are never written to the
+repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+ARCH = "sample_models.resnet_cifar:resnet20"
+MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
+INPUT_SHAPE = [1, 3, 32, 32]
+PUBLISHED_BASELINE = 88.57  # ../shared/models/README.md, full JPEG test set, fp32 CPU
+
+
+@dataclass
+class Setting:
+    """One row of the table: a versatile compress setting, or pruning matched to one of them."""
+
+    name: str
+    method: str  # "versatile" | "pruning"
+    options: list[str] = field(default_factory=list)  # compress options (versatile)
+    match: str | None = None  # pruning: the versatile setting whose stored size it matches
+
+
+# Order: the rows the targets need first, so that a run cut short still answers them.
+SETTINGS = [
+    Setting("learned s=2", "versatile", ["--mode", "learned", "--secondary", "2"]),
+    Setting("target-ratio 2", "versatile", ["--target-ratio", "2"]),
+    Setting("torch-pruning @ target-ratio 2", "pruning", match="target-ratio 2"),
+    Setting("learned s=4", "versatile", ["--mode", "learned", "--secondary", "4"]),
+    Setting("target-ratio 3", "versatile", ["--target-ratio", "3"]),
+    Setting("torch-pruning @ target-ratio 3", "pruning", match="target-ratio 3"),
+    Setting("spatial (2018)", "versatile", ["--mode", "spatial"]),
+    Setting("spatial+channel (2018)", "versatile", ["--mode", "spatial+channel"]),
+]
+
+# Quoted from ../shared/METHOD.md §6 (not measured here).
+QUOTED = [
+    ("METHOD.md prototype, ResNet-20 CIFAR-10 JPEG, 8 ep FT + KD, H200", "dense baseline", "1.00x", "87.74"),
+    ("", "spatial (nested) masks, fitted init", "1.98x conv", "84.90"),
+    ("", "learned s=2, fitted init + scale α, STE", "1.86x conv", "87.16"),
+    ("", "learned s=4, fitted init + scale α, STE", "3.43x conv", "86.82"),
+    ("METHOD.md prototype, ResNet-8, 10k-image subset, 8 ep KD, 2 CPU cores", "dense baseline", "1.00x", "72.75"),
+    ("", "versatile s=2 (fitted + scale, frozen masks)", "1.79x", "72.85"),
+    ("", "torch-pruning (L2 magnitude)", "1.76x", "70.50"),
+    ("", "versatile s=4", "3.09x", "71.95"),
+    ("", "torch-pruning", "3.00x", "67.25"),
+    ("Wang et al. 2018, ImageNet", "VGG-16 → spatial versatile", "fewer params", "71.5 → 72.2"),
+    ("Wang et al. 2018, ImageNet", "ResNet-50 (25.6 M, 4.1 GFLOPs) → spatial+channel (11.0 M, 3.0 GFLOPs)",
+     "2.33x params", "76.1 → 74.5"),
+    ("Wang et al. 2018, COCO Faster R-CNN", "ResNet-50 97.2 MB → spatial 75.6 MB", "1.29x", "33.1 → 33.0 mAP"),
+    ("Wang et al. 2018, COCO Faster R-CNN", "ResNet-50 → spatial+channel 41.7 MB", "2.33x", "33.1 → 31.3 mAP"),
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- running the CLI
+class Runner:
+    """Runs ``python -m vconvert ...`` and keeps every command line (with its wall time) for the record."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.commands: list[dict[str, Any]] = []
+
+    def __call__(self, *args: str) -> tuple[dict, float]:
+        """Run one vconvert command with ``--json``; return its parsed output and wall seconds."""
+        command = [sys.executable, "-m", "vconvert", *args, "--json"]
+        started = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+        seconds = time.perf_counter() - started
+        shown = "vconvert " + shlex.join(args).replace(str(self.work), "$WORK") + " --json"
+        self.commands.append({"command": shown, "seconds": round(seconds, 1), "rc": completed.returncode})
+        if completed.returncode != 0:
+            raise RuntimeError(f"{shown} failed ({completed.returncode}): {completed.stderr.strip()[-1500:]}")
+        return json.loads(completed.stdout), seconds
+
+
+def conv_ratios(plan: dict) -> tuple[float, float]:
+    """(converted convs, all convs) dense/stored ratio of a compress plan."""
+    converted = [layer for layer in plan["layers"] if layer.get("stored_bits")]
+    dense_c = sum(layer["dense_bits"] for layer in converted)
+    stored_c = sum(layer["stored_bits"] for layer in converted)
+    dense_all = sum(layer["dense_bits"] for layer in plan["layers"])
+    stored_all = sum(layer.get("stored_bits") or layer["dense_bits"] for layer in plan["layers"])
+    return dense_c / max(1, stored_c), dense_all / max(1, stored_all)
+
+
+# --------------------------------------------------------------------------- pruning
+def load_base(models: Path) -> nn.Module:
+    """The pretrained ResNet-20 in eval mode."""
+    from sample_models.resnet_cifar import resnet20
+
+    model = resnet20()
+    model.load_state_dict(torch.load(models / "resnet20_cifar10.pt", weights_only=True))
+    return model.eval()
+
+
+def conv_bits(model: nn.Module) -> int:
+    """Bits of all Conv2d weights (and biases) of a dense model."""
+    return sum(p.numel() * p.element_size() * 8 for m in model.modules() if isinstance(m, nn.Conv2d)
+               for p in m.parameters(recurse=False))  # fmt: skip
+
+
+def prune(base: nn.Module, ratio: float) -> nn.Module:
+    """A copy of ``base`` with ``ratio`` of the channels of every prunable layer removed by torch-pruning
+    (L2 magnitude importance, per-layer ratio, classifier outputs kept)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(base).eval()
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        torch.randn(*INPUT_SHAPE),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[model.fc],
+    )
+    pruner.step()
+    return model
+
+
+def prune_to_size(base: nn.Module, target_ratio: float) -> tuple[nn.Module, float]:
+    """The least-pruned model whose whole-model stored size is ≤ base / ``target_ratio`` (bisection
+    on the channel ratio), and that channel ratio."""
+    from vconvert.report import model_stored_bits
+
+    dense = model_stored_bits(base)
+    low, high = 0.0, 0.95
+    best: tuple[nn.Module, float] | None = None
+    for _ in range(14):
+        middle = (low + high) / 2
+        model = prune(base, middle)
+        if dense / model_stored_bits(model) >= target_ratio:
+            best, high = (model, middle), middle
+        else:
+            low = middle
+    if best is None:
+        best = (prune(base, high), high)
+    return best
+
+
+@contextlib.contextmanager
+def plain_module_finetune(model: nn.Module, teacher: nn.Module, saved: dict[str, nn.Module]) -> Iterator[None]:
+    """Let ``vconvert.finetune.finetune`` train a plain (pruned) module: its ``.vc.pt`` loading returns
+    ``model`` with ``teacher``, and its saving keeps the snapshots in ``saved`` (by path)."""
+    from vconvert import finetune as finetune_module
+    from vconvert.api import Checkpoint
+
+    metadata = {
+        "input_shape": INPUT_SHAPE,
+        "preprocessing": {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]},
+    }
+
+    def load(_path: Any, trust: bool = False) -> Checkpoint:
+        return Checkpoint(model, teacher, plan=None, base=None, metadata=metadata)  # type: ignore[arg-type]
+
+    def save(path: Any, snapshot: nn.Module, *_args: Any, **_kwargs: Any) -> None:
+        saved[str(path)] = snapshot
+
+    with mock.patch.object(finetune_module, "load_checkpoint", load), mock.patch.object(finetune_module, "save", save):
+        yield
+
+
+def parse(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
+
+
+# --------------------------------------------------------------------------- the run
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    import onnxruntime
+    import torch_pruning
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch_pruning": torch_pruning.__version__,
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def measure_latencies(files: dict[str, Path], seconds: float) -> dict[str, dict[str, float]]:
+    """Median onnxruntime latency (ms) of every ONNX file at batch 1 and 32, measured interleaved."""
+    from vconvert.export import measure_latency, ort_session
+
+    sessions = {name: ort_session(str(path)) for name, path in files.items()}
+    result: dict[str, dict[str, float]] = {name: {} for name in files}
+    for batch in (1, 32):
+        example = torch.randn(batch, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
+        for name, value in measure_latency(sessions, example, seconds=seconds, rounds=500).items():
+            result[name][f"b{batch}"] = round(value, 4)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU preset: 2,000 training images, 2 epochs")
+    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
+    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
+    parser.add_argument("--shared-data", type=Path, default=Path("/work/shared/data/cifar10"))
+    parser.add_argument("--epochs", type=int, help="fine-tune epochs (quick 2, full 15)")
+    parser.add_argument("--train-limit", type=int, help="training images (quick 2000, full all)")
+    parser.add_argument("--eval-limit", type=int, help="test images for the final evaluation (quick 2000, full all)")
+    parser.add_argument("--calib-images", type=int, help="BN recalibration images (quick 500, full 2000)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--settings", help="comma-separated subset of setting names (pruning needs its match)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "cifar10", help="results path stem (.json/.md/.png)")
+    args = parser.parse_args()
+    quick = args.quick
+    epochs = args.epochs or (2 if quick else 15)
+    train_limit = args.train_limit or (2000 if quick else None)
+    eval_limit = args.eval_limit or (2000 if quick else None)
+    calib = args.calib_images or (500 if quick else 2000)
+    if not (args.cifar / "train").is_dir():
+        from benchmarks.init_quality import unpack
+
+        args.cifar.mkdir(parents=True, exist_ok=True)
+        unpack(args.shared_data, args.cifar)
+    chosen = [s for s in SETTINGS if not args.settings or s.name in args.settings.split(",")]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    started_all = time.perf_counter()
+    record: dict[str, Any] = {
+        "benchmark": "cifar10",
+        "complete": False,
+        "command": "python benchmarks/cifar10.py " + " ".join(sys.argv[1:]),
+        "mode": "quick" if quick else "full",
+        "network": f"pretrained CIFAR-10 ResNet-20 ({args.models / 'resnet20_cifar10.pt'}), arch {ARCH}",
+        "published_baseline_top1_full_test_set": PUBLISHED_BASELINE,
+        "epochs": epochs,
+        "train_images": train_limit or 50000,
+        "eval_images": eval_limit or 10000,
+        "calib_images": calib,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": device,
+        "machine": machine(),
+        "rows": [],
+    }
+    stem: Path = args.output
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        from benchmarks.cifar10_report import write_report
+
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        write_report(record, stem.with_suffix(".md"), stem.with_suffix(".png"), QUOTED)
+
+    with tempfile.TemporaryDirectory(prefix="vconvert-cifar10-") as folder:
+        work = Path(folder)
+        run = Runner(work)
+        record["commands"] = run.commands
+        data = str(args.cifar)
+        evaluate_opts = ["--data", data] + (["--limit", str(eval_limit)] if eval_limit else [])
+        finetune_opts = ["--data", data, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+                         "--lr", str(args.lr), "--seed", str(args.seed), "--recalibrate-images", str(calib),
+                         "--eval-limit", "500", "--mean", MEAN, "--std", STD]  # fmt: skip
+        if train_limit:
+            finetune_opts += ["--train-limit", str(train_limit)]
+
+        # the dense baseline, exported and evaluated the same way as every row
+        from vconvert.export import export as export_model
+        from vconvert.report import model_stored_bits
+
+        base = load_base(args.models)
+        dense_bits = model_stored_bits(base)
+        preprocessing = {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}
+        onnx_files: dict[str, Path] = {"dense baseline": work / "baseline.onnx"}
+        report = export_model(base, onnx_files["dense baseline"], input_shape=INPUT_SHAPE, measure=False,
+                              metadata={"vconvert.preprocessing": preprocessing})  # fmt: skip
+        baseline, _ = run("evaluate", str(onnx_files["dense baseline"]), *evaluate_opts)
+        record["baseline"] = {
+            "top1": baseline["top1"],
+            "top5": baseline["top5"],
+            "images": baseline["images"],
+            "macs": report.table[0]["macs"],
+            "stored_kib": dense_bits / 8192,
+            "onnx_bytes": report.file_bytes,
+        }
+        print(f"dense baseline: top-1 {baseline['top1']:.2f}% on {baseline['images']} test images", flush=True)
+        write()
+
+        ratios: dict[str, float] = {}
+        for setting in chosen:
+            slug = "".join(c if c.isalnum() else "_" for c in setting.name)
+            row: dict[str, Any] = {"setting": setting.name, "method": setting.method}
+            times: dict[str, float] = {}
+            onnx = work / f"{slug}.onnx"
+            if setting.method == "versatile":
+                compressed, tuned = work / f"{slug}.vc.pt", work / f"{slug}.ft.vc.pt"
+                result, times["compress_s"] = run(
+                    "compress", str(args.models / "resnet20_cifar10.pt"), "--arch", ARCH,
+                    "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample",
+                    "--mean", MEAN, "--std", STD, "--calib-data", data, "--calib-images", str(calib),
+                    *setting.options, "-o", str(compressed),
+                )  # fmt: skip
+                plan = result["plan"]
+                ratio = plan["model_dense_bits"] / plan["model_stored_bits"]
+                converted_ratio, all_conv_ratio = conv_ratios(plan)
+                ratios[setting.name] = ratio
+                history, times["finetune_s"] = run("finetune", str(compressed), "-o", str(tuned), *finetune_opts)
+                try:
+                    exported, times["export_s"] = run("export", str(tuned), "-o", str(onnx), "--compact",
+                                                      "--no-compare")  # fmt: skip
+                    onnx_format = "compact"
+                except RuntimeError as error:  # compact not available for this mode: dense is fine
+                    print(f"  compact export failed, exporting dense: {str(error)[-300:]}", flush=True)
+                    exported, times["export_s"] = run("export", str(tuned), "-o", str(onnx), "--no-compare")
+                    onnx_format = "dense"
+                row.update({
+                    "compress_options": " ".join(setting.options),
+                    "converted_convs": len([layer for layer in plan["layers"] if layer.get("stored_bits")]),
+                    "converted_conv_ratio": round(converted_ratio, 3),
+                    "all_conv_ratio": round(all_conv_ratio, 3),
+                    "summary": result["summary"],
+                    "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]],
+                })  # fmt: skip
+                stored_kib = plan["model_stored_bits"] / 8192
+                macs = next(r["macs"] for r in exported["table"] if r["model"] == "exported")
+                file_bytes = exported["file_bytes"]
+            else:
+                target = ratios.get(setting.match or "")
+                if target is None:
+                    print(f"skipping {setting.name}: its match {setting.match!r} did not run", flush=True)
+                    continue
+                clock = time.perf_counter()
+                pruned, channel_ratio = prune_to_size(base, target)
+                times["prune_s"] = time.perf_counter() - clock
+                ratio = dense_bits / model_stored_bits(pruned)
+                from vconvert.finetune import FinetuneConfig
+                from vconvert.finetune import finetune as run_finetune
+
+                config = FinetuneConfig(
+                    data=data, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    recalibrate_images=calib, eval_limit=500, train_limit=train_limit,
+                    mean=parse(MEAN), std=parse(STD),
+                )  # fmt: skip
+                saved: dict[str, nn.Module] = {}
+                clock = time.perf_counter()
+                with plain_module_finetune(pruned, copy.deepcopy(base), saved):
+                    history_entries = run_finetune(work / "unused.vc.pt", work / f"{slug}.ft.vc.pt", config)
+                times["finetune_s"] = time.perf_counter() - clock
+                tuned_model = saved[str(work / f"{slug}.ft.vc.pt")].eval()
+                clock = time.perf_counter()
+                report = export_model(tuned_model, onnx, input_shape=INPUT_SHAPE, measure=False,
+                                      metadata={"vconvert.preprocessing": preprocessing})  # fmt: skip
+                times["export_s"] = time.perf_counter() - clock
+                onnx_format = "dense (pruned)"
+                row.update({
+                    "pruning": f"torch-pruning {channel_ratio:.4f} of the channels of every layer, L2 magnitude, "
+                               f"matched to {setting.match} ({target:.3f}x)",
+                    "channel_ratio": round(channel_ratio, 4),
+                    "all_conv_ratio": round(conv_bits(base) / conv_bits(tuned_model), 3),
+                    "finetune_val_top1": [round(e.val_top1, 2) for e in history_entries],
+                    "finetune_api": "vconvert.finetune.finetune (same config) on the pruned module",
+                })  # fmt: skip
+                stored_kib = model_stored_bits(tuned_model) / 8192
+                macs = report.table[0]["macs"]
+                file_bytes = report.file_bytes
+            evaluation, times["evaluate_s"] = run("evaluate", str(onnx), *evaluate_opts)
+            onnx_files[setting.name] = onnx
+            row.update({
+                "stored_ratio": round(ratio, 3),
+                "stored_kib": round(stored_kib, 1),
+                "onnx_format": onnx_format,
+                "onnx_bytes": file_bytes,
+                "top1": evaluation["top1"],
+                "top5": evaluation["top5"],
+                "eval_images": evaluation["images"],
+                "baseline_top1": baseline["top1"],
+                "epochs": epochs,
+                "train_images": train_limit or 50000,
+                "seed": args.seed,
+                "device": device,
+                "macs": macs,
+                "macs_ratio": round(record["baseline"]["macs"] / macs, 3) if macs else None,
+                "times_s": {key: round(value, 1) for key, value in times.items()},
+            })  # fmt: skip
+            record["rows"].append(row)
+            print(f"{setting.name}: {ratio:.2f}x stored, top-1 {row['top1']:.2f}% "
+                  f"(baseline {baseline['top1']:.2f}%), {macs / 1e6:.1f} M MACs, {times}", flush=True)  # fmt: skip
+            write()
+
+        latencies = measure_latencies(onnx_files, args.latency_seconds)
+        record["baseline"]["latency_ms"] = latencies["dense baseline"]["b1"]
+        record["baseline"]["latency_ms_b32"] = latencies["dense baseline"]["b32"]
+        for row in record["rows"]:
+            row["latency_ms"] = latencies[row["setting"]]["b1"]
+            row["latency_ms_b32"] = latencies[row["setting"]]["b32"]
+    record["wall_s"] = round(time.perf_counter() - started_all, 1)
+    record["machine"]["load_average_end"] = list(os.getloadavg())
+    record["complete"] = True
+    write()
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
