@@ -77,7 +77,7 @@ def _table_numbers(text: str) -> dict[str, list[float]]:
     """The original and vconvert cells of the demo table's rows (rich box or Markdown)."""
     rows = {}
     for label in ("stored weights", "ONNX file", "MACs per image", "top-1"):
-        line = next(line for line in text.splitlines() if label in line)
+        line = next(line for line in text.splitlines() if label in line and ("│" in line or "|" in line))
         cells = [cell.strip() for cell in re.split(r"[│|]", line) if cell.strip()]
         rows[label] = [float(cell.replace(",", "").split()[0]) for cell in cells[1:3]]
     return rows
