@@ -98,7 +98,9 @@ def test_frozen_and_tpami_rules() -> None:
     MaskLearner(model, MaskSettings("frozen"), 10, 1)
     assert not layer.mask_proxy.requires_grad
     model, layer = _layer_with_grad()
+    masks_before = binary_masks(model)
     learner = MaskLearner(model, MaskSettings("tpami"), 10, 1)
+    assert count_flips(masks_before, binary_masks(model)) == 0, "switching to the TPAMI convention keeps the masks"
     with torch.no_grad():
         layer.mask_proxy.add_(0.3)
     learner.before_step()

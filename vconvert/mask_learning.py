@@ -81,7 +81,9 @@ class MaskLearner:
         self._carry = dict.fromkeys(self.evidence, 0.0)  # fractional flip budget carried between steps
         for _, layer in self.layers:
             layer.mask_proxy.requires_grad_(settings.strategy != "frozen")
-            if settings.strategy == "tpami":
+            if settings.strategy == "tpami":  # same masks, in the TPAMI convention: H = M in {0, 1}, M = [H > 0]
+                with torch.no_grad():
+                    layer.mask_proxy.copy_((layer.mask_proxy > layer.mask_threshold).to(layer.mask_proxy))
                 layer.mask_threshold = 0.0
 
     @property
