@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -448,6 +449,8 @@ def main() -> None:
             row["latency_ms"] = latencies[row["setting"]]["b1"]
             row["latency_ms_b32"] = latencies[row["setting"]]["b32"]
     record["wall_s"] = round(time.perf_counter() - started_all, 1)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    record["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)  # this process and every CLI run
     record["machine"]["load_average_end"] = list(os.getloadavg())
     record["complete"] = True
     write()

@@ -147,6 +147,12 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
         f"torch-pruning {m['torch_pruning']}."
         + (f" Wall time: {record['wall_s']:.0f} s." if record.get("wall_s") else ""),
     ]
+    if record.get("cpu_s"):
+        lines.append(
+            f"- CPU time of the whole run, all processes: {record['cpu_s']:.0f} s, i.e. about "
+            f"{record['cpu_s'] / 2 / 60:.1f} min of wall time on 2 otherwise idle cores"
+            + (f" ({record['cpu_s_note']})." if record.get("cpu_s_note") else ".")
+        )
     if record["mode"] == "quick":
         lines.append(
             "- This is the `--quick` CPU preset: a training subset and few epochs, so absolute accuracies are "
@@ -198,6 +204,11 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
         "One seed: differences under ~0.5 point are within run-to-run noise (METHOD.md §6); in the quick "
         "mode the evaluation subset adds about ±1 point of sampling noise at 2,000 images.",
         "",
+        *(
+            ["## Reading (notes added to the JSON after the run)", "", *[f"- {n}" for n in record["notes"]], ""]
+            if record.get("notes")
+            else []
+        ),
         "## Published and prototype reference rows (QUOTED from ../shared/METHOD.md, not measured here)",
         "",
         "| source (quoted) | model / variant | size | top-1 (or mAP) |",
