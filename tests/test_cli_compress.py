@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_user_package
 from typer.testing import CliRunner
 
 import vconvert
@@ -146,24 +147,10 @@ def test_compress_bad_input(case: str, fragments: list[str], state_dict_file: Pa
 
 
 def test_pickled_module_of_unknown_class_needs_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    package = tmp_path / "userpkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(
-        "from torch import nn\n"
-        "class TinyNet(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
-        "        self.b = nn.Conv2d(8, 16, 3, padding=1)\n"
-        "    def forward(self, x):\n"
-        "        return self.b(self.a(x))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from userpkg.nets import TinyNet  # type: ignore[import-not-found]
+    tiny_net = write_user_package(tmp_path, monkeypatch, "userpkg", "return self.b(self.a(x))")
 
     model_file = tmp_path / "tiny.pt"
-    torch.save(TinyNet(), model_file)
+    torch.save(tiny_net(), model_file)
     output = tmp_path / "tiny.vc.pt"
     refused = invoke("compress", model_file, "--input-shape", "1,3,8,8", "-o", output)
     assert_one_sentence_error(refused, "userpkg.nets.TinyNet", "--trust", "--arch")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from conftest import write_user_package
 from typer.testing import CliRunner
 
 from sample_models.resnet_cifar import resnet8
@@ -123,21 +123,7 @@ def test_unwritable_output(case: str, checkpoint: Path, tmp_path: Path) -> None:
 
 def _user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, body: str):
     """A user package ``name`` (each test its own: Python caches imported modules) holding TinyNet."""
-    package = tmp_path / name
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(
-        "import torch\nfrom torch import nn\n"
-        "class TinyNet(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
-        "        self.b = nn.Conv2d(8, 16, 3, padding=1)\n"
-        "    def forward(self, x):\n"
-        f"        {body}\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    tiny_net = importlib.import_module(f"{name}.nets").TinyNet
+    tiny_net = write_user_package(tmp_path, monkeypatch, name, body)
 
     torch.manual_seed(0)
     model_file = tmp_path / "tiny.pt"

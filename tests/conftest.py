@@ -1,0 +1,28 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+
+def write_user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, forward: str) -> type:
+    """A user package ``name`` (not an allowlisted model library) holding TinyNet, whose forward body
+    is ``forward``; returns the class. Give each test its own name: Python caches imported modules."""
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(8, 16, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        f"        {forward}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(f"{name}.nets").TinyNet
