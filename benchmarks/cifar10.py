@@ -19,8 +19,12 @@ Every row records MACs (of the exported graph) and onnxruntime latency, measured
 all rows at the end (batch 1 and 32), since pruning removes MACs and versatile filters mostly do not.
 
     python benchmarks/cifar10.py --quick          # ResNet-20, 2,000 training images, 2 epochs (CPU)
-    python benchmarks/cifar10.py                  # 50,000 images, 15 epochs, 10,000 test images (GPU)
+    python benchmarks/cifar10.py --jobs 8         # 50,000 images, 15 epochs, 10,000 test images (GPU)
            [--epochs E] [--train-limit N] [--eval-limit N] [--settings a,b] [--models DIR] [--cifar DIR]
+           [--batch-size B] [--lr LR] [--loader auto|workers|device] [--jobs N]
+
+``--jobs N`` processes N settings at the same time (on a GPU the small ResNet-20 leaves the device
+mostly idle, so settings side by side finish sooner; wall times per row then include the sharing).
 
 Writes benchmarks/results/cifar10.json (after every row, ``complete`` false until the end),
 cifar10.md and cifar10.png. Trained files live in a temporary folder and are never written to the
@@ -40,8 +44,10 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +256,160 @@ def measure_latencies(files: dict[str, Path], seconds: float) -> dict[str, dict[
     return result
 
 
+@dataclass
+class Context:
+    """What every row of one run shares."""
+
+    args: argparse.Namespace
+    work: Path
+    run: Runner
+    data: str
+    epochs: int
+    train_limit: int | None
+    calib: int
+    finetune_opts: list[str]
+    evaluate_opts: list[str]
+
+
+def compress_setting(setting: Setting, ctx: Context) -> dict[str, Any]:
+    """``vconvert compress`` for one versatile setting: its output and timing."""
+    slug = slug_of(setting.name)
+    compressed = ctx.work / f"{slug}.vc.pt"
+    result, seconds = ctx.run(
+        "compress", str(ctx.args.models / "resnet20_cifar10.pt"), "--arch", ARCH,
+        "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample",
+        "--mean", MEAN, "--std", STD, "--calib-data", ctx.data, "--calib-images", str(ctx.calib),
+        *setting.options, "-o", str(compressed),
+    )  # fmt: skip
+    plan = result["plan"]
+    return {"result": result, "seconds": seconds, "path": compressed,
+            "ratio": plan["model_dense_bits"] / plan["model_stored_bits"]}  # fmt: skip
+
+
+def versatile_row(setting: Setting, compressed: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], Path]:
+    """finetune → compact export → evaluate of one compressed setting: (row, ONNX path)."""
+    slug = slug_of(setting.name)
+    onnx, tuned = ctx.work / f"{slug}.onnx", ctx.work / f"{slug}.ft.vc.pt"
+    times = {"compress_s": compressed["seconds"]}
+    result, plan = compressed["result"], compressed["result"]["plan"]
+    history, times["finetune_s"] = ctx.run("finetune", str(compressed["path"]), "-o", str(tuned), *ctx.finetune_opts)
+    try:
+        exported, times["export_s"] = ctx.run("export", str(tuned), "-o", str(onnx), "--compact", "--no-compare")
+        onnx_format = "compact"
+    except RuntimeError as error:  # compact not available for this mode: dense is fine
+        print(f"  compact export failed, exporting dense: {str(error)[-300:]}", flush=True)
+        exported, times["export_s"] = ctx.run("export", str(tuned), "-o", str(onnx), "--no-compare")
+        onnx_format = "dense"
+    converted_ratio, all_conv_ratio = conv_ratios(plan)
+    row = {
+        "setting": setting.name,
+        "method": setting.method,
+        "compress_options": " ".join(setting.options),
+        "converted_convs": len([layer for layer in plan["layers"] if layer.get("stored_bits")]),
+        "converted_conv_ratio": round(converted_ratio, 3),
+        "all_conv_ratio": round(all_conv_ratio, 3),
+        "summary": result["summary"],
+        "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]],
+        "stored_ratio": round(compressed["ratio"], 3),
+        "stored_kib": round(plan["model_stored_bits"] / 8192, 1),
+        "onnx_format": onnx_format,
+        "onnx_bytes": exported["file_bytes"],
+        "macs": next(r["macs"] for r in exported["table"] if r["model"] == "exported"),
+    }
+    return finish_row(row, onnx, times, ctx), onnx
+
+
+def pruning_row(setting: Setting, target: float, ctx: Context) -> tuple[dict[str, Any], Path]:
+    """Prune to ``target``, fine-tune and export in a child process (the fine-tune patches module
+    globals, which threads must not share), then evaluate: (row, ONNX path)."""
+    slug = slug_of(setting.name)
+    onnx, row_file = ctx.work / f"{slug}.onnx", ctx.work / f"{slug}.row.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--prune-one", f"{target}", "--prune-onnx", str(onnx),
+               "--prune-row", str(row_file), "--models", str(ctx.args.models), "--cifar", ctx.data,
+               "--epochs", str(ctx.epochs), "--calib-images", str(ctx.calib), "--batch-size", str(ctx.args.batch_size),
+               "--lr", str(ctx.args.lr), "--seed", str(ctx.args.seed), "--loader", ctx.args.loader]  # fmt: skip
+    if ctx.train_limit:
+        command += ["--train-limit", str(ctx.train_limit)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"pruning {setting.name} failed: {completed.stderr.strip()[-1500:]}")
+    row = json.loads(row_file.read_text())
+    times = row.pop("times_s")
+    row.update({"setting": setting.name, "method": setting.method})
+    row["pruning"] += f", matched to {setting.match} ({target:.3f}x)"
+    return finish_row(row, onnx, times, ctx), onnx
+
+
+def prune_one(args: argparse.Namespace, epochs: int, calib: int) -> None:
+    """The child process of ``pruning_row``: prune, fine-tune (vconvert's loop), export; write a row."""
+    from vconvert.export import export as export_model
+    from vconvert.finetune import FinetuneConfig
+    from vconvert.finetune import finetune as run_finetune
+    from vconvert.report import model_stored_bits
+
+    base = load_base(args.models)
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+    pruned, channel_ratio = prune_to_size(base, args.prune_one)
+    times["prune_s"] = time.perf_counter() - clock
+    config = FinetuneConfig(
+        data=str(args.cifar), epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        recalibrate_images=calib, eval_limit=500, train_limit=args.train_limit, loader=args.loader,
+        mean=parse(MEAN), std=parse(STD),
+    )  # fmt: skip
+    saved: dict[str, nn.Module] = {}
+    with tempfile.TemporaryDirectory(prefix="vconvert-prune-") as folder:
+        target = Path(folder) / "pruned.ft.vc.pt"
+        clock = time.perf_counter()
+        with plain_module_finetune(pruned, copy.deepcopy(base), saved):
+            history = run_finetune(Path(folder) / "unused.vc.pt", target, config)
+        times["finetune_s"] = time.perf_counter() - clock
+        tuned = saved[str(target)].eval()
+    clock = time.perf_counter()
+    preprocessing = {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}
+    report = export_model(tuned, args.prune_onnx, input_shape=INPUT_SHAPE, measure=False,
+                          metadata={"vconvert.preprocessing": preprocessing})  # fmt: skip
+    times["export_s"] = time.perf_counter() - clock
+    row = {
+        "pruning": f"torch-pruning {channel_ratio:.4f} of the channels of every layer, L2 magnitude",
+        "channel_ratio": round(channel_ratio, 4),
+        "all_conv_ratio": round(conv_bits(base) / conv_bits(tuned), 3),
+        "finetune_val_top1": [round(e.val_top1, 2) for e in history],
+        "finetune_api": "vconvert.finetune.finetune (same config) on the pruned module",
+        "stored_ratio": round(model_stored_bits(base) / model_stored_bits(tuned), 3),
+        "stored_kib": round(model_stored_bits(tuned) / 8192, 1),
+        "onnx_format": "dense (pruned)",
+        "onnx_bytes": report.file_bytes,
+        "macs": report.table[0]["macs"],
+        "times_s": times,
+    }
+    args.prune_row.write_text(json.dumps(row))
+
+
+def finish_row(row: dict[str, Any], onnx: Path, times: dict[str, float], ctx: Context) -> dict[str, Any]:
+    """Evaluate ``onnx`` in onnxruntime and complete ``row`` with the fields every row has."""
+    evaluation, times["evaluate_s"] = ctx.run("evaluate", str(onnx), *ctx.evaluate_opts)
+    row.update({
+        "top1": evaluation["top1"],
+        "top5": evaluation["top5"],
+        "eval_images": evaluation["images"],
+        "epochs": ctx.epochs,
+        "train_images": ctx.train_limit or 50000,
+        "seed": ctx.args.seed,
+        "device": device_name(),
+        "times_s": {key: round(value, 1) for key, value in times.items()},
+    })  # fmt: skip
+    return row
+
+
+def slug_of(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU preset: 2,000 training images, 2 epochs")
@@ -263,22 +423,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader", default="auto", help="vconvert finetune --loader")
+    parser.add_argument("--jobs", type=int, default=1, help="settings processed at the same time")
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--settings", help="comma-separated subset of setting names (pruning needs its match)")
     parser.add_argument("--output", type=Path, default=RESULTS / "cifar10", help="results path stem (.json/.md/.png)")
+    parser.add_argument("--prune-one", type=float, help=argparse.SUPPRESS)  # child process of pruning_row
+    parser.add_argument("--prune-onnx", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prune-row", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick = args.quick
     epochs = args.epochs or (2 if quick else 15)
     train_limit = args.train_limit or (2000 if quick else None)
     eval_limit = args.eval_limit or (2000 if quick else None)
     calib = args.calib_images or (500 if quick else 2000)
+    if args.prune_one:
+        prune_one(args, epochs, calib)
+        return
     if not (args.cifar / "train").is_dir():
         from benchmarks.init_quality import unpack
 
         args.cifar.mkdir(parents=True, exist_ok=True)
         unpack(args.shared_data, args.cifar)
     chosen = [s for s in SETTINGS if not args.settings or s.name in args.settings.split(",")]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     started_all = time.perf_counter()
     record: dict[str, Any] = {
         "benchmark": "cifar10",
@@ -294,12 +461,14 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
-        "device": device,
+        "jobs": args.jobs,
+        "device": device_name(),
         "machine": machine(),
         "rows": [],
     }
     stem: Path = args.output
     stem.parent.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
 
     def write() -> None:
         from benchmarks.cifar10_report import write_report
@@ -312,135 +481,65 @@ def main() -> None:
         run = Runner(work)
         record["commands"] = run.commands
         data = str(args.cifar)
-        evaluate_opts = ["--data", data] + (["--limit", str(eval_limit)] if eval_limit else [])
         finetune_opts = ["--data", data, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
                          "--lr", str(args.lr), "--seed", str(args.seed), "--recalibrate-images", str(calib),
-                         "--eval-limit", "500", "--mean", MEAN, "--std", STD]  # fmt: skip
+                         "--eval-limit", "500", "--mean", MEAN, "--std", STD, "--loader", args.loader]  # fmt: skip
         if train_limit:
             finetune_opts += ["--train-limit", str(train_limit)]
+        ctx = Context(args, work, run, data, epochs, train_limit, calib, finetune_opts,
+                      ["--data", data] + (["--limit", str(eval_limit)] if eval_limit else []))  # fmt: skip
 
         # the dense baseline, exported and evaluated the same way as every row
         from vconvert.export import export as export_model
         from vconvert.report import model_stored_bits
 
         base = load_base(args.models)
-        dense_bits = model_stored_bits(base)
         preprocessing = {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}
         onnx_files: dict[str, Path] = {"dense baseline": work / "baseline.onnx"}
         report = export_model(base, onnx_files["dense baseline"], input_shape=INPUT_SHAPE, measure=False,
                               metadata={"vconvert.preprocessing": preprocessing})  # fmt: skip
-        baseline, _ = run("evaluate", str(onnx_files["dense baseline"]), *evaluate_opts)
+        baseline, _ = run("evaluate", str(onnx_files["dense baseline"]), *ctx.evaluate_opts)
         record["baseline"] = {
             "top1": baseline["top1"],
             "top5": baseline["top5"],
             "images": baseline["images"],
             "macs": report.table[0]["macs"],
-            "stored_kib": dense_bits / 8192,
+            "stored_kib": model_stored_bits(base) / 8192,
             "onnx_bytes": report.file_bytes,
         }
         print(f"dense baseline: top-1 {baseline['top1']:.2f}% on {baseline['images']} test images", flush=True)
         write()
 
-        ratios: dict[str, float] = {}
-        for setting in chosen:
-            slug = "".join(c if c.isalnum() else "_" for c in setting.name)
-            row: dict[str, Any] = {"setting": setting.name, "method": setting.method}
-            times: dict[str, float] = {}
-            onnx = work / f"{slug}.onnx"
-            if setting.method == "versatile":
-                compressed, tuned = work / f"{slug}.vc.pt", work / f"{slug}.ft.vc.pt"
-                result, times["compress_s"] = run(
-                    "compress", str(args.models / "resnet20_cifar10.pt"), "--arch", ARCH,
-                    "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample",
-                    "--mean", MEAN, "--std", STD, "--calib-data", data, "--calib-images", str(calib),
-                    *setting.options, "-o", str(compressed),
-                )  # fmt: skip
-                plan = result["plan"]
-                ratio = plan["model_dense_bits"] / plan["model_stored_bits"]
-                converted_ratio, all_conv_ratio = conv_ratios(plan)
-                ratios[setting.name] = ratio
-                history, times["finetune_s"] = run("finetune", str(compressed), "-o", str(tuned), *finetune_opts)
-                try:
-                    exported, times["export_s"] = run("export", str(tuned), "-o", str(onnx), "--compact",
-                                                      "--no-compare")  # fmt: skip
-                    onnx_format = "compact"
-                except RuntimeError as error:  # compact not available for this mode: dense is fine
-                    print(f"  compact export failed, exporting dense: {str(error)[-300:]}", flush=True)
-                    exported, times["export_s"] = run("export", str(tuned), "-o", str(onnx), "--no-compare")
-                    onnx_format = "dense"
-                row.update({
-                    "compress_options": " ".join(setting.options),
-                    "converted_convs": len([layer for layer in plan["layers"] if layer.get("stored_bits")]),
-                    "converted_conv_ratio": round(converted_ratio, 3),
-                    "all_conv_ratio": round(all_conv_ratio, 3),
-                    "summary": result["summary"],
-                    "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]],
-                })  # fmt: skip
-                stored_kib = plan["model_stored_bits"] / 8192
-                macs = next(r["macs"] for r in exported["table"] if r["model"] == "exported")
-                file_bytes = exported["file_bytes"]
-            else:
-                target = ratios.get(setting.match or "")
-                if target is None:
-                    print(f"skipping {setting.name}: its match {setting.match!r} did not run", flush=True)
-                    continue
-                clock = time.perf_counter()
-                pruned, channel_ratio = prune_to_size(base, target)
-                times["prune_s"] = time.perf_counter() - clock
-                ratio = dense_bits / model_stored_bits(pruned)
-                from vconvert.finetune import FinetuneConfig
-                from vconvert.finetune import finetune as run_finetune
+        versatile = [setting for setting in chosen if setting.method == "versatile"]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = pool.map(lambda setting: compress_setting(setting, ctx), versatile)
+            compressed = dict(zip([setting.name for setting in versatile], results, strict=True))
 
-                config = FinetuneConfig(
-                    data=data, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    recalibrate_images=calib, eval_limit=500, train_limit=train_limit,
-                    mean=parse(MEAN), std=parse(STD),
-                )  # fmt: skip
-                saved: dict[str, nn.Module] = {}
-                clock = time.perf_counter()
-                with plain_module_finetune(pruned, copy.deepcopy(base), saved):
-                    history_entries = run_finetune(work / "unused.vc.pt", work / f"{slug}.ft.vc.pt", config)
-                times["finetune_s"] = time.perf_counter() - clock
-                tuned_model = saved[str(work / f"{slug}.ft.vc.pt")].eval()
-                clock = time.perf_counter()
-                report = export_model(tuned_model, onnx, input_shape=INPUT_SHAPE, measure=False,
-                                      metadata={"vconvert.preprocessing": preprocessing})  # fmt: skip
-                times["export_s"] = time.perf_counter() - clock
-                onnx_format = "dense (pruned)"
-                row.update({
-                    "pruning": f"torch-pruning {channel_ratio:.4f} of the channels of every layer, L2 magnitude, "
-                               f"matched to {setting.match} ({target:.3f}x)",
-                    "channel_ratio": round(channel_ratio, 4),
-                    "all_conv_ratio": round(conv_bits(base) / conv_bits(tuned_model), 3),
-                    "finetune_val_top1": [round(e.val_top1, 2) for e in history_entries],
-                    "finetune_api": "vconvert.finetune.finetune (same config) on the pruned module",
-                })  # fmt: skip
-                stored_kib = model_stored_bits(tuned_model) / 8192
-                macs = report.table[0]["macs"]
-                file_bytes = report.file_bytes
-            evaluation, times["evaluate_s"] = run("evaluate", str(onnx), *evaluate_opts)
-            onnx_files[setting.name] = onnx
-            row.update({
-                "stored_ratio": round(ratio, 3),
-                "stored_kib": round(stored_kib, 1),
-                "onnx_format": onnx_format,
-                "onnx_bytes": file_bytes,
-                "top1": evaluation["top1"],
-                "top5": evaluation["top5"],
-                "eval_images": evaluation["images"],
-                "baseline_top1": baseline["top1"],
-                "epochs": epochs,
-                "train_images": train_limit or 50000,
-                "seed": args.seed,
-                "device": device,
-                "macs": macs,
-                "macs_ratio": round(record["baseline"]["macs"] / macs, 3) if macs else None,
-                "times_s": {key: round(value, 1) for key, value in times.items()},
-            })  # fmt: skip
-            record["rows"].append(row)
-            print(f"{setting.name}: {ratio:.2f}x stored, top-1 {row['top1']:.2f}% "
-                  f"(baseline {baseline['top1']:.2f}%), {macs / 1e6:.1f} M MACs, {times}", flush=True)  # fmt: skip
-            write()
+        def one_row(setting: Setting) -> None:
+            if setting.method == "versatile":
+                row, onnx = versatile_row(setting, compressed[setting.name], ctx)
+            elif setting.match in compressed:
+                row, onnx = pruning_row(setting, compressed[setting.match]["ratio"], ctx)
+            else:
+                print(f"skipping {setting.name}: its match {setting.match!r} did not run", flush=True)
+                return
+            row.update(
+                {
+                    "baseline_top1": baseline["top1"],
+                    "macs_ratio": round(record["baseline"]["macs"] / row["macs"], 3) if row["macs"] else None,
+                }
+            )
+            with lock:
+                onnx_files[setting.name] = onnx
+                record["rows"].append(row)
+                record["rows"].sort(key=lambda r: [s.name for s in chosen].index(r["setting"]))
+                print(f"{setting.name}: {row['stored_ratio']:.2f}x stored, top-1 {row['top1']:.2f}% "
+                      f"(baseline {baseline['top1']:.2f}%), {row['macs'] / 1e6:.1f} M MACs, {row['times_s']}",
+                      flush=True)  # fmt: skip
+                write()
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(one_row, chosen))
 
         latencies = measure_latencies(onnx_files, args.latency_seconds)
         record["baseline"]["latency_ms"] = latencies["dense baseline"]["b1"]

@@ -219,6 +219,7 @@ def test_image_folder_with_unreadable_files_skips_them_with_a_count(tmp_path: Pa
         ("empty-class-folder", "hold no images"),
         ("class-count-mismatch", "the model predicts 10"),
         ("bad-mask-rule", "--masks must be one of"),
+        ("bad-loader", "--loader must be auto, workers or device"),
     ],
     ids=lambda value: value if " " not in value else "",
 )
@@ -237,6 +238,9 @@ def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, 
     elif case == "bad-mask-rule":
         _image_folder(data, classes=10, per_class=2)
         extra = ["--masks", "random"]
+    elif case == "bad-loader":
+        _image_folder(data, classes=10, per_class=2)
+        extra = ["--loader", "gpu"]
     result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()

@@ -48,7 +48,10 @@ def finetune(
     mask_anneal: Annotated[
         float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
     ] = 0.6,
-    ortho_weight: Annotated[float, typer.Option("--ortho-weight", help="λ of the orthogonality loss.")] = 0.05,
+    ortho_weight: Annotated[
+        float | None,
+        typer.Option("--ortho-weight", help="λ of the orthogonality loss [default: 0.05 if masks learn, else 0]."),
+    ] = None,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Distil from the original model.")] = True,
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the KD term.")] = 0.7,
@@ -63,6 +66,14 @@ def finetune(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on only N images.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 2,
+    loader: Annotated[
+        str,
+        typer.Option(
+            "--loader",
+            help="workers (processes decode and augment) | device (the whole split on the training device, "
+            "augmented there; images up to 64 px) | auto (device on CUDA for small images, else workers).",
+        ),
+    ] = "auto",
     mean: Annotated[str | None, typer.Option("--mean", help="Override the input mean.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Override the input std.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run that writes OUTPUT.")] = False,
@@ -86,7 +97,7 @@ def finetune(
         warmup_epochs=warmup_epochs, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate, mask_anneal=mask_anneal,
         ortho_weight=ortho_weight, distill=distill, temperature=temperature, distill_weight=distill_weight,
         recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment, train_limit=train_limit,
-        eval_limit=eval_limit, seed=seed, workers=workers,
+        eval_limit=eval_limit, seed=seed, workers=workers, loader=loader,
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main

@@ -1,6 +1,6 @@
 """Fine-tuning a converted model with its original network as teacher.
 
-Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (learned masks that train).
+Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (by default only when masks learn).
 SGD with Nesterov momentum, cosine schedule with linear warm-up, BatchNorm recalibration before the
 first epoch, mask updates by one of the strategies of ``vconvert.mask_learning``. Each epoch writes
 the last checkpoint (with everything needed to resume exactly) and the best one, atomically.
@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from vconvert.api import Checkpoint, load_checkpoint, save
 from vconvert.calibrate import recalibrate_batchnorm
 from vconvert.data import DataSpec, SeededSamples, open_split
+from vconvert.device_data import MAX_SIDE, DeviceImageSet
 from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.io import atomic_write_bytes, check_writable
 from vconvert.layers import orthogonality_loss
@@ -50,7 +51,7 @@ class FinetuneConfig:
     mask_lr: float = 0.05
     flip_rate: float = 0.01
     mask_anneal: float = 0.6
-    ortho_weight: float = 0.05
+    ortho_weight: float | None = None  # None: 0.05 when the masks learn, 0 when they are frozen
     distill: bool = True
     temperature: float = 4.0
     distill_weight: float = 0.7
@@ -62,6 +63,7 @@ class FinetuneConfig:
     eval_limit: int | None = None
     seed: int = 0
     workers: int = 2
+    loader: str = "auto"  # auto | workers | device (whole split on the device, augmented there)
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -94,6 +96,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def effective_ortho_weight(requested: float | None, masks_learn: bool) -> float:
+    """λ of the orthogonality loss: as requested, else 0.05 for masks that learn and 0 for frozen ones."""
+    if requested is not None:
+        return requested
+    return DEFAULT_ORTHO_WEIGHT if masks_learn else 0.0
+
+
+DEFAULT_ORTHO_WEIGHT = 0.05
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -200,15 +212,28 @@ def _loader(dataset: Dataset, batch: int, workers: int, sampler=None) -> DataLoa
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device, batch: int = 256, workers: int = 2):
     """(top-1 %, top-5 %, images) of ``model`` on ``dataset``."""
+    return evaluate_batches(model, _loader(dataset, batch, workers), device)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, device: torch.device) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, images) of ``model`` on (images, labels) ``batches``."""
     model.eval()
     correct1 = correct5 = total = 0
-    for images, labels in _loader(dataset, batch, workers):
+    for images, labels in batches:
         logits = model(images.to(device))
         labels = labels.to(device)
         correct1 += topk_correct(logits, labels, 1)
         correct5 += topk_correct(logits, labels, 5)
         total += len(labels)
     return 100.0 * correct1 / max(1, total), 100.0 * correct5 / max(1, total), total
+
+
+def uses_device_loader(config: FinetuneConfig, spec: DataSpec, device: torch.device) -> bool:
+    """``--loader auto`` keeps small-image splits on a CUDA device; ``device``/``workers`` force a choice."""
+    if config.loader == "auto":
+        return device.type == "cuda" and max(spec.input_size) <= MAX_SIDE
+    return config.loader == "device"
 
 
 # --------------------------------------------------------------------------- the run
@@ -226,6 +251,23 @@ def _check_classes(model: nn.Module, dataset: Dataset, spec: DataSpec, device: t
             f"The data has {len(spec.classes)} classes but the model predicts {outputs}; "
             "fine-tune on data with the model's classes (or convert a model built for these classes)."
         )
+
+
+SYNC_EVERY = 50
+
+
+def _check_finite(loss, loss_sum, env: Distributed, epoch: int, step: int, last_path: Path) -> float:
+    """The loss (mean over ranks); raises CheckFailedError when it, or any loss since the last check,
+    is NaN or infinite."""
+    loss_value, since_last = _all_reduce_sum([float(loss.detach()), float(loss_sum)], env)
+    loss_value /= env.world
+    if not (math.isfinite(loss_value) and math.isfinite(since_last)):
+        bad = loss_value if not math.isfinite(loss_value) else since_last
+        raise CheckFailedError(
+            f"The loss became {bad} at epoch {epoch + 1}, step {step + 1}; the run stopped and "
+            f"{last_path} keeps the last good epoch (if any): lower --lr or check the data."
+        )
+    return loss_value
 
 
 def _rng_state() -> dict:
@@ -266,6 +308,8 @@ def finetune(
         check_writable(path)
     if config.bn_mode not in ("train", "frozen"):
         raise BadInputError(f"--bn-mode must be 'train' or 'frozen', got {config.bn_mode!r}.")
+    if config.loader not in ("auto", "workers", "device"):
+        raise BadInputError(f"--loader must be auto, workers or device; got {config.loader!r}.")
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
         raise BadInputError(
             f"--epochs must be ≥ 1 and --batch-size a multiple of the {env.world} process(es); "
@@ -318,6 +362,7 @@ def finetune(
         optimiser.add_param_group(
             {"params": masks.optimiser_parameters(), "lr": config.mask_lr, "weight_decay": 0.0, "momentum": 0.0}
         )
+    ortho_weight = effective_ortho_weight(config.ortho_weight, masks.learns)
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, warmup, total_steps))
 
@@ -353,6 +398,17 @@ def finetune(
             max_images=config.recalibrate_images,
         )
 
+    on_device = uses_device_loader(config, spec, env.device)
+    channels_last = env.device.type == "cuda"
+    if on_device:
+        options = {"input_size": spec.input_size, "channels": spec.channels, "mean": spec.mean, "std": spec.std,
+                   "seed": config.seed, "device": env.device, "channels_last": channels_last}  # fmt: skip
+        train_device = DeviceImageSet.from_dataset(train_set, augment=config.augment, **options)
+        eval_device = DeviceImageSet.from_dataset(eval_set, augment=False, **options)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+
     model: nn.Module = student
     if env.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -371,9 +427,16 @@ def finetune(
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         before = binary_masks(student)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)  # Σ loss·n since the last check
+        correct = torch.zeros((), dtype=torch.long, device=env.device)
         sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
-        flips = 0
-        for step, (images, labels) in enumerate(_loader(train_set, per_rank, config.workers, sampler)):
+        flips, loss_value = 0, float("nan")
+        if on_device:
+            train_device.set_epoch(epoch)
+            batches = train_device.batches(list(sampler)[: steps_per_epoch * per_rank], per_rank)
+        else:
+            batches = _loader(train_set, per_rank, config.workers, sampler)
+        for step, (images, labels) in enumerate(batches):
             images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
             masks.before_step()
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -384,32 +447,36 @@ def finetune(
                         teacher_logits = teacher(images)
                     kd = distillation_loss(logits.float(), teacher_logits.float(), config.temperature)
                     loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
-                if masks.learns and config.ortho_weight > 0:
-                    loss = loss + config.ortho_weight * orthogonality_loss(student)
-            loss_value = _all_reduce_sum([float(loss.detach())], env)[0] / env.world
-            if not math.isfinite(loss_value):
-                raise CheckFailedError(
-                    f"The loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; the run stopped and "
-                    f"{last_path} keeps the last good epoch (if any): lower --lr or check the data."
-                )
+                if ortho_weight > 0:
+                    loss = loss + ortho_weight * orthogonality_loss(student)
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            sums[2] += len(labels)
+            # a host sync per step would stall a GPU; a NaN persists, so checking every few steps suffices
+            if env.device.type == "cpu" or (step + 1) % SYNC_EVERY == 0 or step + 1 == steps_per_epoch:
+                loss_value = _check_finite(loss, loss_sum, env, epoch, step, last_path)
+                sums[0] += float(loss_sum)
+                sums[1] += int(correct)
+                loss_sum.zero_()
+                correct.zero_()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             scheduler.step()
             flips += masks.after_step()
-            sums[0] += loss_value * len(labels)
-            sums[1] += topk_correct(logits.detach(), labels, 1)
-            sums[2] += len(labels)
             if progress and env.main:
                 progress(step + 1, steps_per_epoch, {"epoch": epoch + 1, "loss": loss_value})
-        loss_sum, correct, seen = _all_reduce_sum(sums, env)
+        total_loss, total_correct, seen = _all_reduce_sum(sums, env)
         elapsed = time.perf_counter() - started
         mask_changes = count_flips(before, binary_masks(student))
-        top1, top5, _ = evaluate_model(student, eval_set, env.device, workers=config.workers)
+        if on_device:
+            top1, top5, _ = evaluate_batches(student, eval_device.batches(range(len(eval_device)), 256), env.device)
+        else:
+            top1, top5, _ = evaluate_model(student, eval_set, env.device, workers=config.workers)
         metrics = EpochMetrics(
             epoch=epoch + 1,
-            train_loss=loss_sum / seen,
-            train_top1=100.0 * correct / seen,
+            train_loss=total_loss / seen,
+            train_top1=100.0 * total_correct / seen,
             val_top1=top1,
             val_top5=top5,
             mask_flips=mask_changes,
