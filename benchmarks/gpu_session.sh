@@ -3,10 +3,12 @@
 #   1. train-step time versatile/dense on the GPU (alone, so the timing is clean);
 #   2. side by side: the full CIFAR-10 table (benchmarks/cifar10.py, 8 settings, 15 epochs, 50k images)
 #      and the mask-rule comparison at the same budget (benchmarks/mask_learning.py).
-# Usage: benchmarks/gpu_session.sh DATA_DIR MODELS_DIR OUT_DIR [WHEELS_DIR]
+# Usage: benchmarks/gpu_session.sh DATA_DIR MODELS_DIR OUT_DIR [WHEELS_DIR] [PART]
 #   DATA_DIR holds cifar10-{train,test}.tar.gz (../shared/data/cifar10), MODELS_DIR resnet20_cifar10.pt.
+#   PART "all" (default) runs the above; "followup" runs what the first session (2026-11-27) lost to
+#   a bug (the flip rules, fixed since) and a second seed of learned s=2 and s=4.
 set -u
-data=$1 models=$2 out=$3 wheels=${4:-}
+data=$1 models=$2 out=$3 wheels=${4:-} part=${5:-all}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 if [ -n "$wheels" ]; then  # packages the machine lacks (torch-pruning), installed without a network
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl && export PYTHONPATH=/tmp/site
@@ -18,17 +20,26 @@ python3 -c "from pathlib import Path; from benchmarks.init_quality import unpack
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, torchvision, onnxruntime; print(torch.__version__, torchvision.__version__, onnxruntime.__version__)"
 
-timeout 90 python3 benchmarks/train_step.py --device cuda --batch 256 --rounds 20 \
-  && cp benchmarks/results/train_step_cuda.json "$out/"
-
 budget=${BENCH_SECONDS:-440}
-timeout "$budget" python3 benchmarks/cifar10.py --jobs 8 --batch-size 256 --lr 0.02 --models "$models" \
-  --shared-data "$data" --cifar "$cache" --latency-seconds 1 --output "$out/cifar10" > "$out/cifar10.log" 2>&1 &
-timeout "$budget" python3 benchmarks/mask_learning.py --epochs 15 --train-limit 0 --jobs 6 --batch-size 256 \
-  --lr 0.02 --models "$models" --cifar "$cache" --output "$out/mask_learning_gpu" \
-  --rules "frozen,frozen + ortho,tpami,tpami + ortho,flip,flip + ortho" > "$out/mask_learning.log" 2>&1 &
+if [ "$part" = all ]; then
+  timeout 90 python3 benchmarks/train_step.py --device cuda --batch 256 --rounds 20 \
+    && cp benchmarks/results/train_step_cuda.json "$out/"
+  timeout "$budget" python3 benchmarks/cifar10.py --jobs 8 --batch-size 256 --lr 0.02 --models "$models" \
+    --shared-data "$data" --cifar "$cache" --latency-seconds 1 --output "$out/cifar10" > "$out/cifar10.log" 2>&1 &
+  rules="frozen,frozen + ortho,tpami,tpami + ortho,flip,flip + ortho"
+  timeout "$budget" python3 benchmarks/mask_learning.py --epochs 15 --train-limit 0 --jobs 6 --batch-size 256 \
+    --lr 0.02 --models "$models" --cifar "$cache" --output "$out/mask_learning_gpu" \
+    --rules "$rules" > "$out/mask_learning.log" 2>&1 &
+else
+  timeout "$budget" python3 benchmarks/cifar10.py --jobs 2 --batch-size 256 --lr 0.02 --seed 1 --models "$models" \
+    --shared-data "$data" --cifar "$cache" --latency-seconds 1 --output "$out/cifar10_seed1" \
+    --settings "learned s=2,learned s=4" > "$out/cifar10.log" 2>&1 &
+  timeout "$budget" python3 benchmarks/mask_learning.py --epochs 15 --train-limit 0 --jobs 2 --batch-size 256 \
+    --lr 0.02 --models "$models" --cifar "$cache" --output "$out/mask_learning_gpu_flip" \
+    --rules "flip,flip + ortho" > "$out/mask_learning.log" 2>&1 &
+fi
 while [ -n "$(jobs -r)" ]; do  # a heartbeat, so a stalled run shows where it was
-  sleep 30
+  sleep 10
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   tail -q -n 1 "$out/cifar10.log" "$out/mask_learning.log" 2>/dev/null | cut -c1-200
 done

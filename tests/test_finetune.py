@@ -93,6 +93,19 @@ def test_flip_rule_respects_its_budget_and_first_order_gain() -> None:
     assert layer.mask_proxy.grad is None
 
 
+def test_flip_rule_flips_the_same_bits_in_a_channels_last_model() -> None:
+    flips = {}
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model, layer = _layer_with_grad()
+        model.to(memory_format=memory_format)
+        learner = MaskLearner(model, MaskSettings("flip", flip_rate=0.1, anneal=1.0, evidence_decay=0.0), 100, 1)
+        before = binary_masks(model)
+        layer.mask_proxy.grad = torch.randn(layer.mask_proxy.shape, generator=torch.Generator().manual_seed(0))
+        assert learner.after_step() > 0
+        flips[memory_format] = before["0"] != binary_masks(model)["0"]
+    assert torch.equal(flips[torch.contiguous_format], flips[torch.channels_last])
+
+
 def test_frozen_and_tpami_rules() -> None:
     model, layer = _layer_with_grad()
     MaskLearner(model, MaskSettings("frozen"), 10, 1)

@@ -130,9 +130,13 @@ class MaskLearner:
             top = torch.topk(gain, min(count, gain.numel()))
             chosen = top.indices[top.values > 0]
             if chosen.numel():
-                flat = proxy.view(-1)
-                flat[chosen] = torch.where(on.flatten()[chosen], _PROXY_OFF, _PROXY_ON).to(flat)
-                evidence.view(-1)[chosen] = 0
+                # flatten() (a copy for channels_last tensors) and copy back: indices are in logical order
+                values = proxy.flatten()
+                values[chosen] = torch.where(on.flatten()[chosen], _PROXY_OFF, _PROXY_ON).to(values)
+                proxy.copy_(values.view(proxy.shape))
+                cleared = evidence.flatten()
+                cleared[chosen] = 0
+                evidence.copy_(cleared.view(evidence.shape))
                 flipped += chosen.numel()
         for _, layer in self.layers:
             layer.mask_proxy.grad = None
