@@ -142,12 +142,17 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
         f"- Device: {record['device']}. Machine: {m['cpu']}, {m['cpu_count']} cores, {m['platform']}; "
         f"load average {m['load_average_start'][0]:.1f} at the start"
         + (f", {m['load_average_end'][0]:.1f} at the end" if m.get("load_average_end") else "")
-        + " (the cores are shared with other jobs: wall times and latencies are noisy).",
+        + (
+            " (the cores are shared with other jobs: wall times and latencies are noisy)."
+            if record["device"].startswith("cpu")
+            else f" ({record.get('jobs', 1)} settings ran side by side on the GPU, so the wall times per row include "
+            "sharing it; latencies are onnxruntime on this machine's CPU, measured while other jobs ran)."
+        ),
         f"- Versions: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
         f"torch-pruning {m['torch_pruning']}."
         + (f" Wall time: {record['wall_s']:.0f} s." if record.get("wall_s") else ""),
     ]
-    if record.get("cpu_s"):
+    if record.get("cpu_s") and record["device"].startswith("cpu"):
         lines.append(
             f"- CPU time of the whole run, all processes: {record['cpu_s']:.0f} s, i.e. about "
             f"{record['cpu_s'] / 2 / 60:.1f} min of wall time on 2 otherwise idle cores"

@@ -32,8 +32,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 RULES = [
-    ("frozen", ["--masks", "frozen", "--ortho-weight", "0"]),
-    ("frozen + ortho", ["--masks", "frozen", "--ortho-weight", "0.05"]),
+    ("frozen", ["--masks", "frozen"]),  # no "+ ortho" row: the penalty depends on the masks alone
     ("tpami", ["--masks", "tpami", "--mask-lr", "0.05", "--ortho-weight", "0"]),
     ("tpami + ortho", ["--masks", "tpami", "--mask-lr", "0.05", "--ortho-weight", "0.05"]),
     ("ste (threshold 0.5)", ["--masks", "ste", "--mask-lr", "0.05", "--ortho-weight", "0"]),

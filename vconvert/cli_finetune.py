@@ -49,9 +49,8 @@ def finetune(
         float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
     ] = 0.6,
     ortho_weight: Annotated[
-        float | None,
-        typer.Option("--ortho-weight", help="λ of the orthogonality loss [default: 0.05 if masks learn, else 0]."),
-    ] = None,
+        float, typer.Option("--ortho-weight", help="λ of the orthogonality loss (masks that learn).")
+    ] = 0.05,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Distil from the original model.")] = True,
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the KD term.")] = 0.7,

@@ -1,6 +1,7 @@
 """Fine-tuning a converted model with its original network as teacher.
 
-Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (by default only when masks learn).
+Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (masks that learn: the penalty is a
+function of the masks alone, so it has no gradient when they are frozen).
 SGD with Nesterov momentum, cosine schedule with linear warm-up, BatchNorm recalibration before the
 first epoch, mask updates by one of the strategies of ``vconvert.mask_learning``. Each epoch writes
 the last checkpoint (with everything needed to resume exactly) and the best one, atomically.
@@ -51,7 +52,7 @@ class FinetuneConfig:
     mask_lr: float = 0.05
     flip_rate: float = 0.01
     mask_anneal: float = 0.6
-    ortho_weight: float | None = None  # None: 0.05 when the masks learn, 0 when they are frozen
+    ortho_weight: float = 0.05
     distill: bool = True
     temperature: float = 4.0
     distill_weight: float = 0.7
@@ -96,16 +97,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def effective_ortho_weight(requested: float | None, masks_learn: bool) -> float:
-    """λ of the orthogonality loss: as requested, else 0.05 for masks that learn and 0 for frozen ones."""
-    if requested is not None:
-        return requested
-    return DEFAULT_ORTHO_WEIGHT if masks_learn else 0.0
-
-
-DEFAULT_ORTHO_WEIGHT = 0.05
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -362,7 +353,6 @@ def finetune(
         optimiser.add_param_group(
             {"params": masks.optimiser_parameters(), "lr": config.mask_lr, "weight_decay": 0.0, "momentum": 0.0}
         )
-    ortho_weight = effective_ortho_weight(config.ortho_weight, masks.learns)
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, warmup, total_steps))
 
@@ -447,8 +437,8 @@ def finetune(
                         teacher_logits = teacher(images)
                     kd = distillation_loss(logits.float(), teacher_logits.float(), config.temperature)
                     loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
-                if ortho_weight > 0:
-                    loss = loss + ortho_weight * orthogonality_loss(student)
+                if masks.learns and config.ortho_weight > 0:
+                    loss = loss + config.ortho_weight * orthogonality_loss(student)
             loss_sum += loss.detach().double() * len(labels)
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             sums[2] += len(labels)
