@@ -100,7 +100,9 @@ class SeededSamples(Dataset):
             return self.base[index]
 
 
-class _TensorImages(Dataset):
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) and labels, with an optional per-sample transform."""
+
     def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
 
@@ -219,7 +221,7 @@ def open_split(
         steps: list = [transforms.Normalize(spec.mean, spec.std)]
         if train and augment:
             steps.insert(0, transforms.RandomCrop(DIGITS_SIZE, padding=2))
-        return _TensorImages(images, labels, transforms.Compose(steps)), spec, 0
+        return TensorImages(images, labels, transforms.Compose(steps)), spec, 0
 
     from torchvision.datasets import ImageFolder
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from vconvert.data import SeededSamples, _TensorImages
+from vconvert.data import SeededSamples, TensorImages
 from vconvert.errors import BadInputError
 
 MAX_SIDE = 64  # larger images use random-resized crops, which this loader does not implement
@@ -119,7 +119,7 @@ class DeviceImageSet:
                 f"--loader device handles images up to {MAX_SIDE} pixels a side, these are {side}; "
                 "use --loader workers."
             )
-        if isinstance(inner, _TensorImages):  # digits: floats in [0, 1], zero-padded crops
+        if isinstance(inner, TensorImages):  # digits: floats in [0, 1], zero-padded crops
             images, pad_mode, padding = inner.images[indices], "constant", 2
         else:
             images = _decode_folder(inner, indices, input_size, channels)

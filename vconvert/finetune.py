@@ -407,6 +407,7 @@ def finetune(
     writer = _tensorboard(tensorboard) if tensorboard and env.main else None
     use_amp = env.device.type == "cuda"
 
+    loss_value = float("nan")  # the last loss read back from the device (shown by the progress bar)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -420,7 +421,7 @@ def finetune(
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)  # Σ loss·n since the last check
         correct = torch.zeros((), dtype=torch.long, device=env.device)
         sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
-        flips, loss_value = 0, float("nan")
+        flips = 0
         if on_device:
             train_device.set_epoch(epoch)
             batches = train_device.batches(list(sampler)[: steps_per_epoch * per_rank], per_rank)
