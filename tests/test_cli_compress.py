@@ -72,6 +72,18 @@ def test_compress_pickled_module_without_arch(pickled_file: Path, tmp_path: Path
     assert {layer["options"]["mode"] for layer in report["plan"]["layers"] if layer["options"]} == {"spatial"}
 
 
+def test_compress_init_fit_plain_trades_accuracy_prior_for_weight_error(state_dict_file: Path, tmp_path: Path) -> None:
+    errors = {}
+    for init in ("fit", "fit-plain"):
+        output = tmp_path / f"{init}.vc.pt"
+        result = invoke("compress", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "--init", init,
+                        "-o", output, "--json")  # fmt: skip
+        assert result.exit_code == 0, result.output + result.stderr
+        layers = [layer for layer in json.loads(result.output)["plan"]["layers"] if layer.get("fit_error") is not None]
+        errors[init] = sum(layer["fit_error"] for layer in layers) / len(layers)
+    assert errors["fit-plain"] < errors["fit"], errors
+
+
 def test_inspect_checkpoint_and_plain_model(state_dict_file: Path, tmp_path: Path) -> None:
     output = tmp_path / "m.vc.pt"
     assert invoke("compress", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "-o", output).exit_code == 0
@@ -107,6 +119,7 @@ def _write(path: Path, data: bytes) -> Path:
         ("bad-arch-kwargs", ["--arch-kwargs"]),
         ("skip-matches-nothing", ["--skip"]),
         ("overwrite-input", ["overwrite"]),
+        ("bad-init", ["--init"]),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
@@ -133,6 +146,8 @@ def test_compress_bad_input(case: str, fragments: list[str], state_dict_file: Pa
         args[4] = "1x3x32x32"
     elif case == "bad-arch-kwargs":
         args += ["--arch-kwargs", "{num_classes: 10}"]
+    elif case == "bad-init":
+        args += ["--init", "random"]
     elif case == "skip-matches-nothing":
         args += ["--skip", "no_such_layer"]
     elif case == "overwrite-input":

@@ -15,20 +15,27 @@ from vconvert.calibrate import recalibrate_batchnorm
 from vconvert.data import calibration_batches
 from vconvert.errors import BadInputError
 from vconvert.fit import (
+    FitResult,
     best_slot_permutation,
     fit_masks,
     fit_masks_and_primary,
     fit_primary,
     fit_scale,
+    fit_weight,
     group_cost,
     group_outputs,
     grouping_costs,
     improve_groups,
     initialise_from_weight,
+    metric_masks,
+    metric_primary,
+    metric_scale,
     pair_cost,
+    pair_outputs,
     rank_one,
     relative_error,
     slot_layout,
+    spatial_metric,
 )
 
 
@@ -141,6 +148,99 @@ def test_local_search_never_worsens_the_grouping() -> None:
     assert float(group_cost(cost, improved)) <= float(group_cost(cost, greedy)) + 1e-6
 
 
+def _best_matching_cost(cost: torch.Tensor, nodes: list[int]) -> float:
+    """Brute force: the cheapest perfect matching of ``nodes`` (even count)."""
+    if not nodes:
+        return 0.0
+    first, rest = nodes[0], nodes[1:]
+    return min(float(cost[first, other]) + _best_matching_cost(cost, [n for n in rest if n != other]) for other in rest)
+
+
+@pytest.mark.parametrize("outputs", [6, 8, 9, 11])
+def test_pairing_is_optimal_on_small_cases(outputs: int) -> None:
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        points = torch.randn(outputs, 3, generator=generator, dtype=torch.float64)
+        cost = torch.cdist(points, points).pow(2)
+        cells = torch.ones((outputs + 1) // 2, 2, dtype=torch.bool)
+        if outputs % 2:
+            cells[-1, 1] = False
+        members = pair_outputs(cost, cells)
+        assert sorted(members[members >= 0].tolist()) == list(range(outputs))
+        assert bool((members >= 0).eq(cells).all()), "a lone output sits in slot 0 of the last group"
+        padded = torch.zeros(outputs + outputs % 2, outputs + outputs % 2, dtype=torch.float64)
+        padded[:outputs, :outputs] = cost  # the dummy node of an odd count costs 0 with everyone
+        best = _best_matching_cost(padded, list(range(padded.shape[0])))
+        assert float(group_cost(cost, members)) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_large_pairing_is_valid_and_beats_greedy_grouping() -> None:
+    generator = torch.Generator().manual_seed(11)
+    filters = torch.randn(41, 18, generator=generator, dtype=torch.float64)
+    cost = grouping_costs(filters, masked=True)
+    cells = torch.ones(21, 2, dtype=torch.bool)
+    cells[-1, 1] = False
+    members = pair_outputs(cost, cells)  # 42 nodes: assignment relaxation + 2-opt
+    assert sorted(members[members >= 0].tolist()) == list(range(41))
+    assert bool((members >= 0).eq(cells).all())
+    greedy = improve_groups(cost, group_outputs([cost], filters.pow(2).sum(1), cells))
+    assert float(group_cost(cost, members)) <= float(group_cost(cost, greedy)) + 1e-9
+
+
+def test_spatial_metric_is_a_correlation_matrix() -> None:
+    metric = spatial_metric((3, 3), 0.5, dtype=torch.float64)
+    assert metric.shape == (9, 9)
+    torch.testing.assert_close(metric, metric.T)
+    assert bool((metric.diagonal() == 1).all())
+    assert float(metric[4, 5]) == 0.5 and float(metric[0, 8]) == 0.5**4  # neighbour, opposite corners
+    assert float(torch.linalg.eigvalsh(metric).min()) > 0
+    assert float(spatial_metric((3, 3), 0.5, (2, 2), torch.float64)[4, 5]) == 0.25  # dilation spreads taps
+    torch.testing.assert_close(spatial_metric((3, 3), 0.0, dtype=torch.float64), torch.eye(9, dtype=torch.float64))
+
+
+def _metric_error(views: torch.Tensor, approx: torch.Tensor, metric: torch.Tensor) -> float:
+    residual = (views - approx).reshape(*views.shape[:-1], -1, metric.shape[0])
+    return float(((residual @ metric) * residual).sum())
+
+
+def test_metric_steps_are_exact_or_descent_steps() -> None:
+    generator = torch.Generator().manual_seed(12)
+    metric = spatial_metric((3, 3), 0.6, dtype=torch.float64)
+    views = torch.randn(5, 2, 4 * 9, generator=generator, dtype=torch.float64)
+    scale, primary = rank_one(views)
+    masks = (torch.rand(5, 2, 36, generator=generator) < 0.7).double()
+    start = _metric_error(views, scale.unsqueeze(-1) * masks * primary.unsqueeze(1), metric)
+    better = metric_masks(views, masks, scale.unsqueeze(-1) * primary.unsqueeze(1), metric)
+    after_masks = _metric_error(views, scale.unsqueeze(-1) * better * primary.unsqueeze(1), metric)
+    assert after_masks <= start + 1e-9
+    solved = metric_primary(views, better, scale, metric)
+    after_primary = _metric_error(views, scale.unsqueeze(-1) * better * solved.unsqueeze(1), metric)
+    assert after_primary <= after_masks + 1e-9
+    for _ in range(3):  # a least-squares minimum: any nudge of the primary makes it worse
+        nudged = solved + 1e-3 * torch.randn(solved.shape, generator=generator, dtype=torch.float64)
+        assert after_primary < _metric_error(views, scale.unsqueeze(-1) * better * nudged.unsqueeze(1), metric)
+    fitted_scale = metric_scale(views, better * solved.unsqueeze(1), metric)
+    after_scale = _metric_error(views, fitted_scale.unsqueeze(-1) * better * solved.unsqueeze(1), metric)
+    assert after_scale <= after_primary + 1e-9
+
+
+def test_spatial_prior_lowers_the_metric_error_and_zero_keeps_the_plain_fit() -> None:
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(12, 5, 3, 3, generator=generator, dtype=torch.float64)
+    layout = slot_layout(VersatileConv2d(5, 12, 3, bias=False, dtype=torch.float64))
+    metric = spatial_metric((3, 3), 0.5, dtype=torch.float64)
+
+    def errors(result: FitResult) -> tuple[float, float]:
+        approx = result.scale.view(-1, 1) * result.mask * result.primary[result.primary_index]
+        flat = weight.flatten(1)
+        return float((flat - approx).pow(2).sum()), _metric_error(flat, approx, metric)
+
+    plain_error, plain_metric = errors(fit_weight(weight, layout, spatial_correlation=0.0))
+    prior_error, prior_metric = errors(fit_weight(weight, layout, spatial_correlation=0.5))
+    assert prior_metric < plain_metric
+    assert plain_error <= prior_error + 1e-9
+
+
 # --------------------------------------------------------------------------- the entry point
 @dataclass(frozen=True)
 class Case:
@@ -234,6 +334,8 @@ def test_initialise_refuses_wrong_inputs() -> None:
         initialise_from_weight(layer, torch.randn(6, 4, 3, 3), torch.zeros(6), method="svd")
     with pytest.raises(ValueError, match="bias"):
         initialise_from_weight(layer, torch.randn(6, 4, 3, 3), None)
+    with pytest.raises(ValueError, match="spatial_correlation"):
+        initialise_from_weight(layer, torch.randn(6, 4, 3, 3), torch.zeros(6), spatial_correlation=1.0)
 
 
 def test_zero_weight_gives_zero_error() -> None:

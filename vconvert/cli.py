@@ -106,7 +106,14 @@ def compress(
     convert_first: ConvertFirstOpt = False,
     min_params: MinParamsOpt = 0,
     skip: SkipOpt = None,
-    init: Annotated[str, typer.Option("--init", help="fit (data-free least squares) | naive.")] = "fit",
+    init: Annotated[
+        str,
+        typer.Option(
+            "--init",
+            help="fit (data-free least squares under a smooth-input prior; best accuracy) | fit-plain (least "
+            "squares on the weights alone; lowest weight error) | naive.",
+        ),
+    ] = "fit",
     calib_data: Annotated[
         Path | None, typer.Option("--calib-data", help="Image folder to recalibrate BatchNorm statistics on.")
     ] = None,

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from vconvert.errors import BadInputError
-from vconvert.fit import initialise_from_weight
+from vconvert.fit import METHODS, initialise_from_weight
 from vconvert.layers import VersatileConv2d
 from vconvert.report import conv_macs, model_stored_bits
 
@@ -279,8 +279,8 @@ def compress(
     without fitting or swapping anything (``vconvert inspect`` on a plain model). ``progress`` is
     called as (layers done, layers in all, layer name). The input model is not modified.
     """
-    if init not in ("fit", "naive"):
-        raise BadInputError(f"--init must be 'fit' or 'naive', got {init!r}.")
+    if init not in METHODS:
+        raise BadInputError(f"--init must be one of {', '.join(METHODS)}; got {init!r}.")
     for pattern in skip:
         try:
             re.compile(pattern)
