@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-ARCH = "sample_models.resnet_cifar:resnet20"
+ARCHS = ("resnet8", "resnet20", "resnet56")  # in sample_models.resnet_cifar
 MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 INPUT_SHAPE = [1, 3, 32, 32]
 PUBLISHED_BASELINE = 88.57  # ../shared/models/README.md, full JPEG test set, fp32 CPU
@@ -139,12 +139,21 @@ def conv_ratios(plan: dict) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- pruning
-def load_base(models: Path) -> nn.Module:
-    """The pretrained ResNet-20 in eval mode."""
-    from sample_models.resnet_cifar import resnet20
+def base_file(args: argparse.Namespace) -> Path:
+    """The dense network to compress: ``--base``, else the pretrained ResNet-20 in ``--models``."""
+    return args.base or args.models / "resnet20_cifar10.pt"
 
-    model = resnet20()
-    model.load_state_dict(torch.load(models / "resnet20_cifar10.pt", weights_only=True))
+
+def arch_spec(args: argparse.Namespace) -> str:
+    return f"sample_models.resnet_cifar:{args.arch}"
+
+
+def load_base(args: argparse.Namespace) -> nn.Module:
+    """The dense network in eval mode."""
+    from sample_models import resnet_cifar
+
+    model = getattr(resnet_cifar, args.arch)()
+    model.load_state_dict(torch.load(base_file(args), weights_only=True))
     return model.eval()
 
 
@@ -276,7 +285,7 @@ def compress_setting(setting: Setting, ctx: Context) -> dict[str, Any]:
     slug = slug_of(setting.name)
     compressed = ctx.work / f"{slug}.vc.pt"
     result, seconds = ctx.run(
-        "compress", str(ctx.args.models / "resnet20_cifar10.pt"), "--arch", ARCH,
+        "compress", str(base_file(ctx.args)), "--arch", arch_spec(ctx.args),
         "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample",
         "--mean", MEAN, "--std", STD, "--calib-data", ctx.data, "--calib-images", str(ctx.calib),
         *setting.options, "-o", str(compressed),
@@ -326,6 +335,7 @@ def pruning_row(setting: Setting, target: float, ctx: Context) -> tuple[dict[str
     onnx, row_file = ctx.work / f"{slug}.onnx", ctx.work / f"{slug}.row.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--prune-one", f"{target}", "--prune-onnx", str(onnx),
                "--prune-row", str(row_file), "--models", str(ctx.args.models), "--cifar", ctx.data,
+               "--arch", ctx.args.arch, *(["--base", str(ctx.args.base)] if ctx.args.base else []),
                "--epochs", str(ctx.epochs), "--calib-images", str(ctx.calib), "--batch-size", str(ctx.args.batch_size),
                "--lr", str(ctx.args.lr), "--seed", str(ctx.args.seed), "--loader", ctx.args.loader]  # fmt: skip
     if ctx.train_limit:
@@ -347,7 +357,7 @@ def prune_one(args: argparse.Namespace, epochs: int, calib: int) -> None:
     from vconvert.finetune import finetune as run_finetune
     from vconvert.report import model_stored_bits
 
-    base = load_base(args.models)
+    base = load_base(args)
     times: dict[str, float] = {}
     clock = time.perf_counter()
     pruned, channel_ratio = prune_to_size(base, args.prune_one)
@@ -414,6 +424,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU preset: 2,000 training images, 2 epochs")
     parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="dense state_dict to compress instead of the pretrained ResNet-20 "
+        "(e.g. from benchmarks/train_baseline.py)",
+    )
+    parser.add_argument("--arch", choices=ARCHS, default="resnet20", help="architecture of --base")
     parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
     parser.add_argument("--shared-data", type=Path, default=Path("/work/shared/data/cifar10"))
     parser.add_argument("--epochs", type=int, help="fine-tune epochs (quick 2, full 15)")
@@ -452,8 +469,9 @@ def main() -> None:
         "complete": False,
         "command": "python benchmarks/cifar10.py " + " ".join(sys.argv[1:]),
         "mode": "quick" if quick else "full",
-        "network": f"pretrained CIFAR-10 ResNet-20 ({args.models / 'resnet20_cifar10.pt'}), arch {ARCH}",
-        "published_baseline_top1_full_test_set": PUBLISHED_BASELINE,
+        "network": f"{'own' if args.base else 'pretrained'} CIFAR-10 {args.arch} ({base_file(args)}), "
+        f"arch {arch_spec(args)}",
+        "published_baseline_top1_full_test_set": None if args.base else PUBLISHED_BASELINE,
         "epochs": epochs,
         "train_images": train_limit or 50000,
         "eval_images": eval_limit or 10000,
@@ -493,7 +511,7 @@ def main() -> None:
         from vconvert.export import export as export_model
         from vconvert.report import model_stored_bits
 
-        base = load_base(args.models)
+        base = load_base(args)
         preprocessing = {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}
         onnx_files: dict[str, Path] = {"dense baseline": work / "baseline.onnx"}
         report = export_model(base, onnx_files["dense baseline"], input_shape=INPUT_SHAPE, measure=False,

@@ -123,6 +123,7 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
     """Write the Markdown report (and the plot beside it) for a complete or partial ``record``."""
     plot(record, png_path)
     base = record.get("baseline", {})
+    published = record.get("published_baseline_top1_full_test_set")
     m = record["machine"]
     status = ("complete run" if record.get("complete") else
               "**PARTIAL run: the script had not finished when this was written; rows and latencies may be "
@@ -132,8 +133,8 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
         "",
         f"{status}. Command: `{record['command']}`",
         "",
-        f"- Network: {record['network']}; its published top-1 on the full 10,000-image JPEG test set is "
-        f"{record['published_baseline_top1_full_test_set']}%.",
+        f"- Network: {record['network']}"
+        + (f"; its published top-1 on the full 10,000-image JPEG test set is {published}%." if published else "."),
         f"- Every row: {record['epochs']} fine-tune epochs on {record['train_images']:,} training images "
         f"(batch {record['batch_size']}, lr {record['lr']}, KD from the original, seed {record['seed']}), "
         f"BN recalibration on {record['calib_images']} images; top-1 measured by `vconvert evaluate` on the "

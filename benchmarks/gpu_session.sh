@@ -7,6 +7,12 @@
 #   DATA_DIR holds cifar10-{train,test}.tar.gz (../shared/data/cifar10), MODELS_DIR resnet20_cifar10.pt.
 #   PART "all" (default) runs the above; "followup" runs what the first session (2026-11-27) lost to
 #   a bug (the flip rules, fixed since) and a second seed of learned s=2 and s=4.
+#   PART "baselines" trains the project's own ResNet-20 and ResNet-56 side by side
+#   (benchmarks/train_baseline.py, EPOCHS20 / EPOCHS56 epochs, default 200 / 120) into
+#   ~/.cache/vconvert/baselines on the device; PART "own-table" then runs the table on them (a
+#   second call on the same warm machine: the models are never committed, so they must not outlive
+#   it). Not yet run on a GPU: the epoch counts are sized from the measured dense step (11 ms at batch
+#   256 on an H200, train_step_cuda.json), about 2.2 s per ResNet-20 epoch.
 set -u
 data=$1 models=$2 out=$3 wheels=${4:-} part=${5:-all}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -30,6 +36,21 @@ if [ "$part" = all ]; then
   timeout "$budget" python3 benchmarks/mask_learning.py --epochs 15 --train-limit 0 --jobs 6 --batch-size 256 \
     --lr 0.02 --models "$models" --cifar "$cache" --output "$out/mask_learning_gpu" \
     --rules "$rules" > "$out/mask_learning.log" 2>&1 &
+elif [ "$part" = baselines ]; then
+  for arch in resnet20 resnet56; do
+    [ $arch = resnet20 ] && epochs=${EPOCHS20:-200} || epochs=${EPOCHS56:-120}
+    timeout "$budget" python3 benchmarks/train_baseline.py --arch $arch --epochs "$epochs" --batch-size 256 \
+      --lr 0.1 --cifar "$cache" --results "$out/baseline_$arch.json" > "$out/$arch.log" 2>&1 &
+  done
+elif [ "$part" = own-table ]; then
+  own=$HOME/.cache/vconvert/baselines
+  timeout "$budget" python3 benchmarks/cifar10.py --jobs 8 --batch-size 256 --lr 0.02 --models "$models" \
+    --base "$own/resnet20_cifar10.pt" --arch resnet20 --cifar "$cache" --latency-seconds 1 \
+    --output "$out/cifar10_own_resnet20" > "$out/cifar10.log" 2>&1 &
+  timeout "$budget" python3 benchmarks/cifar10.py --jobs 4 --batch-size 256 --lr 0.02 --models "$models" \
+    --base "$own/resnet56_cifar10.pt" --arch resnet56 --cifar "$cache" --latency-seconds 1 \
+    --settings "learned s=2,learned s=4,target-ratio 2,torch-pruning @ target-ratio 2" \
+    --output "$out/cifar10_own_resnet56" > "$out/cifar10_resnet56.log" 2>&1 &
 else
   timeout "$budget" python3 benchmarks/cifar10.py --jobs 2 --batch-size 256 --lr 0.02 --seed 1 --models "$models" \
     --shared-data "$data" --cifar "$cache" --latency-seconds 1 --output "$out/cifar10_seed1" \
@@ -41,7 +62,7 @@ fi
 while [ -n "$(jobs -r)" ]; do  # a heartbeat, so a stalled run shows where it was
   sleep 10
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-  tail -q -n 1 "$out/cifar10.log" "$out/mask_learning.log" 2>/dev/null | cut -c1-200
+  tail -q -n 1 "$out"/*.log 2>/dev/null | cut -c1-200
 done
 wait
 echo "done"

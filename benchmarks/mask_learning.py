@@ -3,12 +3,13 @@ thresholded STE proxy vs the flip rule, each learning rule with and without the 
 
 Runs the real CLI: compress the pretrained CIFAR-10 ResNet-20 (learned s=2 on every 3x3 conv but the
 stem, BN recalibration), then `vconvert finetune` once per rule with the same data, seed and budget,
-then `vconvert evaluate` on the fine-tuned file. On 2 CPU cores the full 50k-image, 15-epoch budget
-takes days, so the default is a reduced run (a subset, few epochs): say so when quoting it. On a GPU,
-``--train-limit 0 --epochs 15 --jobs 8`` runs the full budget, the rules side by side.
+then `vconvert evaluate` on the fine-tuned file. The default is a reduced run (a subset, few epochs):
+say so when quoting it. ``--train-limit 0 --epochs 15`` is the full budget: about 30 minutes per rule
+on 2 CPU cores with ``--loader device --batch-size 256``; on a GPU ``--jobs 8`` runs the rules side by side.
 
     python benchmarks/mask_learning.py [--epochs 2] [--train-limit 8000] [--eval-limit 10000] [--jobs 1]
-           [--batch-size 128] [--lr 0.01] [--models /work/shared/models] [--cifar ~/.cache/vconvert/cifar10]
+           [--batch-size 128] [--lr 0.01] [--loader auto|workers|device] [--models /work/shared/models]
+           [--cifar ~/.cache/vconvert/cifar10]
            [--output benchmarks/results/mask_learning]
 
 Writes benchmarks/results/mask_learning.json and .md (or the --output stem).
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader", default="auto", help="vconvert finetune --loader")
     parser.add_argument("--jobs", type=int, default=1, help="rules fine-tuned at the same time")
     parser.add_argument("--rules", default=",".join(name for name, _ in RULES), help="comma-separated subset")
     parser.add_argument("--output", type=Path, default=RESULTS / "mask_learning", help="results path stem")
@@ -87,7 +89,7 @@ def main() -> None:
             output = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.vc.pt"
             common = ["--data", str(args.cifar), "--epochs", str(args.epochs), "--eval-limit", "2000",
                       "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-                      "--recalibrate-images", "0"]  # fmt: skip
+                      "--recalibrate-images", "0", "--loader", args.loader]  # fmt: skip
             if args.train_limit:
                 common += ["--train-limit", str(args.train_limit)]
             started = time.perf_counter()
@@ -125,6 +127,7 @@ def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "jobs": args.jobs,
+        "loader": args.loader,
         "eval_images": start_eval["images"],
         "seed": args.seed,
         "compress_s": round(compress_s, 1),
