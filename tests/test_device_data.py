@@ -13,10 +13,10 @@ from test_finetune import QUICK, _converted_checkpoint
 
 from sample_models.resnet_cifar import resnet8
 from vconvert import compress, load_checkpoint
-from vconvert.data import open_split
+from vconvert.data import DataSpec, open_split
 from vconvert.device_data import DeviceImageSet, crop_and_flip, random_crop_offsets
 from vconvert.errors import BadInputError
-from vconvert.finetune import FinetuneConfig, finetune
+from vconvert.finetune import FinetuneConfig, finetune, uses_device_loader
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -113,3 +113,36 @@ def test_channels_last_model_computes_the_same_outputs() -> None:
     model.to(memory_format=torch.channels_last)
     actual = model(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_digits_are_cropped_but_never_mirrored() -> None:
+    dataset, spec, _ = open_split("digits", True)
+    device_set = DeviceImageSet.from_dataset(
+        dataset, input_size=spec.input_size, channels=spec.channels, mean=spec.mean, std=spec.std,
+        augment=True, seed=0, device=torch.device("cpu"),
+    )  # fmt: skip
+    images, _ = next(device_set.batches(range(64), 64))
+    raw = images * device_set.std + device_set.mean
+    side = spec.input_size[0]
+    for index in range(64):
+        padded = F.pad(device_set.images[index : index + 1], (2, 2, 2, 2))[0]
+        windows = [padded[:, r : r + side, c : c + side] for r in range(5) for c in range(5)]
+        assert any(torch.allclose(raw[index], window, atol=1e-5) for window in windows), index
+
+
+@pytest.mark.parametrize(
+    ("device", "side", "images", "loader", "expected"),
+    [
+        ("cpu", 32, 60_000, "auto", True),  # CIFAR-10: 0.17 GiB in host memory
+        ("cpu", 32, 400_000, "auto", False),  # 1.15 GiB: worker processes
+        ("cpu", 96, 100, "auto", False),  # larger images need random-resized crops
+        ("cuda", 32, 400_000, "auto", True),
+        ("cpu", 32, 100, "workers", False),
+        ("cpu", 96, 100, "device", True),  # forced (from_dataset then refuses it with a sentence)
+    ],
+    ids=["cpu-cifar", "cpu-too-big", "cpu-large-images", "cuda", "forced-workers", "forced-device"],
+)
+def test_auto_loader_choice(device: str, side: int, images: int, loader: str, expected: bool) -> None:
+    spec = DataSpec("data", [side, side], 3, MEAN, STD, ["a", "b"])
+    config = FinetuneConfig(loader=loader)
+    assert uses_device_loader(config, spec, torch.device(device), images) is expected

@@ -70,7 +70,8 @@ def finetune(
         typer.Option(
             "--loader",
             help="workers (processes decode and augment) | device (the whole split on the training device, "
-            "augmented there; images up to 64 px) | auto (device on CUDA for small images, else workers).",
+            "augmented there; images up to 64 px) | auto (device for small images on CUDA, and on CPU while the "
+            "split fits in 1 GiB; else workers).",
         ),
     ] = "auto",
     mean: Annotated[str | None, typer.Option("--mean", help="Override the input mean.")] = None,

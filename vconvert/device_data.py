@@ -22,6 +22,7 @@ from vconvert.errors import BadInputError
 
 MAX_SIDE = 64  # larger images use random-resized crops, which this loader does not implement
 MAX_BYTES = 4 << 30
+AUTO_HOST_BYTES = 1 << 30  # --loader auto keeps a split in host memory (CPU training) up to this size
 
 
 def random_crop_offsets(count: int, padding: int, generator: torch.Generator) -> Tensor:
@@ -71,8 +72,8 @@ def _decode_folder(folder, indices: list[int], size: Sequence[int], channels: in
 class DeviceImageSet:
     """A split as one tensor on ``device``; yields normalised (images, labels) batches.
 
-    Training batches are reflect-padded random crops and horizontal flips (the small-image
-    augmentation of ``vconvert.data``) drawn per (seed, epoch, index).
+    Training batches are padded random crops, plus horizontal flips where ``flip`` (the small-image
+    augmentation of ``vconvert.data``: folders flip, digits do not), drawn per (seed, epoch, index).
     """
 
     def __init__(
@@ -87,13 +88,14 @@ class DeviceImageSet:
         pad_mode: str = "reflect",
         seed: int = 0,
         channels_last: bool = False,
+        flip: bool = True,
     ) -> None:
         self.images, self.labels = images, labels
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
         self.augment, self.padding, self.pad_mode, self.seed = augment, padding, pad_mode, seed
-        self.channels_last = channels_last
+        self.channels_last, self.flip = channels_last, flip
         self.epoch = 0
 
     @classmethod
@@ -119,11 +121,11 @@ class DeviceImageSet:
                 f"--loader device handles images up to {MAX_SIDE} pixels a side, these are {side}; "
                 "use --loader workers."
             )
-        if isinstance(inner, TensorImages):  # digits: floats in [0, 1], zero-padded crops
-            images, pad_mode, padding = inner.images[indices], "constant", 2
+        if isinstance(inner, TensorImages):  # digits: floats in [0, 1], zero-padded crops, never mirrored
+            images, pad_mode, padding, flip = inner.images[indices], "constant", 2, False
         else:
             images = _decode_folder(inner, indices, input_size, channels)
-            pad_mode, padding = "reflect", max(1, input_size[0] // 8)
+            pad_mode, padding, flip = "reflect", max(1, input_size[0] // 8), True
         if images.numel() * images.element_size() > MAX_BYTES:
             raise BadInputError(
                 f"The split needs {images.numel() * images.element_size() / 2**30:.1f} GiB on the device "
@@ -141,6 +143,7 @@ class DeviceImageSet:
             pad_mode=pad_mode,
             seed=seed,
             channels_last=channels_last,
+            flip=flip,
         )
 
     def __len__(self) -> int:
@@ -162,7 +165,7 @@ class DeviceImageSet:
         if self.augment:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019)
             offsets = random_crop_offsets(len(self), self.padding, generator)
-            flips = torch.rand(len(self), generator=generator) < 0.5
+            flips = (torch.rand(len(self), generator=generator) < 0.5) & self.flip
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             on_device = chosen.to(self.images.device)
