@@ -8,11 +8,11 @@
 #   PART "all" (default) runs the above; "followup" runs what the first session (2026-11-27) lost to
 #   a bug (the flip rules, fixed since) and a second seed of learned s=2 and s=4.
 #   PART "baselines" trains the project's own ResNet-20 and ResNet-56 side by side
-#   (benchmarks/train_baseline.py, EPOCHS20 / EPOCHS56 epochs, default 200 / 120) into
-#   ~/.cache/vconvert/baselines on the device; PART "own-table" then runs the table on them (a
-#   second call on the same warm machine: the models are never committed, so they must not outlive
-#   it). Not yet run on a GPU: the epoch counts are sized from the measured dense step (11 ms at batch
-#   256 on an H200, train_step_cuda.json), about 2.2 s per ResNet-20 epoch.
+#   (benchmarks/train_baseline.py, up to 200 epochs, fewer where the first epoch says they would not
+#   fit in BENCH_SECONDS - 60) into ~/.cache/vconvert/baselines on the device; PART "own-table" then
+#   runs the table on them (a second call on the same warm machine: the models are never committed,
+#   so they must not outlive it). Not yet run on a GPU: the measured dense step (11 ms at batch 256
+#   on an H200, train_step_cuda.json) gives about 2.2 s per ResNet-20 epoch.
 set -u
 data=$1 models=$2 out=$3 wheels=${4:-} part=${5:-all}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -38,9 +38,8 @@ if [ "$part" = all ]; then
     --rules "$rules" > "$out/mask_learning.log" 2>&1 &
 elif [ "$part" = baselines ]; then
   for arch in resnet20 resnet56; do
-    [ $arch = resnet20 ] && epochs=${EPOCHS20:-200} || epochs=${EPOCHS56:-120}
-    timeout "$budget" python3 benchmarks/train_baseline.py --arch $arch --epochs "$epochs" --batch-size 256 \
-      --lr 0.1 --cifar "$cache" --results "$out/baseline_$arch.json" > "$out/$arch.log" 2>&1 &
+    timeout "$budget" python3 benchmarks/train_baseline.py --arch $arch --epochs 200 --seconds $((budget - 60)) \
+      --batch-size 256 --lr 0.1 --cifar "$cache" --results "$out/baseline_$arch.json" > "$out/$arch.log" 2>&1 &
   done
 elif [ "$part" = own-table ]; then
   own=$HOME/.cache/vconvert/baselines

@@ -6,7 +6,7 @@ weights only, label smoothing, random crop (pad 4, reflect) + horizontal flip; t
 the device (vconvert.device_data), channels_last and bf16 autocast on CUDA. Meant for a GPU: on 2 CPU
 cores an epoch of ResNet-20 takes minutes, so there use ``--train-limit`` and few epochs to check it runs.
 
-    python benchmarks/train_baseline.py --arch resnet20 --epochs 200 [--batch-size 256] [--lr 0.1]
+    python benchmarks/train_baseline.py --arch resnet20 --epochs 200 [--seconds S] [--batch-size 256] [--lr 0.1]
            [--label-smoothing 0.1] [--seed 0] [--cifar ~/.cache/vconvert/cifar10]
            [--output ~/.cache/vconvert/baselines/resnet20_cifar10.pt] [--results benchmarks/results/...]
 
@@ -71,6 +71,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="time budget: after the first epoch, lower --epochs to what fits (the cosine schedule is "
+        "set for the lowered count; warm-up is still running then)",
+    )
     parser.add_argument("--warmup-epochs", type=float, default=2.0)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
@@ -123,13 +129,17 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, max(1, round(args.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, warmup, total))
+    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
+    epochs = args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: warmup_cosine(step, warmup, epochs * steps_per_epoch)
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history: list[dict] = []
     with Progress() as progress:
-        task = progress.add_task(f"{args.arch}: training", total=args.epochs)
-        for epoch in range(args.epochs):
+        task = progress.add_task(f"{args.arch}: training", total=epochs)
+        epoch = 0
+        while epoch < epochs:
             model.train()
             train.set_epoch(epoch)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
@@ -146,9 +156,13 @@ def main() -> None:
             mean_loss = float(loss_sum) / len(train)  # one host sync per epoch
             if not math.isfinite(mean_loss):
                 sys.exit(f"The training loss became {mean_loss} in epoch {epoch + 1}; lower --lr.")
-            history.append({"epoch": epoch + 1, "train_loss": round(mean_loss, 4),
-                            "seconds": round(time.perf_counter() - epoch_started, 2)})  # fmt: skip
+            seconds = time.perf_counter() - epoch_started
+            history.append({"epoch": epoch + 1, "train_loss": round(mean_loss, 4), "seconds": round(seconds, 2)})
+            if epoch == 0 and args.seconds:  # the first epoch includes warm-up costs: a safe estimate
+                epochs = max(1, min(epochs, int(args.seconds // seconds)))
+                progress.update(task, total=epochs)
             progress.update(task, advance=1, description=f"{args.arch}: epoch {epoch + 1}, loss {mean_loss:.3f}")
+            epoch += 1
     top1 = evaluate(model, test, 512)
     output.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
@@ -159,8 +173,8 @@ def main() -> None:
         "benchmark": "train_baseline",
         "command": "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:]),
         "arch": f"sample_models.resnet_cifar:{args.arch}",
-        "recipe": {key: getattr(args, key) for key in
-                   ("epochs", "batch_size", "lr", "warmup_epochs", "weight_decay", "label_smoothing", "seed")},
+        "recipe": {"epochs": epochs, **{key: getattr(args, key) for key in
+                   ("batch_size", "lr", "warmup_epochs", "weight_decay", "label_smoothing", "seed", "seconds")}},
         "train_images": len(train),
         "test_images": len(test),
         "top1_test": round(top1, 2),
