@@ -13,7 +13,7 @@ import torchvision.models as tvm
 from torch import fx, nn
 
 from vconvert import VersatileConv2d, fold_model, load, save
-from vconvert.convert import ConversionPlan, apply_plan, compress
+from vconvert.convert import ConversionPlan, apply_plan, compress, ladder_floor
 from vconvert.errors import BadInputError
 from vconvert.io import BaseSpec
 from vconvert.report import model_stored_bits
@@ -208,9 +208,22 @@ def test_target_ratio_is_met_with_mixed_secondary_counts(target: float) -> None:
     assert "--target-ratio" in plan.choice_note
 
 
-def test_target_ratio_out_of_reach_is_bad_input() -> None:
-    with pytest.raises(BadInputError, match="out of reach"):
+def test_target_ratio_out_of_reach_is_bad_input_before_any_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted a layer for a ratio the shapes already rule out")
+
+    monkeypatch.setattr("vconvert.convert.initialise_from_weight", no_fit)
+    with pytest.raises(BadInputError, match=r"out of reach: .* gives \d+\.\d+x"):
         compress(tvm.resnet18(weights=None), torch.randn(1, 3, 32, 32), target_ratio=50.0)
+
+
+@pytest.mark.parametrize(
+    ("steps", "floor"),
+    [([60, 40, 30], 30), ([60, 70, 30], 60), ([], 100), ([100, 50], 100)],
+    ids=["every-step-saves", "stops-at-a-step-that-grows", "no-candidate", "first-step-saves-nothing"],
+)
+def testladder_floor_is_where_the_greedy_stops(steps: list[int], floor: int) -> None:
+    assert ladder_floor(100, steps) == floor
 
 
 @pytest.mark.parametrize(

@@ -399,6 +399,25 @@ def _candidate_options(base: ConvOptions, conv: nn.Conv2d) -> list[dict]:
     return candidates
 
 
+def ladder_floor(dense_bits: int, step_bits: list[int]) -> int:
+    """Bits of a layer at the top of its ladder: the greedy climbs while each step saves bits."""
+    current = dense_bits
+    for bits in step_bits:
+        if bits >= current:
+            break
+        current = bits
+    return current
+
+
+def _fit_ladder(conv: nn.Conv2d, pairs: list[tuple[dict, VersatileConv2d]], init: str) -> list[tuple[dict, int, float]]:
+    """(options, stored bits, relative fit error) of each candidate layer, fitted to ``conv``."""
+    weight, bias = conv.weight.detach(), _detached(conv.bias)
+    return [
+        (options, layer.stored_bits(), float(initialise_from_weight(layer, weight, bias, method=init)))
+        for options, layer in pairs
+    ]
+
+
 def _choose_for_target(
     model: nn.Module,
     convs: dict[str, nn.Conv2d],
@@ -412,15 +431,26 @@ def _choose_for_target(
     if target_ratio <= 1.0:
         raise BadInputError(f"--target-ratio must be greater than 1, got {target_ratio}.")
     budget = model_dense_bits / target_ratio
-    ladders: dict[str, list[tuple[dict, int, float]]] = {}
-    for name, conv in convs.items():
-        steps = []
-        for options in _candidate_options(base, conv):
-            layer = VersatileConv2d.shaped_like(conv, **options)
-            error = initialise_from_weight(layer, conv.weight.detach(), _detached(conv.bias), method=init)
-            if layer.stored_bits() < _dense_bits(conv):
-                steps.append((options, layer.stored_bits(), float(error)))
-        ladders[name] = steps
+    shaped = {
+        name: [(options, VersatileConv2d.shaped_like(conv, **options)) for options in _candidate_options(base, conv)]
+        for name, conv in convs.items()
+    }
+    shaped = {
+        name: [(options, layer) for options, layer in pairs if layer.stored_bits() < _dense_bits(convs[name])]
+        for name, pairs in shaped.items()
+    }
+    # how small the greedy can make the model follows from the shapes alone: refuse before fitting
+    smallest = sum(
+        ladder_floor(_dense_bits(convs[name]), [layer.stored_bits() for _, layer in pairs])
+        for name, pairs in shaped.items()
+    ) + (model_dense_bits - sum(_dense_bits(conv) for conv in convs.values()))
+    if smallest > budget:
+        raise BadInputError(
+            f"--target-ratio {target_ratio} is out of reach: converting every eligible conv as far as "
+            f"secondary={SECONDARY_CANDIDATES[-1]} gives {model_dense_bits / smallest:.2f}x; ask for less or "
+            "convert more layers."
+        )
+    ladders = {name: _fit_ladder(convs[name], pairs, init) for name, pairs in shaped.items()}
     level = dict.fromkeys(convs, -1)
     total = model_dense_bits
 
@@ -433,14 +463,8 @@ def _choose_for_target(
         saved = before_bits - steps[current + 1][1]
         return (steps[current + 1][2] - before_error) / saved if saved > 0 else None
 
-    while total > budget:
+    while total > budget:  # reachable (checked above): some step that saves bits is always left
         costs = {name: cost for name in convs if (cost := step_cost(name)) is not None}
-        if not costs:
-            best = model_dense_bits / total
-            raise BadInputError(
-                f"--target-ratio {target_ratio} is out of reach: converting every eligible conv as far as "
-                f"secondary={SECONDARY_CANDIDATES[-1]} gives {best:.2f}x; ask for less or convert more layers."
-            )
         name = min(costs, key=costs.__getitem__)
         steps, current = ladders[name], level[name]
         before_bits = steps[current][1] if current >= 0 else _dense_bits(convs[name])
