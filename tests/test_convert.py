@@ -222,7 +222,7 @@ def test_target_ratio_out_of_reach_is_bad_input_before_any_fit(monkeypatch: pyte
     [([60, 40, 30], 30), ([60, 70, 30], 60), ([], 100), ([100, 50], 100)],
     ids=["every-step-saves", "stops-at-a-step-that-grows", "no-candidate", "first-step-saves-nothing"],
 )
-def testladder_floor_is_where_the_greedy_stops(steps: list[int], floor: int) -> None:
+def test_ladder_floor_is_where_the_greedy_stops(steps: list[int], floor: int) -> None:
     assert ladder_floor(100, steps) == floor
 
 
