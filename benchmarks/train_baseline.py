@@ -2,9 +2,10 @@
 running the CIFAR-10 table on the project's own baselines (`benchmarks/cifar10.py --base FILE --arch A`).
 
 Recipe: SGD + Nesterov (momentum 0.9), linear warm-up then cosine, weight decay on conv and linear
-weights only, label smoothing, random crop (pad 4, reflect) + horizontal flip; the whole split held on
-the device (vconvert.device_data), channels_last and bf16 autocast on CUDA. Meant for a GPU: on 2 CPU
-cores an epoch of ResNet-20 takes minutes, so there use ``--train-limit`` and few epochs to check it runs.
+weights only (vconvert.finetune.parameter_groups), label smoothing, random crop (pad 4, reflect) +
+horizontal flip; the whole split held on the device (vconvert.device_data), channels_last and bf16
+autocast on CUDA. Meant for a GPU: on 2 CPU cores an epoch of ResNet-20 takes minutes, so there use
+``--train-limit`` and few epochs to check it runs.
 
     python benchmarks/train_baseline.py --arch resnet20 --epochs 200 [--seconds S] [--batch-size 256] [--lr 0.1]
            [--label-smoothing 0.1] [--seed 0] [--cifar ~/.cache/vconvert/cifar10]
@@ -33,21 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `sample_models` importable
     sys.path.insert(0, str(ROOT))
 
-from vconvert.finetune import warmup_cosine  # noqa: E402
+from vconvert.finetune import parameter_groups, warmup_cosine  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 ARCHS = ("resnet8", "resnet20", "resnet56")
 CACHE = Path.home() / ".cache" / "vconvert"
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights; none on BatchNorm parameters and biases."""
-    decayed, plain = [], []
-    for module in model.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            is_weight = name == "weight" and isinstance(module, nn.Conv2d | nn.Linear)
-            (decayed if is_weight else plain).append(parameter)
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def inside(path: Path, folder: Path) -> bool:

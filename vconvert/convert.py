@@ -399,6 +399,12 @@ def _candidate_options(base: ConvOptions, conv: nn.Conv2d) -> list[dict]:
     return candidates
 
 
+def _smaller_candidates(base: ConvOptions, conv: nn.Conv2d) -> list[tuple[dict, VersatileConv2d]]:
+    """(options, unfitted layer) of each candidate that stores fewer bits than ``conv``, in ladder order."""
+    layers = [(options, VersatileConv2d.shaped_like(conv, **options)) for options in _candidate_options(base, conv)]
+    return [(options, layer) for options, layer in layers if layer.stored_bits() < _dense_bits(conv)]
+
+
 def ladder_floor(dense_bits: int, step_bits: list[int]) -> int:
     """Bits of a layer at the top of its ladder: the greedy climbs while each step saves bits."""
     current = dense_bits
@@ -431,14 +437,7 @@ def _choose_for_target(
     if target_ratio <= 1.0:
         raise BadInputError(f"--target-ratio must be greater than 1, got {target_ratio}.")
     budget = model_dense_bits / target_ratio
-    shaped = {
-        name: [(options, VersatileConv2d.shaped_like(conv, **options)) for options in _candidate_options(base, conv)]
-        for name, conv in convs.items()
-    }
-    shaped = {
-        name: [(options, layer) for options, layer in pairs if layer.stored_bits() < _dense_bits(convs[name])]
-        for name, pairs in shaped.items()
-    }
+    shaped = {name: _smaller_candidates(base, conv) for name, conv in convs.items()}
     # how small the greedy can make the model follows from the shapes alone: refuse before fitting
     smallest = sum(
         ladder_floor(_dense_bits(convs[name]), [layer.stored_bits() for _, layer in pairs])
