@@ -65,6 +65,7 @@ class FinetuneConfig:
     seed: int = 0
     workers: int = 2
     loader: str = "auto"  # auto | workers | device (whole split on the device, augmented there)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -231,6 +232,32 @@ def uses_device_loader(config: FinetuneConfig, spec: DataSpec, device: torch.dev
     return config.loader == "device"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+CHANNELS_LAST_MIN_SIDE = 16
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the forward passes run under bfloat16 autocast: ``auto`` on CUDA; ``bf16`` anywhere the
+    device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX: 1.7x the fp32 step of ResNet-20 on
+    2 Zen 4 cores); ``fp32`` never."""
+    if precision not in PRECISIONS:
+        raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "auto":
+        return device.type == "cuda"
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise BadInputError(
+            "--precision bf16 needs a CUDA device or a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+            "this CPU has neither: use --precision fp32."
+        )
+    return precision == "bf16"
+
+
+def uses_channels_last(device: torch.device, spec: DataSpec) -> bool:
+    """NHWC activations: on CUDA, and on CPU for images of 16 px and more (oneDNN's NHWC convolutions;
+    ResNet-20 at 32 px trains 1.35x faster in fp32 on 2 cores; tiny inputs gain nothing)."""
+    return device.type == "cuda" or min(spec.input_size) >= CHANNELS_LAST_MIN_SIDE
+
+
 # --------------------------------------------------------------------------- the run
 def _output_paths(output: Path) -> tuple[Path, Path, Path]:
     stem = output.name[: -len(".vc.pt")] if output.name.endswith(".vc.pt") else output.stem
@@ -305,6 +332,7 @@ def finetune(
         raise BadInputError(f"--bn-mode must be 'train' or 'frozen', got {config.bn_mode!r}.")
     if config.loader not in ("auto", "workers", "device"):
         raise BadInputError(f"--loader must be auto, workers or device; got {config.loader!r}.")
+    use_bf16 = uses_bf16(config.precision, env.device)
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
         raise BadInputError(
             f"--epochs must be ≥ 1 and --batch-size a multiple of the {env.world} process(es); "
@@ -328,7 +356,6 @@ def finetune(
 
     torch.manual_seed(config.seed)
     train_set, eval_set, spec, skipped = open_data(config, source)
-    teacher_on_cpu = source.teacher if env.device.type == "cpu" else copy.deepcopy(source.teacher)
     student, teacher = source.model.to(env.device), source.teacher.to(env.device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -393,7 +420,7 @@ def finetune(
         )
 
     on_device = uses_device_loader(config, spec, env.device, len(train_set) + len(eval_set))
-    channels_last = env.device.type == "cuda"
+    channels_last = uses_channels_last(env.device, spec)
     if on_device:
         options = {"input_size": spec.input_size, "channels": spec.channels, "mean": spec.mean, "std": spec.std,
                    "seed": config.seed, "device": env.device, "channels_last": channels_last}  # fmt: skip
@@ -409,7 +436,6 @@ def finetune(
             student, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
     writer = _tensorboard(tensorboard) if tensorboard and env.main else None
-    use_amp = env.device.type == "cuda"
 
     loss_value = float("nan")  # the last loss read back from the device (shown by the progress bar)
     for epoch in range(start_epoch, config.epochs):
@@ -433,8 +459,10 @@ def finetune(
             batches = _loader(train_set, per_rank, config.workers, sampler)
         for step, (images, labels) in enumerate(batches):
             images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             masks.before_step()
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
                 if config.distill:
@@ -484,7 +512,7 @@ def finetune(
         if env.main:
             _write_epoch(
                 student,
-                teacher_on_cpu,
+                teacher,
                 source,
                 spec,
                 config,
@@ -534,7 +562,9 @@ def _write_epoch(
     training: dict,
 ) -> None:
     """Write the last checkpoint (with resume state), the best one when improved, and the metrics line."""
-    snapshot = copy.deepcopy(student).cpu()
+    snapshot, teacher = (
+        copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
+    )
     canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
     finished = metrics.epoch == config.epochs
     metadata = {
