@@ -33,7 +33,7 @@ BASELINE_TOP1 = 88.57  # ../shared/models/README.md: the pretrained ResNet-20 on
 RECIPES = {
     "default": [],  # KD weight 0.7, T 4, no label smoothing, frozen fitted masks
     "KD only": ["--distill-weight", "1.0"],
-    "KD only, T 2": ["--distill-weight", "1.0", "--temperature", "2"],  # the teacher was trained with LS 0.1
+    "KD only T2": ["--distill-weight", "1.0", "--temperature", "2"],  # the teacher was trained with LS 0.1
     "label smoothing 0.1": ["--label-smoothing", "0.1"],
     "EMA 0.999": ["--ema", "0.999"],
     "KD only + EMA 0.999": ["--distill-weight", "1.0", "--ema", "0.999"],
