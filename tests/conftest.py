@@ -26,3 +26,19 @@ def write_user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: st
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return importlib.import_module(f"{name}.nets").TinyNet
+
+
+def finetune_cut_and_resumed(source: Path, output: Path, config) -> None:
+    """Fine-tune ``source`` into ``output`` with ``config``, stopped by an exception after the first
+    epoch's checkpoint, then finished with ``resume=True``."""
+    from vconvert.finetune import finetune
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(metrics) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        finetune(source, output, config, on_epoch=stop_after_first_epoch)
+    finetune(source, output, config, resume=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import finetune_cut_and_resumed
 from PIL import Image
 from test_finetune import QUICK, _converted_checkpoint
 
@@ -89,17 +90,8 @@ def test_device_loader_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     straight = tmp_path / "straight.vc.pt"
     history = finetune(source, straight, config)
     assert history[-1].images_per_s > 0
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_epoch(metrics) -> None:
-        raise Stop
-
     cut = tmp_path / "cut.vc.pt"
-    with pytest.raises(Stop):
-        finetune(source, cut, config, on_epoch=stop_after_first_epoch)
-    finetune(source, cut, config, resume=True)
+    finetune_cut_and_resumed(source, cut, config)
     expected, actual = load_checkpoint(straight).model.state_dict(), load_checkpoint(cut).model.state_dict()
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6, msg=name)

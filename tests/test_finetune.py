@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,14 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_cut_and_resumed
 from PIL import Image
 from typer.testing import CliRunner
 
 from sample_models.resnet_cifar import resnet8
 from vconvert import VersatileConv2d, compress, load_checkpoint, save
 from vconvert.cli import app
-from vconvert.errors import CheckFailedError
-from vconvert.finetune import FinetuneConfig, distillation_loss, finetune, topk_correct, warmup_cosine
+from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.finetune import (
+    FinetuneConfig,
+    cpu_has_native_bf16,
+    distillation_loss,
+    finetune,
+    topk_correct,
+    uses_bf16,
+    warmup_cosine,
+)
 from vconvert.io import BaseSpec
 from vconvert.mask_learning import MaskLearner, MaskSettings, anneal_factor, binary_masks, count_flips
 
@@ -233,6 +243,8 @@ def test_image_folder_with_unreadable_files_skips_them_with_a_count(tmp_path: Pa
         ("class-count-mismatch", "the model predicts 10"),
         ("bad-mask-rule", "--masks must be one of"),
         ("bad-loader", "--loader must be auto, workers or device"),
+        ("bad-precision", "--precision must be one of auto, fp32, bf16"),
+        ("ema-of-one", "--ema must be 0 (off) or a decay below 1"),
     ],
     ids=lambda value: value if " " not in value else "",
 )
@@ -254,11 +266,76 @@ def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, 
     elif case == "bad-loader":
         _image_folder(data, classes=10, per_class=2)
         extra = ["--loader", "gpu"]
+    elif case == "bad-precision":
+        _image_folder(data, classes=10, per_class=2)
+        extra = ["--precision", "fp16"]
+    elif case == "ema-of-one":
+        _image_folder(data, classes=10, per_class=2)
+        extra = ["--ema", "1"]
     result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert message.startswith("error:") and "\n" not in message and fragment in message, message
     assert not output.exists()
+
+
+def test_bf16_on_a_cpu_without_native_bfloat16_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vconvert.finetune.cpu_has_native_bf16", lambda: False)
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    result = invoke("finetune", source, "-o", output, "--workers", "0", "--precision", "bf16")
+    assert result.exit_code == 2, result.output
+    assert "needs a CUDA device or a CPU with native bfloat16" in result.stderr and not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "native", "expected"),
+    [("auto", "cpu", True, False), ("auto", "cuda", False, True), ("fp32", "cuda", True, False),
+     ("bf16", "cpu", True, True), ("bf16", "cuda", False, True)],
+    ids=["auto-cpu", "auto-cuda", "fp32-cuda", "bf16-cpu", "bf16-cuda"],
+)  # fmt: skip
+def test_precision_choice(precision: str, device: str, native: bool, expected: bool, monkeypatch) -> None:
+    monkeypatch.setattr("vconvert.finetune.cpu_has_native_bf16", lambda: native)
+    assert uses_bf16(precision, torch.device(device)) is expected
+
+
+def test_bf16_run_on_this_cpu_trains_and_writes_fp32_contiguous_weights(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    config = FinetuneConfig(precision="bf16", **QUICK)
+    if not cpu_has_native_bf16():  # CI machines may lack it: then the refusal is what must hold
+        with pytest.raises(BadInputError, match="native bfloat16"):
+            finetune(source, output, config)
+        return
+    history = finetune(source, output, config)
+    assert all(math.isfinite(entry.train_loss) for entry in history)
+    original = load_checkpoint(source).model.state_dict()
+    for name, tensor in load_checkpoint(output).model.state_dict().items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32 and tensor.is_contiguous(), name
+    assert not torch.equal(load_checkpoint(output).model.state_dict()["layer1.0.conv1.primary"],
+                           original["layer1.0.conv1.primary"])  # fmt: skip
+
+
+def test_ema_run_writes_the_average_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    config = FinetuneConfig(masks="flip", ema=0.9, **QUICK)
+    straight, plain = tmp_path / "straight.vc.pt", tmp_path / "plain.vc.pt"
+    finetune(source, straight, config)
+    finetune(source, plain, FinetuneConfig(masks="flip", **QUICK))
+    written = load_checkpoint(straight)
+    state = written.metadata["finetune_state"]
+    live, average = state["live_weights"], written.model.state_dict()
+    assert not torch.equal(live["layer1.0.conv1.primary"], average["layer1.0.conv1.primary"])
+    # the live weights are those of the same run without --ema (the average never feeds back)
+    for name, tensor in load_checkpoint(plain).metadata["finetune_state"]["mask_proxies"].items():
+        assert torch.equal(state["mask_proxies"][name], tensor), name
+    torch.testing.assert_close(live["layer1.0.conv1.primary"],
+                               load_checkpoint(plain).model.state_dict()["layer1.0.conv1.primary"])  # fmt: skip
+    cut = tmp_path / "cut.vc.pt"
+    finetune_cut_and_resumed(source, cut, config)
+    for name, tensor in average.items():
+        torch.testing.assert_close(load_checkpoint(cut).model.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

@@ -82,6 +82,14 @@ def finetune(
             "about 1.7x faster, slightly different numbers).",
         ),
     ] = "auto",
+    ema: Annotated[
+        float,
+        typer.Option(
+            "--ema",
+            help="Decay of an exponential moving average of the weights (e.g. 0.999), validated and written in "
+            "their place; masks are never averaged. 0: off.",
+        ),
+    ] = 0.0,
     label_smoothing: Annotated[
         float, typer.Option("--label-smoothing", help="Label smoothing of the task cross-entropy.")
     ] = 0.0,
@@ -109,7 +117,7 @@ def finetune(
         ortho_weight=ortho_weight, distill=distill, temperature=temperature, distill_weight=distill_weight,
         recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment, train_limit=train_limit,
         eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
-        label_smoothing=label_smoothing,
+        label_smoothing=label_smoothing, ema=ema,
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main

@@ -35,6 +35,7 @@ from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.io import atomic_write_bytes, check_writable
 from vconvert.layers import orthogonality_loss
 from vconvert.mask_learning import MaskLearner, MaskSettings, binary_masks, canonicalise_masks_, count_flips
+from vconvert.weight_average import WeightAverage
 
 
 @dataclass
@@ -66,6 +67,7 @@ class FinetuneConfig:
     workers: int = 2
     loader: str = "auto"  # auto | workers | device (whole split on the device, augmented there)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    ema: float = 0.0  # decay of an EMA of the weights, evaluated and written instead of them (0: off)
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -236,6 +238,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 CHANNELS_LAST_MIN_SIDE = 16
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether the forward passes run under bfloat16 autocast: ``auto`` on CUDA; ``bf16`` anywhere the
     device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX: 1.7x the fp32 step of ResNet-20 on
@@ -244,7 +251,7 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
         raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     if precision == "auto":
         return device.type == "cuda"
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise BadInputError(
             "--precision bf16 needs a CUDA device or a CPU with native bfloat16 (AVX512-BF16 or AMX); "
             "this CPU has neither: use --precision fp32."
@@ -333,6 +340,8 @@ def finetune(
     if config.loader not in ("auto", "workers", "device"):
         raise BadInputError(f"--loader must be auto, workers or device; got {config.loader!r}.")
     use_bf16 = uses_bf16(config.precision, env.device)
+    if not 0.0 <= config.ema < 1.0:
+        raise BadInputError(f"--ema must be 0 (off) or a decay below 1 such as 0.999; got {config.ema}.")
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
         raise BadInputError(
             f"--epochs must be ≥ 1 and --batch-size a multiple of the {env.world} process(es); "
@@ -394,6 +403,8 @@ def finetune(
         scheduler.load_state_dict(resume_state["scheduler"])
         masks.load_state_dict(resume_state["masks"])
         with torch.no_grad():
+            if "live_weights" in resume_state:  # with --ema the file holds the average, the state the weights
+                student.load_state_dict(resume_state["live_weights"])
             for name, proxy in resume_state["mask_proxies"].items():
                 student.get_submodule(name).mask_proxy.copy_(proxy)
         history = [EpochMetrics(**entry) for entry in resume_state["history"]]
@@ -429,6 +440,11 @@ def finetune(
     if channels_last:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
+
+    average = WeightAverage(student, config.ema) if config.ema else None
+    if average is not None and resume_state is not None:
+        average.load_state_dict(resume_state["ema"])
+    evaluated = average.model if average is not None else student  # what is validated and written
 
     model: nn.Module = student
     if env.world > 1:
@@ -487,15 +503,17 @@ def finetune(
             optimiser.step()
             scheduler.step()
             flips += masks.after_step()
+            if average is not None:
+                average.update(student)
             if progress and env.main:
                 progress(step + 1, steps_per_epoch, {"epoch": epoch + 1, "loss": loss_value})
         total_loss, total_correct, seen = _all_reduce_sum(sums, env)
         elapsed = time.perf_counter() - started
         mask_changes = count_flips(before, binary_masks(student))
         if on_device:
-            top1, top5, _ = evaluate_batches(student, eval_device.batches(range(len(eval_device)), 256), env.device)
+            top1, top5, _ = evaluate_batches(evaluated, eval_device.batches(range(len(eval_device)), 256), env.device)
         else:
-            top1, top5, _ = evaluate_model(student, eval_set, env.device, workers=config.workers)
+            top1, top5, _ = evaluate_model(evaluated, eval_set, env.device, workers=config.workers)
         metrics = EpochMetrics(
             epoch=epoch + 1,
             train_loss=total_loss / seen,
@@ -511,7 +529,7 @@ def finetune(
         history.append(metrics)
         if env.main:
             _write_epoch(
-                student,
+                evaluated,
                 teacher,
                 source,
                 spec,
@@ -530,6 +548,7 @@ def finetune(
                     "mask_proxies": {name: layer.mask_proxy.detach().cpu() for name, layer in masks.layers},
                     "rng": _rng_state(),
                     "epoch": epoch + 1,
+                    **_average_state(student, average),
                 },
             )
             if writer is not None:
@@ -544,6 +563,14 @@ def finetune(
     if writer is not None:
         writer.close()
     return history
+
+
+def _average_state(student: nn.Module, average: WeightAverage | None) -> dict:
+    """With --ema, the resume state keeps the live weights and the average (the file's model is the average)."""
+    if average is None:
+        return {}
+    live = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+    return {"live_weights": live, "ema": average.state_dict()}
 
 
 def _write_epoch(

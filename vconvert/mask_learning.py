@@ -130,8 +130,8 @@ class MaskLearner:
             top = torch.topk(gain, min(count, gain.numel()))
             chosen = top.indices[top.values > 0]
             if chosen.numel():
-                # flatten() (a copy for channels_last tensors) and copy back: indices are in logical order
-                values = proxy.flatten()
+                # a copy in logical order (flatten() may be a view that overlaps proxy), written back whole
+                values = proxy.flatten().clone()
                 values[chosen] = torch.where(on.flatten()[chosen], _PROXY_OFF, _PROXY_ON).to(values)
                 proxy.copy_(values.view(proxy.shape))
                 cleared = evidence.flatten()
