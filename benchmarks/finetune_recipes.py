@@ -37,6 +37,8 @@ RECIPES = {
     "label smoothing 0.1": ["--label-smoothing", "0.1"],
     "EMA 0.999": ["--ema", "0.999"],
     "KD only + EMA 0.999": ["--distill-weight", "1.0", "--ema", "0.999"],
+    "features 1.0": ["--feature-distill", "1.0"],
+    "features 1.0 + EMA 0.999": ["--feature-distill", "1.0", "--ema", "0.999"],
 }
 
 

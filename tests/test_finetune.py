@@ -245,6 +245,7 @@ def test_image_folder_with_unreadable_files_skips_them_with_a_count(tmp_path: Pa
         ("bad-loader", "--loader must be auto, workers or device"),
         ("bad-precision", "--precision must be one of auto, fp32, bf16"),
         ("ema-of-one", "--ema must be 0 (off) or a decay below 1"),
+        ("negative-feature-distill", "--feature-distill must be ≥ 0"),
     ],
     ids=lambda value: value if " " not in value else "",
 )
@@ -272,6 +273,9 @@ def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, 
     elif case == "ema-of-one":
         _image_folder(data, classes=10, per_class=2)
         extra = ["--ema", "1"]
+    elif case == "negative-feature-distill":
+        _image_folder(data, classes=10, per_class=2)
+        extra = ["--feature-distill", "-1"]
     result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
@@ -315,6 +319,14 @@ def test_bf16_run_on_this_cpu_trains_and_writes_fp32_contiguous_weights(tmp_path
             assert tensor.dtype == torch.float32 and tensor.is_contiguous(), name
     assert not torch.equal(load_checkpoint(output).model.state_dict()["layer1.0.conv1.primary"],
                            original["layer1.0.conv1.primary"])  # fmt: skip
+
+
+def test_feature_distill_adds_its_term_to_the_training_loss(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    plain = finetune(source, tmp_path / "plain.vc.pt", FinetuneConfig(**QUICK))
+    hinted = finetune(source, tmp_path / "hinted.vc.pt", FinetuneConfig(feature_weight=1.0, **QUICK))
+    assert all(math.isfinite(entry.train_loss) for entry in hinted)
+    assert hinted[0].train_loss > plain[0].train_loss  # the same first step, plus a positive term
 
 
 def test_ema_run_writes_the_average_and_resumes_to_the_same_weights(tmp_path: Path) -> None:

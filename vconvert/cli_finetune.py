@@ -82,6 +82,14 @@ def finetune(
             "about 1.7x faster, slightly different numbers).",
         ),
     ] = "auto",
+    feature_distill: Annotated[
+        float,
+        typer.Option(
+            "--feature-distill",
+            help="Weight of a layer-wise term: each converted conv's output matched to the original conv's "
+            "(relative squared error, mean over layers). 0: off.",
+        ),
+    ] = 0.0,
     ema: Annotated[
         float,
         typer.Option(
@@ -117,7 +125,7 @@ def finetune(
         ortho_weight=ortho_weight, distill=distill, temperature=temperature, distill_weight=distill_weight,
         recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment, train_limit=train_limit,
         eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
-        label_smoothing=label_smoothing, ema=ema,
+        label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill,
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main

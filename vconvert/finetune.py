@@ -32,6 +32,7 @@ from vconvert.calibrate import recalibrate_batchnorm
 from vconvert.data import DataSpec, SeededSamples, open_split
 from vconvert.device_data import AUTO_HOST_BYTES, MAX_SIDE, DeviceImageSet
 from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.feature_distill import FeatureDistillation
 from vconvert.io import atomic_write_bytes, check_writable
 from vconvert.layers import orthogonality_loss
 from vconvert.mask_learning import MaskLearner, MaskSettings, binary_masks, canonicalise_masks_, count_flips
@@ -67,6 +68,7 @@ class FinetuneConfig:
     workers: int = 2
     loader: str = "auto"  # auto | workers | device (whole split on the device, augmented there)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    feature_weight: float = 0.0  # weight of the layer-wise term (converted convs vs the teacher's); 0: off
     ema: float = 0.0  # decay of an EMA of the weights, evaluated and written instead of them (0: off)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -340,6 +342,8 @@ def finetune(
     if config.loader not in ("auto", "workers", "device"):
         raise BadInputError(f"--loader must be auto, workers or device; got {config.loader!r}.")
     use_bf16 = uses_bf16(config.precision, env.device)
+    if config.feature_weight < 0:
+        raise BadInputError(f"--feature-distill must be ≥ 0; got {config.feature_weight}.")
     if not 0.0 <= config.ema < 1.0:
         raise BadInputError(f"--ema must be 0 (off) or a decay below 1 such as 0.999; got {config.ema}.")
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
@@ -446,6 +450,8 @@ def finetune(
         average.load_state_dict(resume_state["ema"])
     evaluated = average.model if average is not None else student  # what is validated and written
 
+    features = FeatureDistillation(student, teacher) if config.feature_weight > 0 else None
+
     model: nn.Module = student
     if env.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -481,11 +487,14 @@ def finetune(
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                if config.distill:
+                if config.distill or features is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
+                if config.distill:
                     kd = distillation_loss(logits.float(), teacher_logits.float(), config.temperature)
                     loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+                if features is not None:
+                    loss = loss + config.feature_weight * features.loss()
                 if masks.learns and config.ortho_weight > 0:
                     loss = loss + config.ortho_weight * orthogonality_loss(student)
             loss_sum += loss.detach().double() * len(labels)
@@ -562,6 +571,8 @@ def finetune(
             dist.barrier()
     if writer is not None:
         writer.close()
+    if features is not None:
+        features.remove()
     return history
 
 
