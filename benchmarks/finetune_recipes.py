@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--secondary", type=int, default=2, help="secondary filters per primary (learned mode)")
+    parser.add_argument("--init", default="fit", help="vconvert compress --init (the start every recipe shares)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-limit", type=int, default=0, help="training images (0: all)")
     parser.add_argument("--eval-limit", type=int, default=10000)
@@ -72,7 +73,7 @@ def main() -> None:
         started = time.perf_counter()
         vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
                  "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
-                 "--calib-data", str(args.cifar), "--mode", "learned", "--secondary", str(args.secondary),
+                 "--calib-data", str(args.cifar), "--mode", "learned", "--secondary", str(args.secondary), "--init", args.init,
                  "-o", str(compressed), "--json")  # fmt: skip
         compress_s = time.perf_counter() - started
         start = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
@@ -116,8 +117,8 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
     result = {
         "benchmark": "finetune_recipes",
         "command": "python benchmarks/finetune_recipes.py " + " ".join(sys.argv[1:]),
-        "network": f"pretrained CIFAR-10 ResNet-20 ({BASELINE_TOP1}%), learned s={args.secondary}, every 3x3 conv "
-        "but the stem",
+        "network": f"pretrained CIFAR-10 ResNet-20 ({BASELINE_TOP1}%), learned s={args.secondary} (--init "
+        f"{args.init}), every 3x3 conv but the stem",
         "start_top1_after_compress_and_bn_recalibration": start_top1,
         "epochs": args.epochs,
         "train_images": args.train_limit or 50000,
