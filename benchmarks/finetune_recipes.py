@@ -73,8 +73,8 @@ def main() -> None:
         started = time.perf_counter()
         vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
                  "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
-                 "--calib-data", str(args.cifar), "--mode", "learned", "--secondary", str(args.secondary), "--init", args.init,
-                 "-o", str(compressed), "--json")  # fmt: skip
+                 "--calib-data", str(args.cifar), "--mode", "learned", "--secondary", str(args.secondary),
+                 "--init", args.init, "-o", str(compressed), "--json")  # fmt: skip
         compress_s = time.perf_counter() - started
         start = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
                                     "--limit", str(args.eval_limit), "--json"))  # fmt: skip
