@@ -7,7 +7,7 @@ evaluate`` on the 10,000 test images. Every recipe shares data, budget, batch, l
 its own options differ. The full budget (15 epochs, 50,000 images) is the default: about 20 minutes
 per run on 2 Zen 4 cores with ``--precision bf16``, 35 in fp32.
 
-    python benchmarks/finetune_recipes.py [--recipes "default,KD only"] [--seeds 0] [--epochs 15]
+    python benchmarks/finetune_recipes.py [--recipes "default,KD only"] [--seeds 0] [--jobs 1] [--epochs 15]
            [--train-limit 0] [--batch-size 256] [--lr 0.02] [--precision bf16] [--secondary 2]
            [--output benchmarks/results/finetune_recipes]
 
@@ -22,7 +22,9 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--precision", default="auto", help="vconvert finetune --precision")
     parser.add_argument("--loader", default="auto", help="vconvert finetune --loader")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (a GPU takes several)")
     parser.add_argument("--output", type=Path, default=RESULTS / "finetune_recipes", help="results path stem")
     args = parser.parse_args()
     names = args.recipes.split(",")
@@ -78,12 +81,20 @@ def main() -> None:
         compress_s = time.perf_counter() - started
         start = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
                                     "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+        runs = [(name, seed) for name in names for seed in seeds]
         rows: list[dict] = []
-        for name in names:
-            for seed in seeds:
-                rows.append(run_recipe(args, work, compressed, name, seed))
-                print(json.dumps(rows[-1]), flush=True)
-                write_results(args, start["top1"], compress_s, rows, complete=len(rows) == len(names) * len(seeds))
+        lock = threading.Lock()
+
+        def run_and_record(run: tuple[str, int]) -> None:
+            row = run_recipe(args, work, compressed, *run)
+            with lock:
+                rows.append(row)
+                rows.sort(key=lambda r: runs.index((r["recipe"], r["seed"])))
+                print(json.dumps(row), flush=True)
+                write_results(args, start["top1"], compress_s, rows, complete=len(rows) == len(runs))
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(run_and_record, runs))
 
 
 def run_recipe(args: argparse.Namespace, work: Path, compressed: Path, name: str, seed: int) -> dict:
@@ -125,6 +136,7 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
         "batch_size": args.batch_size,
         "lr": args.lr,
         "precision": args.precision,
+        "jobs": args.jobs,
         "eval_images": args.eval_limit,
         "compress_s": round(compress_s, 1),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()})",
