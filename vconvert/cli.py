@@ -110,8 +110,9 @@ def compress(
         str,
         typer.Option(
             "--init",
-            help="fit (data-free least squares under a smooth-input prior; best accuracy) | fit-plain (least "
-            "squares on the weights alone; lowest weight error) | naive.",
+            help="fit (data-free least squares under a smooth-input prior; best accuracy before fine-tuning) | "
+            "fit-plain (least squares on the weights alone; lowest weight error; for s=2 the better start when "
+            "fine-tuning follows, see README) | naive.",
         ),
     ] = "fit",
     calib_data: Annotated[
