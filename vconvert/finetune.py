@@ -450,6 +450,7 @@ def finetune(
         average.load_state_dict(resume_state["ema"])
     evaluated = average.model if average is not None else student  # what is validated and written
 
+    # hooks after the average's deepcopy, which would otherwise carry them
     features = FeatureDistillation(student, teacher) if config.feature_weight > 0 else None
 
     model: nn.Module = student

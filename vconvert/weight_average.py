@@ -37,6 +37,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model`` (same architecture) by one step."""
         self.updates += 1
         weight = 1.0 - ema_decay(self.decay, self.updates)
         averages, lives = [], []
@@ -54,6 +55,7 @@ class WeightAverage:
                 average_module.mask_threshold = live_module.mask_threshold
 
     def state_dict(self) -> dict:
+        """The update count and the averaged weights (on the CPU), for the resume state."""
         return {"updates": self.updates, "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
