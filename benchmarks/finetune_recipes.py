@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from mask_learning import MEAN, STD, vconvert
+from mask_learning import compressed_start, vconvert
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_TOP1 = 88.57  # ../shared/models/README.md: the pretrained ResNet-20 on the 10,000 JPEG test images
@@ -72,15 +72,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        compressed = work / "resnet20.vc.pt"
-        started = time.perf_counter()
-        vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
-                 "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
-                 "--calib-data", str(args.cifar), "--mode", "learned", "--secondary", str(args.secondary),
-                 "--init", args.init, "-o", str(compressed), "--json")  # fmt: skip
-        compress_s = time.perf_counter() - started
-        start = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
-                                    "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+        compressed, compress_s, start = compressed_start(
+            args, work, "--mode", "learned", "--secondary", str(args.secondary), "--init", args.init
+        )
         runs = [(name, seed) for name in names for seed in seeds]
         rows: list[dict] = []
         lock = threading.Lock()

@@ -50,6 +50,20 @@ def vconvert(*args: str) -> str:
     return completed.stdout
 
 
+def compressed_start(args: argparse.Namespace, work: Path, *options: str) -> tuple[Path, float, dict]:
+    """Compress the pretrained ResNet-20 (every 3x3 conv but the stem, BN recalibration on ``args.cifar``,
+    extra compress ``options``) into ``work``; its path, the seconds it took, and its evaluation."""
+    compressed = work / "resnet20.vc.pt"
+    started = time.perf_counter()
+    vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
+             "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
+             "--calib-data", str(args.cifar), *options, "-o", str(compressed), "--json")  # fmt: skip
+    seconds = time.perf_counter() - started
+    evaluation = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
+                                     "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+    return compressed, seconds, evaluation
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
@@ -72,14 +86,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        compressed = work / "resnet20.vc.pt"
-        started = time.perf_counter()
-        vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
-                 "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
-                 "--calib-data", str(args.cifar), "-o", str(compressed), "--json")  # fmt: skip
-        compress_s = time.perf_counter() - started
-        start_eval = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
-                                         "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+        compressed, compress_s, start_eval = compressed_start(args, work)
         chosen = [rule for rule in RULES if rule[0] in args.rules.split(",")]
         rows: list[dict] = []
         order, lock = [name for name, _ in chosen], threading.Lock()

@@ -234,6 +234,15 @@ def test_image_folder_with_unreadable_files_skips_them_with_a_count(tmp_path: Pa
     assert history[0].extra["skipped_images"] == 6  # 3 in train, 3 in val
 
 
+BAD_OPTIONS = {
+    "bad-mask-rule": ["--masks", "random"],
+    "bad-loader": ["--loader", "gpu"],
+    "bad-precision": ["--precision", "fp16"],
+    "ema-of-one": ["--ema", "1"],
+    "negative-feature-distill": ["--feature-distill", "-1"],
+}
+
+
 @pytest.mark.parametrize(
     ("case", "fragment"),
     [
@@ -261,21 +270,9 @@ def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, 
         _image_folder(data, classes=10, per_class=2, empty="zzz_empty")
     elif case == "class-count-mismatch":
         _image_folder(data, classes=3, per_class=2)
-    elif case == "bad-mask-rule":
+    elif case in BAD_OPTIONS:  # good data, one bad option
         _image_folder(data, classes=10, per_class=2)
-        extra = ["--masks", "random"]
-    elif case == "bad-loader":
-        _image_folder(data, classes=10, per_class=2)
-        extra = ["--loader", "gpu"]
-    elif case == "bad-precision":
-        _image_folder(data, classes=10, per_class=2)
-        extra = ["--precision", "fp16"]
-    elif case == "ema-of-one":
-        _image_folder(data, classes=10, per_class=2)
-        extra = ["--ema", "1"]
-    elif case == "negative-feature-distill":
-        _image_folder(data, classes=10, per_class=2)
-        extra = ["--feature-distill", "-1"]
+        extra = BAD_OPTIONS[case]
     result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
