@@ -36,6 +36,7 @@ RECIPES = {
     "default": [],  # KD weight 0.7, T 4, no label smoothing, frozen fitted masks
     "KD only": ["--distill-weight", "1.0"],
     "KD only T2": ["--distill-weight", "1.0", "--temperature", "2"],  # the teacher was trained with LS 0.1
+    "KD only T1": ["--distill-weight", "1.0", "--temperature", "1"],
     "label smoothing 0.1": ["--label-smoothing", "0.1"],
     "EMA 0.999": ["--ema", "0.999"],
     "KD only + EMA 0.999": ["--distill-weight", "1.0", "--ema", "0.999"],
