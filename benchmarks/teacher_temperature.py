@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mask_learning import MEAN, STD
+from init_quality import MEAN, STD
 from torchvision import datasets, transforms
 
 from sample_models.resnet_cifar import resnet20
@@ -51,8 +51,8 @@ def main() -> None:
     teacher = resnet20()
     teacher.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
     teacher.eval()
-    normalise = transforms.Normalize([float(v) for v in MEAN.split(",")], [float(v) for v in STD.split(",")])
-    images = datasets.ImageFolder(str(args.cifar / "train"), transforms.Compose([transforms.ToTensor(), normalise]))
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    images = datasets.ImageFolder(str(args.cifar / "train"), preprocess)
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: args.images].tolist()
     inputs = torch.stack([images[i][0] for i in chosen])
     labels = torch.tensor([images[i][1] for i in chosen])
