@@ -42,6 +42,8 @@ RECIPES = {
     "KD only + EMA 0.999": ["--distill-weight", "1.0", "--ema", "0.999"],
     "features 1.0": ["--feature-distill", "1.0"],
     "features 1.0 + EMA 0.999": ["--feature-distill", "1.0", "--ema", "0.999"],
+    "project masks": ["--masks", "project"],  # masks follow a dense latent weight (mask_learning.py)
+    "KD only + project masks": ["--distill-weight", "1.0", "--masks", "project"],
 }
 
 

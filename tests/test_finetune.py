@@ -33,7 +33,9 @@ from vconvert.finetune import (
     uses_bf16,
     warmup_cosine,
 )
+from vconvert.fit import project_onto_groups
 from vconvert.io import BaseSpec
+from vconvert.layers import group_members
 from vconvert.mask_learning import MaskLearner, MaskSettings, anneal_factor, binary_masks, count_flips
 
 QUICK = {"epochs": 2, "batch_size": 64, "train_limit": 256, "eval_limit": 96, "workers": 0, "recalibrate_images": 128}
@@ -131,6 +133,42 @@ def test_frozen_and_tpami_rules() -> None:
     assert layer.mask_threshold == 0.0
 
 
+def test_project_rule_trains_a_dense_latent_and_follows_it_with_masks_primaries_and_scales() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    model = torch.nn.Sequential(VersatileConv2d.from_conv(teacher[0]))
+    layer = model[0]
+    learner = MaskLearner(model, MaskSettings("project"), 10, 1, teacher)
+    assert torch.equal(layer.latent_weight, teacher[0].weight), "the latent weight starts as the original"
+    assert not any(p.requires_grad for p in (layer.primary, layer.scale, layer.mask_proxy))
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["0.latent_weight"]
+
+    images = torch.randn(4, 8, 6, 6)
+    dense = layer.dense_weight().detach().requires_grad_(True)
+    torch.nn.functional.conv2d(images, dense, padding=1).square().sum().backward()
+    model(images).square().sum().backward()
+    torch.testing.assert_close(layer.latent_weight.grad, dense.grad, msg="straight through: the versatile weight's")
+
+    before, scale_before = binary_masks(model), layer.scale.detach().clone()
+    with torch.no_grad():
+        layer.latent_weight.sub_(0.5 * layer.latent_weight.grad)
+    flipped = learner.after_step()
+    assert flipped == count_flips(before, binary_masks(model)) > 0
+    members = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
+    latent = layer.latent_weight.detach().flatten(1)
+    masks, primary, scale = project_onto_groups(latent, members, scale_before[members], search=False)
+    expected = (scale.unsqueeze(-1) * masks * primary.unsqueeze(1)).flatten(0, 1)[members.flatten().argsort()]
+    torch.testing.assert_close(layer.dense_weight().detach().flatten(1), expected)
+    assert set(learner.state_dict()["projected"]["0"]) == {"latent_weight", "primary", "scale", "mask_proxy"}
+
+    learner.settings.anneal = 0.0  # past the anneal point masks stay; primaries and scales still follow
+    before, primary_before = binary_masks(model), layer.primary.detach().clone()
+    with torch.no_grad():
+        layer.latent_weight.add_(torch.randn_like(layer.latent_weight))
+    assert learner.after_step() == 0 and count_flips(before, binary_masks(model)) == 0
+    assert not torch.equal(layer.primary, primary_before)
+
+
 def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None:
     source = _converted_checkpoint(tmp_path / "m.vc.pt")
     output = tmp_path / "ft.vc.pt"
@@ -189,6 +227,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight_lines = [json.loads(line) for line in (tmp_path / "straight.metrics.jsonl").read_text().splitlines()]
     resumed_lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [e["val_top1"] for e in resumed_lines] == [e["val_top1"] for e in straight_lines]
+
+
+def test_project_run_writes_plain_checkpoints_changes_masks_and_resumes_exactly(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    config = FinetuneConfig(masks="project", **QUICK)
+    straight = tmp_path / "straight.vc.pt"
+    history = finetune(source, straight, config)
+    assert sum(entry.mask_flips for entry in history) > 0
+    start, written = load_checkpoint(source).model, load_checkpoint(straight)
+    assert written.model.state_dict().keys() == start.state_dict().keys(), "no latent weight in the checkpoint"
+    assert count_flips(binary_masks(start), binary_masks(written.model)) > 0
+    cut = tmp_path / "cut.vc.pt"
+    finetune_cut_and_resumed(source, cut, config)
+    resumed = load_checkpoint(cut).model.state_dict()
+    for name, tensor in written.model.state_dict().items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

@@ -32,11 +32,13 @@ from vconvert.fit import (
     metric_scale,
     pair_cost,
     pair_outputs,
+    project_onto_groups,
     rank_one,
     relative_error,
     slot_layout,
     spatial_metric,
 )
+from vconvert.layers import group_members
 
 
 def _error(views: torch.Tensor, approx: torch.Tensor) -> float:
@@ -324,6 +326,36 @@ def test_weight_of_a_versatile_layer_is_recovered(options: dict) -> None:
     weight = source.dense_weight().detach()
     target = VersatileConv2d(8, 12, 3, bias=False, dtype=torch.float64, **options)
     assert initialise_from_weight(target, weight, None, "fit", iterations=20) < 1e-4
+
+
+def _members_and_scale(layer: VersatileConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    members = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
+    return members, layer.scale.detach()[members.clamp_min(0)] * (members >= 0)
+
+
+def _projected_weight(layer: VersatileConv2d, weight: torch.Tensor) -> torch.Tensor:
+    members, scale = _members_and_scale(layer)
+    masks, primary, scale = project_onto_groups(weight.flatten(1), members, scale)
+    approx = torch.zeros_like(weight.flatten(1))
+    valid = members >= 0
+    approx[members[valid]] = (scale.unsqueeze(-1) * masks * primary.unsqueeze(1))[valid]
+    return approx.view_as(weight)
+
+
+@pytest.mark.parametrize("secondary", [2, 3], ids=["s2", "s3"])
+def test_projection_recovers_a_versatile_weight_and_never_loses_to_the_fit(secondary: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    source = VersatileConv2d(6, 11, 3, bias=False, dtype=torch.float64, secondary=secondary)
+    with torch.no_grad():
+        source.scale.copy_(torch.rand(11, generator=generator, dtype=torch.float64) + 0.5)
+    exact = source.dense_weight().detach()
+    torch.testing.assert_close(_projected_weight(source, exact), exact)
+
+    weight = torch.randn(11, 6, 3, 3, generator=generator, dtype=torch.float64)
+    fitted = VersatileConv2d(6, 11, 3, bias=False, dtype=torch.float64, secondary=secondary)
+    fit_error = initialise_from_weight(fitted, weight, None, "fit-plain")
+    projected = _projected_weight(fitted, weight)
+    assert relative_error(projected, weight) <= fit_error + 1e-12, "the fit's own direction is a candidate"
 
 
 def test_initialise_refuses_wrong_inputs() -> None:

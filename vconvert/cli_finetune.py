@@ -39,7 +39,12 @@ def finetune(
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up, then cosine.")] = 0.5,
     masks: Annotated[
-        str, typer.Option("--masks", help="Mask learning: frozen | flip | ste | tpami (see README).")
+        str,
+        typer.Option(
+            "--masks",
+            help="Mask learning: frozen | project (masks, primaries and scales follow a trained dense "
+            "latent weight) | flip | ste | tpami (see README).",
+        ),
     ] = "frozen",
     mask_lr: Annotated[float, typer.Option("--mask-lr", help="Proxy learning rate (ste, tpami).")] = 0.05,
     flip_rate: Annotated[
@@ -49,7 +54,7 @@ def finetune(
         float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
     ] = 0.6,
     ortho_weight: Annotated[
-        float, typer.Option("--ortho-weight", help="λ of the orthogonality loss (masks that learn).")
+        float, typer.Option("--ortho-weight", help="λ of the orthogonality loss (flip, ste, tpami).")
     ] = 0.05,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Distil from the original model.")] = True,
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,

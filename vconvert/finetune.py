@@ -35,7 +35,14 @@ from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.feature_distill import FeatureDistillation
 from vconvert.io import atomic_write_bytes, check_writable
 from vconvert.layers import orthogonality_loss
-from vconvert.mask_learning import MaskLearner, MaskSettings, binary_masks, canonicalise_masks_, count_flips
+from vconvert.mask_learning import (
+    MaskLearner,
+    MaskSettings,
+    binary_masks,
+    canonicalise_masks_,
+    count_flips,
+    drop_latent_weights_,
+)
 from vconvert.weight_average import WeightAverage
 
 
@@ -390,6 +397,7 @@ def finetune(
         MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal),
         total_steps,
         steps_per_epoch,
+        teacher,
     )
     groups = parameter_groups(student, config.weight_decay)
     optimiser = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
@@ -605,6 +613,7 @@ def _write_epoch(
         copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
     )
     canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
+    drop_latent_weights_(snapshot)  # the project rule's training state travels in the resume state
     finished = metrics.epoch == config.epochs
     metadata = {
         **base_metadata,

@@ -886,6 +886,33 @@ def naive_fit(weight: Tensor, layout: SlotLayout, *, use_scale: bool = True) -> 
     return _result(members, primary, masks, scale, layout, outputs)
 
 
+def project_onto_groups(
+    views: Tensor, members: Tensor, scale: Tensor, masks: Tensor | None = None, search: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest versatile weight (plain Frobenius error) to dense ``views`` (N, K) for a fixed grouping.
+
+    ``members`` (P, S) lists the outputs of each primary (-1: empty), ``scale`` (P, S) the current
+    scales. With ``search`` the scale direction is the best of the current one, every single member
+    and, for pairs, an angular grid; without it the current direction is kept (a descent step from
+    the current fit, continuous in ``views`` except at per-element ties). Returns masks (P, S, K),
+    primaries (P, K) and least-squares scales (P, S); masks and primaries are exact per element for
+    the direction (:func:`fit_masks_and_primary`). Given ``masks`` (P, S, K), they are kept and one
+    least-squares step of primaries, then scales, is taken instead.
+    """
+    valid = (members >= 0).to(views.dtype)
+    grouped = views[members.clamp_min(0)] * valid.unsqueeze(-1)
+    if masks is not None:
+        primary = fit_primary(grouped, masks, scale)
+        return masks, primary, fit_scale(grouped, masks * primary.unsqueeze(1)) * valid
+    direction = scale
+    if search:
+        angles = _PAIR_COST_ANGLES if members.shape[1] == 2 else 0
+        direction = best_direction(grouped, direction_candidates(scale, angles) * valid.unsqueeze(1))
+    masks, primary = fit_masks_and_primary(grouped, direction)
+    scale = fit_scale(grouped, masks * primary.unsqueeze(1)) * valid
+    return masks, primary, scale
+
+
 # --------------------------------------------------------------------------- entry point
 @torch.no_grad()
 def initialise_from_weight(

@@ -280,10 +280,18 @@ class VersatileConv2d(nn.Module):
         return self.fixed_mask
 
     def dense_weight(self) -> Tensor:
-        """The materialised secondary filters, shape (out_channels, in_channels, kh, kw)."""
-        return materialise_weight(
+        """The materialised secondary filters, shape (out_channels, in_channels, kh, kw).
+
+        While a ``latent_weight`` parameter is registered (mask rule ``project``), its gradient is the
+        materialised weight's: the forward uses the versatile weight, the update goes to the latent one.
+        """
+        weight = materialise_weight(
             self.primary, self.primary_index, self.output_mask(), self.scale, self.channel_offset, self.in_channels
         )
+        latent = self._parameters.get("latent_weight")
+        if latent is not None:
+            weight = weight.detach() + (latent - latent.detach())
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)

@@ -13,6 +13,13 @@ Four strategies (METHOD.md §4 and the measurements at the end of §6):
   says flipping lowers the loss (first order: ΔL ≈ g·ΔM), as many as a flip budget allows. The
   budget is a fraction of the layer's bits per epoch, annealed (cosine) to zero at ``anneal`` of the
   run so that the weights settle around the final masks. Flips are counted for the logs.
+- ``project``: a dense latent weight per layer, started from the original network's, is what SGD
+  trains (straight-through: it receives the gradient of the materialised versatile weight). After
+  every step the layer is set to the latent weight's nearest versatile weight for the layer's fixed
+  grouping and scale direction (:func:`vconvert.fit.project_onto_groups`; the direction is searched
+  once, at the start: re-searching it every step switched whole filters' masks back and forth):
+  masks, primaries and scales all follow.
+  From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vconvert.layers import _PROXY_OFF, _PROXY_ON, MASK_THRESHOLD, VersatileConv2d, versatile_layers
+from vconvert.fit import project_onto_groups
+from vconvert.layers import _PROXY_OFF, _PROXY_ON, MASK_THRESHOLD, VersatileConv2d, group_members, versatile_layers
 
-STRATEGIES = ("frozen", "ste", "tpami", "flip")
+STRATEGIES = ("frozen", "ste", "tpami", "flip", "project")
+PROJECTED = ("latent_weight", "primary", "scale", "mask_proxy")
 
 
 def learned_layers(model: nn.Module) -> list[tuple[str, VersatileConv2d]]:
@@ -52,6 +61,37 @@ def canonicalise_masks_(model: nn.Module) -> None:
         layer.mask_threshold = MASK_THRESHOLD
 
 
+def drop_latent_weights_(model: nn.Module) -> None:
+    """Remove the ``project`` rule's latent weights (a checkpoint holds the versatile layers only)."""
+    for _, layer in versatile_layers(model):
+        layer._parameters.pop("latent_weight", None)
+
+
+def projectable(layer: VersatileConv2d) -> bool:
+    """The ``project`` rule handles per-filter learned masks with scales over all input channels."""
+    return layer.mask_sharing == "per-filter" and layer.scale is not None and layer.channel_window == layer.in_channels
+
+
+@torch.no_grad()
+def project_layer_(layer: VersatileConv2d, keep_masks: bool = False, search: bool = False) -> None:
+    """Set primaries, masks and scales to the versatile weight nearest the layer's ``latent_weight``
+    for its current scale direction (``search``: the best of several), or with ``keep_masks``
+    primaries and scales only (one least-squares step for the current masks)."""
+    members = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
+    valid = members >= 0
+    latent = layer.latent_weight.detach().float().flatten(1)
+    scale = layer.scale.detach().float()[members.clamp_min(0)] * valid
+    current = None
+    if keep_masks:
+        on = (layer.mask_proxy.detach() > layer.mask_threshold).flatten(1).float()
+        current = on[members.clamp_min(0)] * valid.unsqueeze(-1)
+    masks, primary, scale = project_onto_groups(latent, members, scale, current, search)
+    layer.primary.copy_(primary.view_as(layer.primary))
+    layer.scale[members[valid]] = scale[valid].to(layer.scale.dtype)
+    on = masks[valid].view(-1, *layer.mask_proxy.shape[1:]) > 0.5
+    layer.mask_proxy[members[valid]] = torch.where(on, _PROXY_ON, _PROXY_OFF).to(layer.mask_proxy.dtype)
+
+
 def anneal_factor(progress: float, anneal: float) -> float:
     """Cosine from 1 at the start to 0 at ``anneal`` (a fraction of training), 0 afterwards."""
     if anneal <= 0 or progress >= anneal:
@@ -71,16 +111,31 @@ class MaskSettings:
 class MaskLearner:
     """Applies one strategy around the optimiser step: ``before_step()`` then ``after_step()``."""
 
-    def __init__(self, model: nn.Module, settings: MaskSettings, total_steps: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: MaskSettings,
+        total_steps: int,
+        steps_per_epoch: int,
+        teacher: nn.Module | None = None,
+    ) -> None:
         if settings.strategy not in STRATEGIES:
             raise ValueError(f"mask strategy must be one of {', '.join(STRATEGIES)}; got {settings.strategy!r}.")
         self.settings, self.total_steps, self.steps_per_epoch = settings, total_steps, steps_per_epoch
         self.layers = learned_layers(model)
+        if settings.strategy == "project":
+            self.layers = [(name, layer) for name, layer in self.layers if projectable(layer)]
+            for name, layer in self.layers:
+                start = teacher.get_submodule(name).weight if teacher is not None else layer.dense_weight()
+                layer.register_parameter("latent_weight", nn.Parameter(start.detach().clone()))
+                for parameter in (layer.primary, layer.scale, layer.mask_proxy):
+                    parameter.requires_grad_(False)
+                project_layer_(layer, search=True)
         self.step = 0
         self.evidence = {name: torch.zeros_like(layer.mask_proxy) for name, layer in self.layers}
         self._carry = dict.fromkeys(self.evidence, 0.0)  # fractional flip budget carried between steps
         for _, layer in self.layers:
-            layer.mask_proxy.requires_grad_(settings.strategy != "frozen")
+            layer.mask_proxy.requires_grad_(settings.strategy not in ("frozen", "project"))
             if settings.strategy == "tpami":  # same masks, in the TPAMI convention: H = M in {0, 1}, M = [H > 0]
                 with torch.no_grad():
                     layer.mask_proxy.copy_((layer.mask_proxy > layer.mask_threshold).to(layer.mask_proxy))
@@ -88,7 +143,8 @@ class MaskLearner:
 
     @property
     def learns(self) -> bool:
-        return self.settings.strategy != "frozen" and bool(self.layers)
+        """Whether the orthogonality penalty can move the masks: they learn through their proxies."""
+        return self.settings.strategy in ("ste", "tpami", "flip") and bool(self.layers)
 
     def optimiser_parameters(self) -> list[nn.Parameter]:
         """Proxies that a gradient optimiser should update (ste, tpami); the flip rule does its own."""
@@ -107,6 +163,14 @@ class MaskLearner:
     def after_step(self) -> int:
         """Clip (ste) or flip (flip) after the optimiser step; returns bits flipped by the flip rule."""
         self.step += 1
+        if self.settings.strategy == "project":
+            flipped = 0
+            keep_masks = (self.step - 1) / max(1, self.total_steps) >= self.settings.anneal
+            for _, layer in self.layers:
+                before = layer.mask_proxy > layer.mask_threshold
+                project_layer_(layer, keep_masks)
+                flipped += int((before != (layer.mask_proxy > layer.mask_threshold)).sum())
+            return flipped
         if self.settings.strategy == "ste":
             for _, layer in self.layers:
                 layer.clip_mask_proxy_()
@@ -143,10 +207,19 @@ class MaskLearner:
         return flipped
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "evidence": self.evidence, "carry": self._carry}
+        state = {"step": self.step, "evidence": self.evidence, "carry": self._carry}
+        if self.settings.strategy == "project":  # the latent weights and what they project to
+            state["projected"] = {
+                name: {key: getattr(layer, key).detach().cpu() for key in PROJECTED} for name, layer in self.layers
+            }
+        return state
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         for name, tensor in state["evidence"].items():
             self.evidence[name].copy_(tensor)
         self._carry = dict(state["carry"])
+        for name, layer in self.layers:
+            for key, tensor in state.get("projected", {}).get(name, {}).items():
+                getattr(layer, key).copy_(tensor)
