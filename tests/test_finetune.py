@@ -35,8 +35,15 @@ from vconvert.finetune import (
 )
 from vconvert.fit import project_onto_groups
 from vconvert.io import BaseSpec
-from vconvert.layers import group_members
-from vconvert.mask_learning import MaskLearner, MaskSettings, anneal_factor, binary_masks, count_flips
+from vconvert.layers import group_members, materialise_weight
+from vconvert.mask_learning import (
+    MaskLearner,
+    MaskSettings,
+    anneal_factor,
+    binary_masks,
+    count_flips,
+    latent_share,
+)
 
 QUICK = {"epochs": 2, "batch_size": 64, "train_limit": 256, "eval_limit": 96, "workers": 0, "recalibrate_images": 128}
 
@@ -169,6 +176,26 @@ def test_project_rule_trains_a_dense_latent_and_follows_it_with_masks_primaries_
     assert not torch.equal(layer.primary, primary_before)
 
 
+def test_project_ramp_starts_from_the_dense_weight_and_reaches_the_projection() -> None:
+    assert [latent_share(progress, 0.5) for progress in (0.0, 0.25, 0.5, 0.9)] == [1.0, 0.125, 0.0, 0.0]
+    assert latent_share(0.0, 0.0) == 0.0
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    model = torch.nn.Sequential(VersatileConv2d.from_conv(teacher[0]))
+    learner = MaskLearner(model, MaskSettings("project", ramp=0.5), 4, 1, teacher)
+    images = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(model(images), teacher(images), msg="the run starts from the original weights")
+    shares = []
+    for _ in range(3):
+        learner.after_step()
+        shares.append(model[0].latent_share)
+    assert shares == [0.125, 0.0, 0.0]
+    projected = model[0].dense_weight().detach()
+    materialised = materialise_weight(model[0].primary, model[0].primary_index, model[0].output_mask(),
+                                      model[0].scale, model[0].channel_offset, 8)  # fmt: skip
+    torch.testing.assert_close(projected, materialised.detach())
+
+
 def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None:
     source = _converted_checkpoint(tmp_path / "m.vc.pt")
     output = tmp_path / "ft.vc.pt"
@@ -231,7 +258,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_project_run_writes_plain_checkpoints_changes_masks_and_resumes_exactly(tmp_path: Path) -> None:
     source = _converted_checkpoint(tmp_path / "m.vc.pt")
-    config = FinetuneConfig(masks="project", **QUICK)
+    config = FinetuneConfig(masks="project", project_ramp=0.75, **QUICK)
     straight = tmp_path / "straight.vc.pt"
     history = finetune(source, straight, config)
     assert sum(entry.mask_flips for entry in history) > 0
@@ -294,6 +321,7 @@ BAD_OPTIONS = {
     "bad-precision": ["--precision", "fp16"],
     "ema-of-one": ["--ema", "1"],
     "negative-feature-distill": ["--feature-distill", "-1"],
+    "project-ramp-above-one": ["--masks", "project", "--project-ramp", "1.5"],
 }
 
 
@@ -309,6 +337,7 @@ BAD_OPTIONS = {
         ("bad-precision", "--precision must be one of auto, fp32, bf16"),
         ("ema-of-one", "--ema must be 0 (off) or a decay below 1"),
         ("negative-feature-distill", "--feature-distill must be ≥ 0"),
+        ("project-ramp-above-one", "--project-ramp must be a fraction of the run in [0, 1]"),
     ],
     ids=lambda value: value if " " not in value else "",
 )

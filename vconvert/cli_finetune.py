@@ -53,6 +53,14 @@ def finetune(
     mask_anneal: Annotated[
         float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
     ] = 0.6,
+    project_ramp: Annotated[
+        float,
+        typer.Option(
+            "--project-ramp",
+            help="project: fraction of training over which the forward moves from the dense latent weight "
+            "to its versatile projection (cubic, as in gradual pruning; 0: projection from the start).",
+        ),
+    ] = 0.0,
     ortho_weight: Annotated[
         float, typer.Option("--ortho-weight", help="λ of the orthogonality loss (flip, ste, tpami).")
     ] = 0.05,
@@ -127,9 +135,9 @@ def finetune(
     config = FinetuneConfig(
         data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate, mask_anneal=mask_anneal,
-        ortho_weight=ortho_weight, distill=distill, temperature=temperature, distill_weight=distill_weight,
-        recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment, train_limit=train_limit,
-        eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
+        project_ramp=project_ramp, ortho_weight=ortho_weight, distill=distill, temperature=temperature,
+        distill_weight=distill_weight, recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment,
+        train_limit=train_limit, eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
         label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill,
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip

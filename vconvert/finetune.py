@@ -61,6 +61,7 @@ class FinetuneConfig:
     mask_lr: float = 0.05
     flip_rate: float = 0.01
     mask_anneal: float = 0.6
+    project_ramp: float = 0.0
     ortho_weight: float = 0.05
     distill: bool = True
     temperature: float = 4.0
@@ -351,6 +352,8 @@ def finetune(
     use_bf16 = uses_bf16(config.precision, env.device)
     if config.feature_weight < 0:
         raise BadInputError(f"--feature-distill must be ≥ 0; got {config.feature_weight}.")
+    if not 0.0 <= config.project_ramp <= 1.0:
+        raise BadInputError(f"--project-ramp must be a fraction of the run in [0, 1]; got {config.project_ramp}.")
     if not 0.0 <= config.ema < 1.0:
         raise BadInputError(f"--ema must be 0 (off) or a decay below 1 such as 0.999; got {config.ema}.")
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
@@ -394,7 +397,7 @@ def finetune(
     total_steps = steps_per_epoch * config.epochs
     masks = MaskLearner(
         student,
-        MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal),
+        MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal, ramp=config.project_ramp),
         total_steps,
         steps_per_epoch,
         teacher,

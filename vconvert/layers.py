@@ -196,6 +196,7 @@ class VersatileConv2d(nn.Module):
         self.register_buffer("secondary_index", outputs % self.group_size)
         self.register_buffer("channel_offset", torch.empty_like(outputs))
         self.mask_threshold = MASK_THRESHOLD  # a mask bit is on where its proxy exceeds this
+        self.latent_share = 0.0  # mask rule project: weight of the dense latent weight in the forward
         self.mask_proxy: nn.Parameter | None = None
         self.fixed_mask: Tensor | None
         if mode == "learned":
@@ -283,14 +284,16 @@ class VersatileConv2d(nn.Module):
         """The materialised secondary filters, shape (out_channels, in_channels, kh, kw).
 
         While a ``latent_weight`` parameter is registered (mask rule ``project``), its gradient is the
-        materialised weight's: the forward uses the versatile weight, the update goes to the latent one.
+        materialised weight's: the forward uses the versatile weight (blended with the latent one while
+        ``latent_share`` > 0), the update goes to the latent one.
         """
         weight = materialise_weight(
             self.primary, self.primary_index, self.output_mask(), self.scale, self.channel_offset, self.in_channels
         )
         latent = self._parameters.get("latent_weight")
         if latent is not None:
-            weight = weight.detach() + (latent - latent.detach())
+            value = torch.lerp(weight.detach(), latent.detach(), self.latent_share) if self.latent_share else weight
+            weight = value.detach() + (latent - latent.detach())
         return weight
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ Four strategies (METHOD.md §4 and the measurements at the end of §6):
   once, at the start: re-searching it every step switched whole filters' masks back and forth):
   masks, primaries and scales all follow.
   From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
+  With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into the
+  projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def drop_latent_weights_(model: nn.Module) -> None:
     """Remove the ``project`` rule's latent weights (a checkpoint holds the versatile layers only)."""
     for _, layer in versatile_layers(model):
         layer._parameters.pop("latent_weight", None)
+        layer.latent_share = 0.0
 
 
 def projectable(layer: VersatileConv2d) -> bool:
@@ -92,6 +95,14 @@ def project_layer_(layer: VersatileConv2d, keep_masks: bool = False, search: boo
     layer.mask_proxy[members[valid]] = torch.where(on, _PROXY_ON, _PROXY_OFF).to(layer.mask_proxy.dtype)
 
 
+def latent_share(progress: float, ramp: float) -> float:
+    """Weight of the dense latent weight in the forward at ``progress`` of the run: (1 − progress/ramp)³,
+    0 from ``ramp`` on (the cubic schedule of gradual pruning, Zhu & Gupta 2017)."""
+    if ramp <= 0 or progress >= ramp:
+        return 0.0
+    return (1.0 - progress / ramp) ** 3
+
+
 def anneal_factor(progress: float, anneal: float) -> float:
     """Cosine from 1 at the start to 0 at ``anneal`` (a fraction of training), 0 afterwards."""
     if anneal <= 0 or progress >= anneal:
@@ -106,6 +117,7 @@ class MaskSettings:
     flip_rate: float = 0.01  # flip: fraction of a layer's mask bits flipped per epoch at the start
     anneal: float = 0.6  # flip: fraction of training after which masks stop changing
     evidence_decay: float = 0.9
+    ramp: float = 0.0  # project: fraction of the run over which the forward moves from latent to projected weight
 
 
 class MaskLearner:
@@ -131,6 +143,7 @@ class MaskLearner:
                 for parameter in (layer.primary, layer.scale, layer.mask_proxy):
                     parameter.requires_grad_(False)
                 project_layer_(layer, search=True)
+                layer.latent_share = latent_share(0.0, settings.ramp)
         self.step = 0
         self.evidence = {name: torch.zeros_like(layer.mask_proxy) for name, layer in self.layers}
         self._carry = dict.fromkeys(self.evidence, 0.0)  # fractional flip budget carried between steps
@@ -165,8 +178,11 @@ class MaskLearner:
         self.step += 1
         if self.settings.strategy == "project":
             flipped = 0
+            progress = self.step / max(1, self.total_steps)
             keep_masks = (self.step - 1) / max(1, self.total_steps) >= self.settings.anneal
+            share = latent_share(progress, self.settings.ramp)
             for _, layer in self.layers:
+                layer.latent_share = share
                 before = layer.mask_proxy > layer.mask_threshold
                 project_layer_(layer, keep_masks)
                 flipped += int((before != (layer.mask_proxy > layer.mask_threshold)).sum())
@@ -223,3 +239,5 @@ class MaskLearner:
         for name, layer in self.layers:
             for key, tensor in state.get("projected", {}).get(name, {}).items():
                 getattr(layer, key).copy_(tensor)
+            if self.settings.strategy == "project":
+                layer.latent_share = latent_share(self.step / max(1, self.total_steps), self.settings.ramp)
