@@ -43,7 +43,8 @@ RECIPES = {
     "features 1.0": ["--feature-distill", "1.0"],
     "features 1.0 + EMA 0.999": ["--feature-distill", "1.0", "--ema", "0.999"],
     "project masks": ["--masks", "project"],  # masks follow a dense latent weight (mask_learning.py)
-    "KD only + project masks": ["--distill-weight", "1.0", "--masks", "project"],
+    "project masks, ramp 0.3": ["--masks", "project", "--project-ramp", "0.3"],
+    "project masks, ramp 0.3, anneal 0.3": ["--masks", "project", "--project-ramp", "0.3", "--mask-anneal", "0.3"],
 }
 
 
