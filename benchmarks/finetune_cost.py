@@ -6,6 +6,7 @@ data are identical and only the convolutions differ. Each run is a child process
 RSS is read with os.wait4; the `import` baseline is measured in the same run.
 
     python benchmarks/finetune_cost.py [--arch torchvision.models:resnet18] [--data ~/.cache/vconvert/cifar10]
+           [--masks frozen|project|...]
 
 Writes benchmarks/results/finetune_cost.json. Target (issue 4): peak RSS versatile/dense ≤ 1.3.
 """
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--input-shape", default="1,3,32,32")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-limit", type=int, default=2048)
+    parser.add_argument("--masks", default=None, help="vconvert finetune --masks (default: finetune's default)")
     args = parser.parse_args()
     vconvert = [sys.executable, "-m", "vconvert"]
     module_name, function = args.arch.split(":")
@@ -55,6 +57,8 @@ def main() -> None:
                         "--data", args.data, "--epochs", "1", "--batch-size", str(args.batch_size),
                         "--train-limit", str(args.train_limit), "--eval-limit", "256",
                         "--recalibrate-images", "256", "--json"]  # fmt: skip
+            if args.masks:
+                finetune += ["--masks", args.masks]
             peak, wall, stdout = run_measured(finetune, work)
             history = json.loads(stdout)["history"]
             rows[name] = {"peak_rss_gb": peak, "peak_above_import_gb": peak - baseline_gb, "wall_s": wall,
@@ -65,6 +69,7 @@ def main() -> None:
         "arch": args.arch,
         "data": args.data,
         "batch_size": args.batch_size,
+        "masks": args.masks or "finetune's default",
         "import_baseline_rss_gb": baseline_gb,
         **rows,
         "peak_rss_ratio_versatile_over_dense": rows["versatile"]["peak_rss_gb"] / rows["dense"]["peak_rss_gb"],

@@ -32,17 +32,18 @@ from mask_learning import compressed_start, vconvert
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_TOP1 = 88.57  # ../shared/models/README.md: the pretrained ResNet-20 on the 10,000 JPEG test images
+FROZEN = ["--masks", "frozen"]  # the default mask rule until session 6: the older recipes keep it
 RECIPES = {
-    "default": [],  # KD weight 0.7, T 4, no label smoothing, frozen fitted masks
-    "KD only": ["--distill-weight", "1.0"],
-    "KD only T2": ["--distill-weight", "1.0", "--temperature", "2"],  # the teacher was trained with LS 0.1
-    "KD only T1": ["--distill-weight", "1.0", "--temperature", "1"],
-    "label smoothing 0.1": ["--label-smoothing", "0.1"],
-    "EMA 0.999": ["--ema", "0.999"],
-    "KD only + EMA 0.999": ["--distill-weight", "1.0", "--ema", "0.999"],
-    "features 1.0": ["--feature-distill", "1.0"],
-    "features 1.0 + EMA 0.999": ["--feature-distill", "1.0", "--ema", "0.999"],
-    "project masks": ["--masks", "project"],  # masks follow a dense latent weight (mask_learning.py)
+    "default": FROZEN,  # KD weight 0.7, T 4, no label smoothing, frozen fitted masks
+    "KD only": [*FROZEN, "--distill-weight", "1.0"],
+    "KD only T2": [*FROZEN, "--distill-weight", "1.0", "--temperature", "2"],  # the teacher was trained with LS 0.1
+    "KD only T1": [*FROZEN, "--distill-weight", "1.0", "--temperature", "1"],
+    "label smoothing 0.1": [*FROZEN, "--label-smoothing", "0.1"],
+    "EMA 0.999": [*FROZEN, "--ema", "0.999"],
+    "KD only + EMA 0.999": [*FROZEN, "--distill-weight", "1.0", "--ema", "0.999"],
+    "features 1.0": [*FROZEN, "--feature-distill", "1.0"],
+    "features 1.0 + EMA 0.999": [*FROZEN, "--feature-distill", "1.0", "--ema", "0.999"],
+    "project masks": ["--masks", "project"],  # masks follow a dense latent weight: the default since session 6
     "project masks, ramp 0.3": ["--masks", "project", "--project-ramp", "0.3"],
     "project masks, ramp 0.3, anneal 0.3": ["--masks", "project", "--project-ramp", "0.3", "--mask-anneal", "0.3"],
 }

@@ -40,6 +40,7 @@ RULES = [
     ("ste + ortho", ["--masks", "ste", "--mask-lr", "0.05", "--ortho-weight", "0.05"]),
     ("flip", ["--masks", "flip", "--ortho-weight", "0"]),
     ("flip + ortho", ["--masks", "flip", "--ortho-weight", "0.05"]),
+    ("project", ["--masks", "project"]),  # no "+ ortho" row: masks follow the latent weight, not a gradient
 ]
 
 

@@ -431,17 +431,18 @@ def test_ema_run_writes_the_average_and_resumes_to_the_same_weights(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("masks", "port"), [("flip", "29517"), ("project", "29518")], ids=["flip", "project"])
+def test_torchrun_two_cpu_processes_match_a_single_process(masks: str, port: str, tmp_path: Path) -> None:
     source = _converted_checkpoint(tmp_path / "m.vc.pt")
     args = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--eval-limit", "64",
-            "--workers", "0", "--recalibrate-images", "128", "--bn-mode", "frozen", "--masks", "flip"]  # fmt: skip
+            "--workers", "0", "--recalibrate-images", "128", "--bn-mode", "frozen", "--masks", masks]  # fmt: skip
     single = tmp_path / "single.vc.pt"
     assert _run_cli(str(source), "-o", str(single), *args).wait(timeout=600) == 0
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
     double = tmp_path / "ddp.vc.pt"
     completed = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "vconvert", "finetune", str(source),
+        [torchrun, "--nproc_per_node", "2", "--master_port", port, "-m", "vconvert", "finetune", str(source),
          "-o", str(double), *args],
         capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

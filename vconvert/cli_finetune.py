@@ -42,16 +42,17 @@ def finetune(
         str,
         typer.Option(
             "--masks",
-            help="Mask learning: frozen | project (masks, primaries and scales follow a trained dense "
-            "latent weight) | flip | ste | tpami (see README).",
+            help="Mask learning: project (masks, primaries and scales follow a trained dense latent "
+            "weight) | frozen (fitted masks kept) | flip | ste | tpami (see README).",
         ),
-    ] = "frozen",
+    ] = "project",
     mask_lr: Annotated[float, typer.Option("--mask-lr", help="Proxy learning rate (ste, tpami).")] = 0.05,
     flip_rate: Annotated[
         float, typer.Option("--flip-rate", help="flip: fraction of mask bits flipped per epoch at the start.")
     ] = 0.01,
     mask_anneal: Annotated[
-        float, typer.Option("--mask-anneal", help="flip: fraction of training after which masks stop changing.")
+        float,
+        typer.Option("--mask-anneal", help="flip, project: fraction of training after which masks stay."),
     ] = 0.6,
     project_ramp: Annotated[
         float,

@@ -57,7 +57,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
-    masks: str = "frozen"
+    masks: str = "project"
     mask_lr: float = 0.05
     flip_rate: float = 0.01
     mask_anneal: float = 0.6

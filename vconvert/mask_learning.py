@@ -1,7 +1,16 @@
 """How the binary masks of learned VersatileConv2d layers change during fine-tuning.
 
-Four strategies (METHOD.md §4 and the measurements at the end of §6):
+Five strategies (METHOD.md §4 and the measurements at the end of §6):
 
+- ``project`` (the default): a dense latent weight per layer, started from the original network's,
+  is what SGD trains (straight-through: it receives the gradient of the materialised versatile
+  weight). After every step the layer is set to the latent weight's nearest versatile weight for the
+  layer's fixed grouping and scale direction (:func:`vconvert.fit.project_onto_groups`): masks,
+  primaries and scales all follow. The direction is searched once, at the start; re-searching it
+  after every step kept ~30k of ResNet-20's 270k bits switching per epoch to the end and lost a point.
+  From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
+  With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into the
+  projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
 - ``frozen``: masks keep their data-free fit; only primary filters, scales, biases (and the rest of
   the network) train.
 - ``ste``: the common variant: proxies H in [0, 1] trained by SGD at ``mask_lr`` through the
@@ -13,15 +22,6 @@ Four strategies (METHOD.md §4 and the measurements at the end of §6):
   says flipping lowers the loss (first order: ΔL ≈ g·ΔM), as many as a flip budget allows. The
   budget is a fraction of the layer's bits per epoch, annealed (cosine) to zero at ``anneal`` of the
   run so that the weights settle around the final masks. Flips are counted for the logs.
-- ``project``: a dense latent weight per layer, started from the original network's, is what SGD
-  trains (straight-through: it receives the gradient of the materialised versatile weight). After
-  every step the layer is set to the latent weight's nearest versatile weight for the layer's fixed
-  grouping and scale direction (:func:`vconvert.fit.project_onto_groups`; the direction is searched
-  once, at the start: re-searching it every step switched whole filters' masks back and forth):
-  masks, primaries and scales all follow.
-  From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
-  With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into the
-  projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class MaskSettings:
     strategy: str = "frozen"
     mask_lr: float = 0.05
     flip_rate: float = 0.01  # flip: fraction of a layer's mask bits flipped per epoch at the start
-    anneal: float = 0.6  # flip: fraction of training after which masks stop changing
+    anneal: float = 0.6  # flip, project: fraction of training after which masks stop changing
     evidence_decay: float = 0.9
     ramp: float = 0.0  # project: fraction of the run over which the forward moves from latent to projected weight
 
@@ -174,7 +174,8 @@ class MaskLearner:
 
     @torch.no_grad()
     def after_step(self) -> int:
-        """Clip (ste) or flip (flip) after the optimiser step; returns bits flipped by the flip rule."""
+        """Project (project), clip (ste) or flip (flip) after the optimiser step; returns the mask bits
+        that project or flip changed."""
         self.step += 1
         if self.settings.strategy == "project":
             flipped = 0
