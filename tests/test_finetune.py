@@ -272,6 +272,18 @@ def test_project_run_writes_plain_checkpoints_changes_masks_and_resumes_exactly(
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+def test_project_with_ema_averages_the_versatile_weights_and_resumes_exactly(tmp_path: Path) -> None:
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    config = FinetuneConfig(masks="project", project_ramp=0.75, ema=0.9, **QUICK)
+    straight, cut = tmp_path / "straight.vc.pt", tmp_path / "cut.vc.pt"
+    finetune(source, straight, config)
+    written = load_checkpoint(straight)
+    assert not any(name.endswith("latent_weight") for name in written.metadata["finetune_state"]["ema"]["weights"])
+    finetune_cut_and_resumed(source, cut, config)
+    for name, tensor in written.model.state_dict().items():
+        torch.testing.assert_close(load_checkpoint(cut).model.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     source = _converted_checkpoint(tmp_path / "m.vc.pt")
     output = tmp_path / "ft.vc.pt"

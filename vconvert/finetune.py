@@ -457,8 +457,10 @@ def finetune(
         teacher.to(memory_format=torch.channels_last)
 
     average = WeightAverage(student, config.ema) if config.ema else None
-    if average is not None and resume_state is not None:
-        average.load_state_dict(resume_state["ema"])
+    if average is not None:
+        drop_latent_weights_(average.model)  # the average is of the versatile weights the forward uses
+        if resume_state is not None:
+            average.load_state_dict(resume_state["ema"])
     evaluated = average.model if average is not None else student  # what is validated and written
 
     # hooks after the average's deepcopy, which would otherwise carry them
