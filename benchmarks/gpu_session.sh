@@ -7,7 +7,8 @@
 #   DATA_DIR holds cifar10-{train,test}.tar.gz (../shared/data/cifar10), MODELS_DIR resnet20_cifar10.pt.
 #   PART "all" (default) runs the above; "followup" runs what the first session (2026-11-27) lost to
 #   a bug (the flip rules, fixed since) and a second seed of learned s=2 and s=4.
-#   PART "recipes" runs benchmarks/finetune_recipes.py (s=2 fine-tuning recipes and both fits, 3 seeds).
+#   PART "recipes" runs benchmarks/finetune_recipes.py (s=2 fine-tuning recipes and both fits, 3 seeds;
+#   frozen vs project masks side by side from fit-plain).
 #   PART "baselines" trains the project's own ResNet-20 and ResNet-56 side by side
 #   (benchmarks/train_baseline.py, up to 200 epochs, fewer where the first epoch says they would not
 #   fit in BENCH_SECONDS - 60) into ~/.cache/vconvert/baselines on the device; PART "own-table" then
@@ -55,8 +56,9 @@ elif [ "$part" = recipes ]; then  # fine-tuning recipes for s=2 from both fits, 
   timeout "$budget" python3 benchmarks/finetune_recipes.py --jobs 7 --seeds 0,1,2 --models "$models" \
     --cifar "$cache" --recipes "default,features 1.0,EMA 0.999" --output "$out/finetune_recipes_gpu" \
     > "$out/recipes.log" 2>&1 &
-  timeout "$budget" python3 benchmarks/finetune_recipes.py --jobs 3 --seeds 0,1,2 --init fit-plain \
-    --models "$models" --cifar "$cache" --recipes default --output "$out/finetune_recipes_gpu_fit_plain" \
+  timeout "$budget" python3 benchmarks/finetune_recipes.py --jobs 6 --seeds 0,1,2 --init fit-plain \
+    --models "$models" --cifar "$cache" --recipes "default,project masks" \
+    --output "$out/finetune_recipes_gpu_fit_plain" \
     > "$out/recipes_fit_plain.log" 2>&1 &
 else
   timeout "$budget" python3 benchmarks/cifar10.py --jobs 2 --batch-size 256 --lr 0.02 --seed 1 --models "$models" \
