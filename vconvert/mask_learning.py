@@ -76,11 +76,13 @@ def projectable(layer: VersatileConv2d) -> bool:
 
 
 @torch.no_grad()
-def project_layer_(layer: VersatileConv2d, keep_masks: bool = False, search: bool = False) -> None:
+def project_layer_(
+    layer: VersatileConv2d, members: torch.Tensor, keep_masks: bool = False, search: bool = False
+) -> None:
     """Set primaries, masks and scales to the versatile weight nearest the layer's ``latent_weight``
     for its current scale direction (``search``: the best of several), or with ``keep_masks``
-    primaries and scales only (one least-squares step for the current masks)."""
-    members = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
+    primaries and scales only (one least-squares step for the current masks). ``members`` is the
+    layer's :func:`group_members` table (fixed while the rule runs)."""
     valid = members >= 0
     latent = layer.latent_weight.detach().float().flatten(1)
     scale = layer.scale.detach().float()[members.clamp_min(0)] * valid
@@ -135,14 +137,16 @@ class MaskLearner:
             raise ValueError(f"mask strategy must be one of {', '.join(STRATEGIES)}; got {settings.strategy!r}.")
         self.settings, self.total_steps, self.steps_per_epoch = settings, total_steps, steps_per_epoch
         self.layers = learned_layers(model)
+        self._members: dict[str, torch.Tensor] = {}  # project: each layer's grouping, fixed during the run
         if settings.strategy == "project":
             self.layers = [(name, layer) for name, layer in self.layers if projectable(layer)]
             for name, layer in self.layers:
+                self._members[name] = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
                 start = teacher.get_submodule(name).weight if teacher is not None else layer.dense_weight()
                 layer.register_parameter("latent_weight", nn.Parameter(start.detach().clone()))
                 for parameter in (layer.primary, layer.scale, layer.mask_proxy):
                     parameter.requires_grad_(False)
-                project_layer_(layer, search=True)
+                project_layer_(layer, self._members[name], search=True)
                 layer.latent_share = latent_share(0.0, settings.ramp)
         self.step = 0
         self.evidence = {name: torch.zeros_like(layer.mask_proxy) for name, layer in self.layers}
@@ -178,16 +182,16 @@ class MaskLearner:
         that project or flip changed."""
         self.step += 1
         if self.settings.strategy == "project":
-            flipped = 0
+            changed = []  # summed on the device and read back once per step, not once per layer
             progress = self.step / max(1, self.total_steps)
             keep_masks = (self.step - 1) / max(1, self.total_steps) >= self.settings.anneal
             share = latent_share(progress, self.settings.ramp)
-            for _, layer in self.layers:
+            for name, layer in self.layers:
                 layer.latent_share = share
                 before = layer.mask_proxy > layer.mask_threshold
-                project_layer_(layer, keep_masks)
-                flipped += int((before != (layer.mask_proxy > layer.mask_threshold)).sum())
-            return flipped
+                project_layer_(layer, self._members[name], keep_masks)
+                changed.append((before != (layer.mask_proxy > layer.mask_threshold)).sum())
+            return int(torch.stack(changed).sum()) if changed else 0
         if self.settings.strategy == "ste":
             for _, layer in self.layers:
                 layer.clip_mask_proxy_()
