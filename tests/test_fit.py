@@ -17,6 +17,7 @@ from vconvert.errors import BadInputError
 from vconvert.fit import (
     FitResult,
     best_slot_permutation,
+    first_argmax,
     fit_masks,
     fit_masks_and_primary,
     fit_primary,
@@ -99,6 +100,31 @@ def test_joint_mask_and_primary_step_beats_alternating_steps(shared: bool) -> No
     separate = _error(views, scale.unsqueeze(-1) * separate_masks * primary.unsqueeze(1))
     assert joint <= separate + 1e-9 <= rank_one_error + 1e-9
     assert joint < rank_one_error
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 4], ids=lambda s: f"s{s}")
+def test_masks_and_primary_are_the_best_subset_per_element(members: int) -> None:
+    generator = torch.Generator().manual_seed(members)
+    views = torch.randn(5, members, 7, dtype=torch.float64, generator=generator)
+    scale = torch.randn(5, members, dtype=torch.float64, generator=generator)
+    scale[0, 0] = 0.0  # a member without scale keeps nothing
+    masks, primary = fit_masks_and_primary(views, scale)
+    error = (views - scale.unsqueeze(-1) * masks * primary.unsqueeze(1)).pow(2).sum(1)  # (P, K)
+    best = torch.full_like(error, float("inf"))
+    for bits in range(2**members):  # brute force: every subset with its least-squares primary value
+        subset = torch.tensor([(bits >> j) & 1 for j in range(members)], dtype=views.dtype)
+        weighted = scale * subset
+        energy = weighted.pow(2).sum(1, keepdim=True)
+        value = torch.where(energy > 0, (weighted.unsqueeze(-1) * views).sum(1) / energy.clamp_min(1e-300), 0.0)
+        candidate = (views - weighted.unsqueeze(-1) * value.unsqueeze(1)).pow(2).sum(1)
+        best = torch.minimum(best, candidate)
+    torch.testing.assert_close(error, best)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_first_argmax_is_argmax_with_ties_to_the_first(dim: int) -> None:
+    values = torch.randint(0, 3, (6, 5, 4)).float()  # few distinct values: many ties
+    assert torch.equal(first_argmax(values, dim), values.argmax(dim))
 
 
 def test_rank_one_and_pair_cost_agree_on_known_cases() -> None:

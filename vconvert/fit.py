@@ -141,17 +141,34 @@ def member_subsets(count: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return (bits & 1).to(dtype)
 
 
+def first_argmax(values: Tensor, dim: int) -> Tensor:
+    """``values.argmax(dim)`` (the first index of the maximum) for a short ``dim``, as one max and one
+    comparison per index: PyTorch's CPU argmax over a short axis is several times slower."""
+    top = values.amax(dim)
+    count = values.shape[dim]
+    best = torch.full(top.shape, count - 1, dtype=torch.uint8 if count <= 256 else torch.long, device=values.device)
+    for index in reversed(range(count - 1)):
+        best = torch.where(values.select(dim, index) == top, index, best)
+    return best.long()
+
+
 def subset_gains(views: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per element and member subset B: the error removed by keeping the element in B's members.
 
-    Returns gains (P, K, 2^S) = (Σ_{j∈B} α_j X_j)² / Σ_{j∈B} α_j², numerators (P, K, 2^S) and
-    denominators (P, 2^S) (0 where the subset has no scaled member).
+    Returns gains (P, 2^S, K) = (Σ_{j∈B} α_j X_j)² / Σ_{j∈B} α_j², numerators (P, 2^S, K) and
+    denominators (P, 2^S) (0 where the subset has no scaled member). The subset axis is not the last:
+    reductions over it then run along contiguous elements (an argmax over a trailing axis of 4 is slow).
     """
-    subsets = member_subsets(views.shape[1], views.dtype).to(views.device)  # (B, S)
-    numerator = (scale.unsqueeze(-1) * views).transpose(1, 2) @ subsets.T  # (P, K, B)
+    groups, count, size = views.shape
+    weighted = scale.unsqueeze(-1) * views  # (P, S, K)
+    numerator = views.new_zeros(groups, 2**count, size)  # subset b adds member j to subset b - 2^j, j its top bit
+    for member in range(count):
+        low = 2**member
+        torch.add(numerator[:, :low], weighted[:, member : member + 1], out=numerator[:, low : 2 * low])
+    subsets = member_subsets(count, views.dtype).to(views.device)  # (B, S)
     denominator = (scale * scale) @ subsets.T  # (P, B)
     inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(torch.finfo(views.dtype).tiny), 0.0)
-    return numerator.pow(2) * inverse.unsqueeze(1), numerator, denominator
+    return numerator.square().mul_(inverse.unsqueeze(-1)), numerator, denominator
 
 
 def fit_masks_and_primary(views: Tensor, scale: Tensor, shared: bool = False) -> tuple[Tensor, Tensor]:
@@ -166,17 +183,17 @@ def fit_masks_and_primary(views: Tensor, scale: Tensor, shared: bool = False) ->
     subsets = member_subsets(views.shape[1], views.dtype).to(views.device)
     gain, numerator, denominator = subset_gains(views, scale)
     tiny = torch.finfo(views.dtype).tiny
-    everyone = torch.where(denominator[:, -1:] > 0, numerator[..., -1] / denominator[:, -1:].clamp_min(tiny), 0.0)
+    everyone = torch.where(denominator[:, -1:] > 0, numerator[:, -1] / denominator[:, -1:].clamp_min(tiny), 0.0)
     if shared:
-        best = gain.sum(0).argmax(-1)  # (K,)
+        best = first_argmax(gain.sum(0), 0)  # (K,)
         masks = subsets[best].T  # (S, K)
-        chosen = best.view(1, -1, 1).expand(groups, -1, 1)
+        chosen = best.expand(groups, size)
     else:
-        best = gain.argmax(-1)  # (P, K)
+        best = first_argmax(gain, 1)  # (P, K)
         masks = subsets[best].permute(0, 2, 1)  # (P, S, K)
-        chosen = best.unsqueeze(-1)
-    top = numerator.gather(-1, chosen).squeeze(-1)
-    bottom = denominator.unsqueeze(1).expand(-1, size, -1).gather(-1, chosen).squeeze(-1)
+        chosen = best
+    top = numerator.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    bottom = denominator.gather(1, chosen)
     primary = torch.where(bottom > 0, top / bottom.clamp_min(tiny), everyone)
     return masks, primary
 
@@ -570,7 +587,7 @@ def best_direction(views: Tensor, candidates: Tensor, shared: bool = False) -> T
     for index in range(candidates.shape[1]):
         scale = candidates[:, index]
         gain = subset_gains(views, scale)[0]
-        error = -(gain.sum(0).amax(-1).sum().expand(views.shape[0]) if shared else gain.amax(-1).sum(1))
+        error = -(gain.sum(0).amax(0).sum().expand(views.shape[0]) if shared else gain.amax(1).sum(1))
         if best is None:
             best_error, best = error, scale
         else:
