@@ -44,11 +44,12 @@ RECIPES = {
     "features 1.0": [*FROZEN, "--feature-distill", "1.0"],
     "features 1.0 + EMA 0.999": [*FROZEN, "--feature-distill", "1.0", "--ema", "0.999"],
     "project masks": ["--masks", "project"],  # masks follow a dense latent weight: the default since session 6
-    "project masks, anneal 0.3": ["--masks", "project", "--mask-anneal", "0.3"],
-    "project masks, anneal 0.8": ["--masks", "project", "--mask-anneal", "0.8"],
-    "project masks, ramp 0.3": ["--masks", "project", "--project-ramp", "0.3"],
-    "project masks, ramp 0.3, anneal 0.3": ["--masks", "project", "--project-ramp", "0.3", "--mask-anneal", "0.3"],
+    "project masks + anneal 0.3": ["--masks", "project", "--mask-anneal", "0.3"],
+    "project masks + anneal 0.8": ["--masks", "project", "--mask-anneal", "0.8"],
+    "project masks + ramp 0.3": ["--masks", "project", "--project-ramp", "0.3"],
+    "project masks + ramp 0.3 + anneal 0.3": ["--masks", "project", "--project-ramp", "0.3", "--mask-anneal", "0.3"],
 }
+assert not any("," in name for name in RECIPES), "--recipes is comma-separated: a recipe name must not hold a comma"
 
 
 def main() -> None:
