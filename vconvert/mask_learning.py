@@ -93,6 +93,8 @@ def project_layer_(
     masks, primary, scale = project_onto_groups(latent, members, scale, current, search)
     layer.primary.copy_(primary.view_as(layer.primary))
     layer.scale[members[valid]] = scale[valid].to(layer.scale.dtype)
+    if keep_masks:
+        return
     on = masks[valid].view(-1, *layer.mask_proxy.shape[1:]) > 0.5
     layer.mask_proxy[members[valid]] = torch.where(on, _PROXY_ON, _PROXY_OFF).to(layer.mask_proxy.dtype)
 
@@ -188,9 +190,10 @@ class MaskLearner:
             share = latent_share(progress, self.settings.ramp)
             for name, layer in self.layers:
                 layer.latent_share = share
-                before = layer.mask_proxy > layer.mask_threshold
+                before = None if keep_masks else layer.mask_proxy > layer.mask_threshold  # kept masks: none change
                 project_layer_(layer, self._members[name], keep_masks)
-                changed.append((before != (layer.mask_proxy > layer.mask_threshold)).sum())
+                if before is not None:
+                    changed.append((before != (layer.mask_proxy > layer.mask_threshold)).sum())
             return int(torch.stack(changed).sum()) if changed else 0
         if self.settings.strategy == "ste":
             for _, layer in self.layers:
