@@ -276,29 +276,6 @@ def test_pickled_base_in_spec_obeys_the_same_policy(helper: Helper, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------- arch strings read from a file
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "os:system",
-        "builtins:eval",
-        "subprocess:run",
-        "torchvision.models.resnet:partial",  # an allowlisted module, but the object is functools'
-        "torchvision.models.resnet:torch.hub.load",  # attribute chains out of an allowlisted module
-        "torch.nn:functional",
-        "torch:load",
-        "torchvision.models:_api",
-    ],
-)
-def test_file_arch_outside_allowlist_is_refused(arch: str, tmp_path: Path) -> None:
-    marker = tmp_path / "ran.marker"
-    spec = BaseSpec(arch=arch, arch_kwargs={"command": f"touch {marker}"}, pickled=None, source="evil.vc.pt")
-    with pytest.raises(UntrustedCodeError) as caught:
-        build_base(spec)
-    _assert_one_sentence(caught.value)
-    assert "--trust" in str(caught.value) and "evil.vc.pt" in str(caught.value)
-    assert not marker.exists()
-
-
 def test_file_arch_from_unknown_module_is_not_imported(helper: Helper) -> None:
     helper.forget()
     spec = BaseSpec(arch=f"{helper.name}:make_net", arch_kwargs={}, pickled=None, source="x.vc.pt")
@@ -309,17 +286,134 @@ def test_file_arch_from_unknown_module_is_not_imported(helper: Helper) -> None:
     assert "imported.marker" in helper.markers()
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "torchvision.models:resnet18",
-        "sample_models.resnet_cifar:resnet8",
-        "torch.nn:Conv2d",
-        "torchvision.models.resnet18",
-    ],
-)
-def test_file_arch_inside_allowlist_resolves(arch: str) -> None:
-    assert callable(resolve_arch(arch, trust=False, typed_by_user=False))
+REGISTERED_FILE_ARCHS = {
+    "torchvision-package": ("torchvision.models:resnet18", {"num_classes": 3}),
+    "torchvision-submodule": ("torchvision.models.resnet:resnet18", {}),
+    "torchvision-dotted": ("torchvision.models.resnet18", {}),
+    "torchvision-quantization": ("torchvision.models.quantization:resnet18", {}),
+    "torchvision-get_model": ("torchvision.models:get_model", {"name": "resnet18", "num_classes": 3}),
+    "timm-submodule": ("timm.models.resnet:resnet18", {"num_classes": 3}),
+    "timm-create_model": ("timm:create_model", {"model_name": "resnet18", "num_classes": 3}),
+    "sample-resnet8": ("sample_models.resnet_cifar:resnet8", {"num_classes": 4, "in_channels": 1}),
+    "sample-vgg": ("sample_models.vgg_small:vgg_small", {}),
+}
+
+
+@pytest.mark.parametrize("arch, kwargs", REGISTERED_FILE_ARCHS.values(), ids=REGISTERED_FILE_ARCHS.keys())
+def test_file_arch_registered_builder_builds(arch: str, kwargs: dict) -> None:
+    model = build_base(BaseSpec(arch=arch, arch_kwargs=kwargs, pickled=None, source="x.vc.pt"))
+    assert isinstance(model, nn.Module) and not model.training
+
+
+# Every package prefix a file might name: loaders, downloaders, file readers and non-builders inside the
+# model libraries are refused exactly like code outside them.
+UNREGISTERED_FILE_ARCHS = {
+    "timm-load_state_dict": ("timm.models:load_state_dict", {"checkpoint_path": "payload.pt", "weights_only": False}),
+    "timm-load_checkpoint": ("timm.models:load_checkpoint", {"model": 1, "checkpoint_path": "payload.pt"}),
+    "timm-hub-download": ("timm.models:load_model_config_from_hf", {"model_id": "x"}),
+    "timm-layer-class": ("timm.layers:Mlp", {"in_features": 4}),
+    "torchvision-load_state_dict_from_url": ("torchvision.models.resnet:load_state_dict_from_url", {"url": "x"}),
+    "torchvision-weights-enum": ("torchvision.models:ResNet18_Weights", {}),
+    "torchvision-class": ("torchvision.models:ResNet", {}),
+    "torchvision-private": ("torchvision.models:_api", {}),
+    "torchvision-attribute-chain": ("torchvision.models.resnet:torch.hub.load", {}),
+    "torchvision-get_model-unregistered": ("torchvision.models:get_model", {"name": "list_models"}),
+    "torchvision-datasets": ("torchvision.datasets:ImageFolder", {"root": "."}),
+    "torchvision-io": ("torchvision.io:read_file", {"path": "payload.pt"}),
+    "torch-nn-class": ("torch.nn:Conv2d", {"in_channels": 1, "out_channels": 1, "kernel_size": 1}),
+    "torch-nn-functional": ("torch.nn:functional", {}),
+    "torch-load": ("torch:load", {"f": "payload.pt", "weights_only": False}),
+    "torch-hub": ("torch.hub:load", {"repo_or_dir": "x", "model": "y"}),
+    "sample-train": ("sample_models.train:main", {}),
+    "sample-class": ("sample_models.resnet_cifar:CifarResNet", {}),
+    "os-system": ("os:system", {}),
+    "builtins-eval": ("builtins:eval", {}),
+    "subprocess-run": ("subprocess:run", {}),
+    "pickle-loads": ("pickle:loads", {}),
+}
+
+
+@pytest.mark.parametrize("arch, kwargs", UNREGISTERED_FILE_ARCHS.values(), ids=UNREGISTERED_FILE_ARCHS.keys())
+def test_file_arch_not_a_registered_builder_is_refused(arch: str, kwargs: dict, tmp_path: Path) -> None:
+    marker = tmp_path / "ran.marker"
+    spec = BaseSpec(arch=arch, arch_kwargs={**kwargs, "command": f"touch {marker}"}, pickled=None, source="evil.vc.pt")
+    with pytest.raises(UntrustedCodeError) as caught:
+        build_base(spec)
+    _assert_one_sentence(caught.value)
+    assert "--trust" in str(caught.value) and "evil.vc.pt" in str(caught.value)
+    assert not marker.exists()
+
+
+REFUSED_FILE_KWARGS = {
+    "weights": {"weights": "DEFAULT"},
+    "weights-none": {"weights": None},
+    "weights_backbone": {"weights_backbone": "x"},
+    "pretrained": {"pretrained": True},
+    "pretrained_cfg": {"pretrained_cfg": {"hf_hub_id": "x"}},
+    "pretrained_cfg_overlay": {"pretrained_cfg_overlay": {"file": "x"}},
+    "checkpoint_path": {"checkpoint_path": "payload.pt"},
+    "cache_dir": {"cache_dir": "cache"},
+    "path-value": {"num_classes": 10, "block_args": "../payload.pt"},
+    "url-value": {"norm": "https://example.com/x"},
+    "home-value": {"norm": "~/x"},
+    "nested-path": {"options": {"inner": ["ok", "/etc/passwd"]}},
+    "existing-file-name": {"norm": "pyproject.toml"},
+    "not-json": {"num_classes": b"10"},
+}
+
+
+@pytest.mark.parametrize("kwargs", REFUSED_FILE_KWARGS.values(), ids=REFUSED_FILE_KWARGS.keys())
+@pytest.mark.parametrize("arch", ["torchvision.models:resnet18", "timm:create_model"], ids=["torchvision", "timm"])
+def test_file_arch_kwargs_that_read_files_are_refused(arch: str, kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # where pyproject.toml exists
+    if arch == "timm:create_model":
+        kwargs = {"model_name": "resnet18", **kwargs}
+    spec = BaseSpec(arch=arch, arch_kwargs=kwargs, pickled=None, source="evil.vc.pt")
+    with pytest.raises(UntrustedCodeError) as caught:
+        build_base(spec)
+    _assert_one_sentence(caught.value)
+    assert "--trust" in str(caught.value)
+
+
+def test_file_arch_with_trust_calls_anything(tmp_path: Path) -> None:
+    spec = BaseSpec(arch="torch.nn:Conv2d", arch_kwargs={"in_channels": 1, "out_channels": 2, "kernel_size": 1})
+    assert isinstance(build_base(spec, trust=True), nn.Conv2d)
+
+
+def test_shadowing_sample_models_folder_is_not_trusted(tmp_path: Path) -> None:
+    """A folder called sample_models on sys.path (here: the working directory under ``python -m``)
+    is not the shipped samples: neither its builders nor its pickled classes load without --trust."""
+    marker = tmp_path / "imported.marker"
+    fake = tmp_path / "sample_models"
+    fake.mkdir()
+    touch = f"open({str(marker)!r}, 'w').close()\n"
+    (fake / "__init__.py").write_text(touch + "MODEL_BUILDERS = ('resnet_cifar:resnet8',)\n")
+    (fake / "resnet_cifar.py").write_text(touch + "def resnet8(): pass\n")
+    torch.save(resnet8(), tmp_path / "pickled.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from vconvert.errors import UntrustedCodeError
+        from vconvert.io import BaseSpec, build_base
+        try:
+            build_base(BaseSpec(arch="sample_models.resnet_cifar:resnet8", source="x.vc.pt"))
+        except UntrustedCodeError as error:
+            print("refused:", error)
+        pickled = open({str(tmp_path / "pickled.pt")!r}, "rb").read()
+        try:
+            build_base(BaseSpec(arch=None, pickled=pickled, source="x.vc.pt"))
+        except UntrustedCodeError as error:
+            print("pickle refused:", error)
+        """
+    )
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "pickle refused:" in result.stdout, result.stdout
+    assert "sample_models.resnet_cifar.CifarResNet" in result.stdout
+    assert not marker.exists()
 
 
 def test_typed_arch_is_always_allowed() -> None:
@@ -594,3 +688,14 @@ def test_bad_checkpoint_is_one_clear_sentence(make: Callable[[Path], None] | Non
 def test_malformed_base_spec_is_bad_input(data: object) -> None:
     with pytest.raises(BadInputError):
         BaseSpec.from_dict(data)
+
+
+def test_readme_states_the_file_arch_rule_as_the_code_applies_it() -> None:
+    from vconvert.io import FILE_ARCH_REFUSED_KWARGS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rule = readme[readme.index("registered\n  model builder") :]
+    for key in FILE_ARCH_REFUSED_KWARGS:
+        assert f"`{key}`" in rule, key
+    for builder in ("list_models()", "get_model", "create_model", "MODEL_BUILDERS", "--trust"):
+        assert builder in rule, builder

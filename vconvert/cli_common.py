@@ -141,7 +141,11 @@ ArchKwargsOpt = Annotated[
 ]
 TrustOpt = Annotated[
     bool,
-    typer.Option("--trust", help="Allow unpickling classes outside torch/torchvision/timm/sample_models (runs code)."),
+    typer.Option(
+        "--trust",
+        help="Run code the file chooses: unpickle classes outside torch.nn/torchvision/timm/sample_models, and "
+        "build an arch string read from a .vc.pt that is not a registered model builder.",
+    ),
 ]
 InputShapeOpt = Annotated[str, typer.Option("--input-shape", help="Example input N,C,H,W used to trace the model.")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="learned | spatial | channel | spatial+channel.")]

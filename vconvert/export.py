@@ -34,7 +34,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ __all__ = [
     "ort_session",
     "prepare_for_export",
     "start_session",
+    "strip_export_traces",
     "to_onnx",
     "verify_onnx",
 ]
@@ -318,7 +319,51 @@ def to_onnx(
         ) from error
     if program is None:
         raise BadInputError("torch.onnx returned no program for the folded model.")
-    return program.model_proto
+    model = program.model_proto
+    strip_export_traces(model)
+    return model
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph held by its nodes' attributes (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graphs(subgraph)
+
+
+def strip_export_traces(model: onnx.ModelProto) -> None:
+    """Remove, in place, what torch.onnx records about the exporting machine and its source code.
+
+    The exporter annotates every node with debugging metadata (stack traces with absolute paths, FX
+    node text, the class hierarchy, rewrite-rule names) and keeps intermediate ``value_info``; none of
+    it is needed to run the model. Model-level ``metadata_props`` keep vconvert's own keys only.
+    """
+    model.doc_string = ""
+    kept = [(prop.key, prop.value) for prop in model.metadata_props if prop.key.startswith("vconvert.")]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    graphs = list(_graphs(model.graph))
+    for function in model.functions:
+        function.doc_string = ""
+        del function.metadata_props[:]
+    for container in [*graphs, *model.functions]:
+        for node in container.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    for graph in graphs:
+        graph.doc_string = ""
+        del graph.value_info[:]
+        for value in [*graph.input, *graph.output]:
+            value.doc_string = ""
+            del value.metadata_props[:]
+        for tensor in graph.initializer:
+            tensor.doc_string = ""
+            del tensor.metadata_props[:]
 
 
 def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:

@@ -9,7 +9,10 @@ The loading policy (DESIGN.md, "Contracts worth keeping stable"):
   The classes a file needs are listed *before* anything is imported, and a module outside the
   allowlist is never imported to resolve a name.
 - Anything else would run code from the file: it loads only with ``trust=True`` (``--trust``).
-- An arch string read back from a file is code to call: the same allowlist applies to it.
+- An arch string read back from a file is code to call: without ``trust=True`` it may only be a
+  registered model builder (torchvision's and timm's ``list_models()``, the shipped samples'
+  ``MODEL_BUILDERS``, the samples found by their installed location) with plain JSON keyword
+  arguments that name no file, URL or pretrained weights. A package prefix is not a boundary.
 - A ``.vc.pt`` checkpoint holds plain data and tensors only, so it loads with ``weights_only=True``.
 - Every write goes to a temp file in the target folder, is fsynced, then renamed over the target.
 """
@@ -20,17 +23,20 @@ import collections
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import os
 import pickle
 import pickletools
 import re
 import secrets
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import ModuleType
 from typing import Any, BinaryIO
 
 import torch
@@ -39,8 +45,8 @@ from torch import Tensor, nn
 from vconvert.errors import BadInputError, UntrustedCodeError
 
 __all__ = [
-    "ARCH_MODULES",
     "CHECKPOINT_FORMAT",
+    "FILE_ARCH_REFUSED_KWARGS",
     "MODEL_LIBRARIES",
     "BaseSpec",
     "atomic_save",
@@ -51,6 +57,7 @@ __all__ = [
     "load_model",
     "read_checkpoint",
     "resolve_arch",
+    "shipped_samples_folder",
     "write_checkpoint",
 ]
 
@@ -60,8 +67,23 @@ CHECKPOINT_FORMAT = "vconvert.checkpoint/1"
 # libraries, only nn.Module subclasses from torch itself (no torch.fx GraphModule, no functions).
 MODEL_LIBRARIES = ("torchvision.models", "torchvision.ops", "timm", "sample_models")
 TORCH_MODULE_PREFIXES = ("torch.nn", "torch.ao.nn")
-# Module prefixes an arch string read back from a file may name without --trust.
-ARCH_MODULES = ("torchvision.models", "timm", "sample_models", "torch.nn")
+SAMPLES_PACKAGE = "sample_models"
+# Keyword arguments of a model builder that load weights from a file or the network: never from a file.
+FILE_ARCH_REFUSED_KWARGS = frozenset(
+    {
+        "weights",
+        "weights_backbone",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_strict",
+        "checkpoint_path",
+        "cache_dir",
+        "file",
+        "url",
+        "model_dir",
+    }
+)
 # Harmless non-model globals that torch.save(model) pickles contain (e.g. norm_layer=partial(...)).
 _HARMLESS_GLOBALS: dict[str, Any] = {
     "functools.partial": functools.partial,
@@ -145,24 +167,143 @@ def _split_arch(spec: str) -> tuple[str, str]:
     return module_name, attribute
 
 
-def resolve_arch(spec: str, *, trust: bool, typed_by_user: bool, origin: str | None = None) -> Callable[..., nn.Module]:
+def shipped_samples_folder() -> Path:
+    """Where the sample models shipped with vconvert are installed (the folder next to the package)."""
+    return Path(__file__).resolve().parent.parent / SAMPLES_PACKAGE
+
+
+def _is_shipped_samples() -> bool:
+    """Whether ``import sample_models`` gives the shipped samples, not a folder of that name elsewhere on sys.path.
+
+    Decided without running the package: ``find_spec`` of a top-level name only searches sys.path.
+    """
+    expected = shipped_samples_folder() / "__init__.py"
+    loaded = sys.modules.get(SAMPLES_PACKAGE)
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+    else:
+        try:
+            found = importlib.util.find_spec(SAMPLES_PACKAGE)
+        except (ImportError, ValueError):
+            return False
+        origin = found.origin if found is not None else None
+    return origin is not None and Path(origin).resolve() == expected
+
+
+def _import_under_trusted(module_name: str) -> ModuleType | None:
+    """Import ``module_name`` if it is inside torchvision.models, timm or the shipped samples, else None."""
+    if _under(module_name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
+        return None
+    if not _under(module_name, ("torchvision.models", "timm", SAMPLES_PACKAGE)):
+        return None
+    try:
+        return importlib.import_module(module_name)
+    except Exception:
+        return None
+
+
+def _registered_name(module_name: str, attribute: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The registry name of the model builder an arch string read from a file names, or None.
+
+    Registered builders: torchvision's ``list_models()``, timm's ``list_models()`` and
+    :data:`sample_models.MODEL_BUILDERS` of the shipped samples; also ``get_model`` /
+    ``create_model`` when their name argument is registered. Identity, not the name, decides: the
+    resolved object must be the very function the registry holds.
+    """
+    if attribute.startswith("_") or "." in attribute:
+        return None
+    module = _import_under_trusted(module_name)
+    obj = getattr(module, attribute, None) if module is not None else None
+    if obj is None:
+        return None
+    if _under(module_name, ("torchvision.models",)):
+        import torchvision.models as tv_models
+
+        if obj is tv_models.get_model:
+            name = kwargs.get("name")
+            return name if isinstance(name, str) and name in tv_models.list_models() else None
+        return next((n for n in tv_models.list_models() if tv_models.get_model_builder(n) is obj), None)
+    if _under(module_name, ("timm",)):
+        import timm
+
+        if obj is timm.create_model:
+            name = kwargs.get("model_name")
+            return name if isinstance(name, str) and timm.is_model(name) else None
+        name = getattr(obj, "__name__", "")
+        return name if timm.is_model(name) and timm.models.model_entrypoint(name) is obj else None
+    samples = importlib.import_module(SAMPLES_PACKAGE)
+    for entry in getattr(samples, "MODEL_BUILDERS", ()):
+        sub, _, function = entry.partition(":")
+        builder = getattr(importlib.import_module(f"{SAMPLES_PACKAGE}.{sub}"), function)
+        if builder is obj:
+            return f"{SAMPLES_PACKAGE}.{entry}"
+    return None
+
+
+def _looks_like_path(value: str) -> bool:
+    """A string that could name a file or a URL: it has a separator, a home or drive prefix, or exists here."""
+    if any(mark in value for mark in ("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value):
+        return True
+    try:
+        return value in (".", "..") or os.path.lexists(value)
+    except (OSError, ValueError):
+        return True
+
+
+def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
+    """Why keyword arguments read from a file are not plain, offline JSON data (None if they are)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return None
+    if isinstance(value, str):
+        return f"{where or 'a value'} = {value!r} looks like a path or URL" if _looks_like_path(value) else None
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _file_kwargs_problem(v, f"{where}[{i}]"))), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'a key'} is not a string"
+            if key in FILE_ARCH_REFUSED_KWARGS:
+                return f"{key!r} loads weights or reaches the network"
+            if problem := _file_kwargs_problem(item, f"{where}.{key}" if where else key):
+                return problem
+        return None
+    return f"{where or 'a value'} is a {type(value).__name__}, not JSON data"
+
+
+def _untrusted_arch(spec: str, where: str, why: str) -> UntrustedCodeError:
+    return UntrustedCodeError(
+        f"The architecture {spec!r}{where} {why}, so building it would run code chosen by the file: pass --trust "
+        "only if you trust that file."
+    )
+
+
+def resolve_arch(
+    spec: str,
+    *,
+    trust: bool,
+    typed_by_user: bool,
+    origin: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Callable[..., nn.Module]:
     """Turn "package.module:function" (or "package.module.function") into the callable it names.
 
-    An arch the user typed is always allowed. An arch read back from a file (``typed_by_user=False``)
-    is code the file chose to call: it must name a function or class defined under one of
-    :data:`ARCH_MODULES`, else :class:`UntrustedCodeError` unless ``trust`` (the module is not even
-    imported). ``origin`` names that file in messages. Import failures, a missing attribute or an
-    object that is not callable raise :class:`BadInputError`.
+    An arch the user typed (``typed_by_user``) or one from a trusted file is any importable callable.
+    An arch read back from a file without ``trust`` may only be a registered model builder
+    (:func:`_registered_name`) called with ``kwargs`` that are plain JSON data naming no file, URL or
+    pretrained weights (:data:`FILE_ARCH_REFUSED_KWARGS`); else :class:`UntrustedCodeError`, and no
+    module outside torchvision.models, timm and the shipped samples is imported. ``origin`` names
+    that file in messages. Import failures, a missing attribute or an object that is not callable
+    raise :class:`BadInputError`.
     """
     module_name, attribute = _split_arch(spec)
     where = f" (read from {origin})" if origin else ""
-    checked = not typed_by_user and not trust
-    if checked and (not _under(module_name, ARCH_MODULES) or "." in attribute or attribute.startswith("_")):
-        raise UntrustedCodeError(
-            f"The architecture {spec!r}{where} is not a public function of a known model library "
-            f"({', '.join(ARCH_MODULES)}), so calling it would run code chosen by the file: pass --trust only "
-            "if you trust that file."
-        )
+    if not typed_by_user and not trust:
+        if _registered_name(module_name, attribute, kwargs or {}) is None:
+            raise _untrusted_arch(
+                spec, where, "is not a registered model builder of torchvision, timm or vconvert's sample models"
+            )
+        if problem := _file_kwargs_problem(dict(kwargs or {})):
+            raise _untrusted_arch(spec, where, f"comes with arguments that are not plain offline data ({problem})")
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
@@ -178,12 +319,6 @@ def resolve_arch(spec: str, *, trust: bool, typed_by_user: bool, origin: str | N
                 "check the function name."
             )
         obj = getattr(obj, part)
-    if checked and not _under(str(getattr(obj, "__module__", "")), ARCH_MODULES):
-        raise UntrustedCodeError(
-            f"The architecture {spec!r}{where} resolves to {getattr(obj, '__module__', '?')}.{attribute}, which "
-            "is not defined in a known model library, so calling it would run code chosen by the file: pass "
-            "--trust only if you trust that file."
-        )
     if not callable(obj):
         raise BadInputError(
             f"--arch {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
@@ -203,7 +338,7 @@ def _build_arch(
     """Resolve ``spec`` and call it with ``kwargs``; the result must be an nn.Module."""
     if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
         raise BadInputError("--arch-kwargs must be a JSON object with string keys, e.g. '{\"num_classes\": 10}'.")
-    builder = resolve_arch(spec, trust=trust, typed_by_user=typed_by_user, origin=origin)
+    builder = resolve_arch(spec, trust=trust, typed_by_user=typed_by_user, origin=origin, kwargs=kwargs)
     try:
         model = builder(**kwargs)
     except Exception as error:
@@ -332,6 +467,8 @@ def _resolve_global(name: str) -> Any | None:
     """
     if name in _HARMLESS_GLOBALS:
         return _HARMLESS_GLOBALS[name]
+    if _under(name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
+        return None
     prefixes = MODEL_LIBRARIES + TORCH_MODULE_PREFIXES
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
