@@ -1,0 +1,521 @@
+"""Accuracy against ONNX file size: vconvert next to INT8, 4-bit and pruning peers, every row a file in onnxruntime.
+
+On the pretrained CIFAR-10 ResNet-20 (../shared/models, 88.57% on the 10,000 JPEG test images) one run
+builds every artifact, evaluates each ONNX file with ``vconvert evaluate`` on the same test images and
+measures onnxruntime latency at batch 1 and 64 for all files side by side at the end:
+
+- dense fp32 (``vconvert.export.export`` of the base model);
+- dense + INT8 PTQ: onnxruntime's ``quantize_static`` on that file (QDQ, per-channel symmetric int8
+  weights, uint8 activations, 512 calibration images): the first thing a user would try;
+- dense W4: 4-bit weight-only quantization of every Conv/Gemm weight (int4 ``DequantizeLinear``,
+  opset 21, one scale per output channel, no training): the ~8x peer;
+- torch-pruning at 2x and 3x whole-model stored size, fine-tuned with the same budget, data, seed and
+  distillation as vconvert (vconvert's own loop on the plain module), exported fp32, then INT8 PTQ;
+- vconvert learned s=2 and s=4 (``compress`` defaults + ``finetune`` defaults), exported
+  ``--compact`` (fp32) and ``--quantize int8 --compact``; s=4 also with ``--mask-sharing shared``.
+
+    python benchmarks/pareto.py --quick                 # 2,000 training images, 2 epochs, 2,000 test images
+    python benchmarks/pareto.py [--work DIR]            # 50,000 images, 15 epochs, 10,000 test images (hours on CPU)
+           [--rows a,b] [--epochs E] [--train-limit N] [--eval-limit N] [--precision P] [--train-only]
+
+``--work DIR`` keeps the compressed and fine-tuned files there (git-ignored ``cache/`` is a good place):
+a second run with the same ``--work`` reuses every fine-tuned file whose recorded options match, so the
+hours of training and the minutes of measuring can run apart (``--train-only`` stops after training).
+Writes benchmarks/results/pareto_cifar10[_quick].{json,md,png}; trained files never enter the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.cifar10 import (  # noqa: E402
+    INPUT_SHAPE,
+    MEAN,
+    PUBLISHED_BASELINE,
+    STD,
+    parse,
+    plain_module_finetune,
+    prune_to_size,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+ARCH = "sample_models.resnet_cifar:resnet20"
+CALIBRATION_IMAGES = 512
+
+
+@dataclass
+class Row:
+    """One artifact of the table."""
+
+    name: str
+    method: str  # dense | int8-ptq | w4 | pruning | versatile
+    bits: int
+    train: str | None = None  # the fine-tuned model it comes from (key of TRAININGS), None: the base
+    export: list[str] = field(default_factory=list)  # vconvert export options (versatile rows)
+    int8: bool = False  # INT8 PTQ of the fp32 file (peers)
+
+
+# What is trained: versatile compress options, or a pruning target (whole-model stored size ratio).
+TRAININGS: dict[str, dict[str, Any]] = {
+    "s2": {"compress": ["--mode", "learned", "--secondary", "2"]},
+    "s4": {"compress": ["--mode", "learned", "--secondary", "4"]},
+    "s4-shared": {"compress": ["--mode", "learned", "--secondary", "4", "--mask-sharing", "shared"]},
+    "prune2": {"prune": 2.0},
+    "prune3": {"prune": 3.0},
+}
+INT8 = ["--quantize", "int8", "--compact"]
+ROWS = [
+    Row("dense fp32", "dense", 32),
+    Row("dense + INT8 PTQ", "int8-ptq", 8, int8=True),
+    Row("dense W4 (weight-only int4)", "w4", 4),
+    Row("vconvert s=2 fp32 compact", "versatile", 32, "s2", ["--compact"]),
+    Row("vconvert s=2 + int8 compact", "versatile", 8, "s2", INT8),
+    Row("vconvert s=4 fp32 compact", "versatile", 32, "s4", ["--compact"]),
+    Row("vconvert s=4 + int8 compact", "versatile", 8, "s4", INT8),
+    Row("vconvert s=4 shared masks + int8 compact", "versatile", 8, "s4-shared", INT8),
+    Row("torch-pruning 2x fp32", "pruning", 32, "prune2"),
+    Row("torch-pruning 2x + INT8 PTQ", "pruning", 8, "prune2", int8=True),
+    Row("torch-pruning 3x fp32", "pruning", 32, "prune3"),
+    Row("torch-pruning 3x + INT8 PTQ", "pruning", 8, "prune3", int8=True),
+]
+
+
+# --------------------------------------------------------------------------- commands
+class Runner:
+    """Runs ``python -m vconvert ...`` and keeps every command line (with its wall time) for the record."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.commands: list[dict[str, Any]] = []
+
+    def __call__(self, *args: str, parse_json: bool = True) -> Any:
+        command = [sys.executable, "-m", "vconvert", *args, *(["--json"] if parse_json else [])]
+        shown = "vconvert " + shlex.join(command[3:]).replace(str(self.work), "$WORK")
+        print(f"$ {shown}", flush=True)
+        started = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+        seconds = round(time.perf_counter() - started, 1)
+        self.commands.append({"command": shown, "seconds": seconds, "rc": completed.returncode})
+        if completed.returncode != 0:
+            raise RuntimeError(f"{shown} failed ({completed.returncode}): {completed.stderr.strip()[-1500:]}")
+        return json.loads(completed.stdout) if parse_json else completed.stdout
+
+
+@dataclass
+class Budget:
+    """The fine-tuning budget every trained row shares."""
+
+    epochs: int
+    train_limit: int | None
+    batch_size: int
+    lr: float
+    precision: str
+    seed: int
+
+    def finetune_options(self, data: str) -> list[str]:
+        options = ["--data", data, "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+                   "--lr", str(self.lr), "--seed", str(self.seed), "--precision", self.precision,
+                   "--eval-limit", "2000", "--mean", MEAN, "--std", STD]  # fmt: skip
+        return options + (["--train-limit", str(self.train_limit)] if self.train_limit else [])
+
+
+def calibration_images(data: Path, count: int) -> torch.Tensor:
+    """``count`` training images, preprocessed as the model expects (the same set for every artifact)."""
+    from vconvert.data import calibration_batches
+
+    return torch.cat(list(calibration_batches(data / "train", tuple(INPUT_SHAPE[2:]), parse(MEAN), parse(STD),
+                                              batch_size=128, limit=count)))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- training
+def trained_file(work: Path, key: str) -> Path:
+    return work / (f"{key}.ft.vc.pt" if "compress" in TRAININGS[key] else f"{key}.fp32.onnx")
+
+
+def train(key: str, budget: Budget, args: argparse.Namespace, run: Runner) -> dict[str, Any]:
+    """Compress + fine-tune (versatile) or prune + fine-tune + export fp32 (pruning) unless the work folder
+    already holds the result of the same options; returns what the record keeps about it."""
+    work: Path = args.work
+    recipe = {"training": TRAININGS[key], "budget": budget.__dict__}
+    stamp = work / f"{key}.options.json"
+    output = trained_file(work, key)
+    if output.exists() and stamp.exists() and json.loads(stamp.read_text())["recipe"] == recipe:
+        print(f"{key}: reusing {output}", flush=True)
+        return json.loads(stamp.read_text())["info"]
+    started = time.perf_counter()
+    if "compress" in TRAININGS[key]:
+        compressed = work / f"{key}.vc.pt"
+        result = run("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", ARCH, "--input-shape",
+                     ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample", "--mean", MEAN, "--std", STD,
+                     "--calib-data", str(args.cifar), *TRAININGS[key]["compress"], "-o", str(compressed))  # fmt: skip
+        history = run("finetune", str(compressed), "-o", str(output), *budget.finetune_options(str(args.cifar)))
+        plan = result["plan"]
+        info = {"stored_ratio": round(plan["model_dense_bits"] / plan["model_stored_bits"], 3),
+                "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]]}  # fmt: skip
+    else:
+        info = prune_and_finetune(TRAININGS[key]["prune"], budget, args, output)
+    info["train_s"] = round(time.perf_counter() - started, 1)
+    stamp.write_text(json.dumps({"recipe": recipe, "info": info}, indent=2))
+    return info
+
+
+def prune_and_finetune(target: float, budget: Budget, args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """torch-pruning to ``target``x stored size, vconvert's fine-tuning loop on the plain module, fp32 ONNX."""
+    from sample_models.resnet_cifar import resnet20
+    from vconvert.export import export as export_model
+    from vconvert.finetune import FinetuneConfig
+    from vconvert.finetune import finetune as run_finetune
+    from vconvert.report import model_stored_bits
+
+    base = resnet20()
+    base.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
+    base.eval()
+    pruned, channel_ratio = prune_to_size(base, target)
+    config = FinetuneConfig(
+        data=str(args.cifar), epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
+        train_limit=budget.train_limit, eval_limit=2000, precision=budget.precision, mean=parse(MEAN), std=parse(STD),
+    )  # fmt: skip
+    saved: dict[str, torch.nn.Module] = {}
+    with tempfile.TemporaryDirectory(prefix="vconvert-prune-") as folder:
+        target_path = Path(folder) / "pruned.ft.vc.pt"
+        with plain_module_finetune(pruned, copy.deepcopy(base), saved):
+            history = run_finetune(Path(folder) / "unused.vc.pt", target_path, config)
+        tuned = saved[str(target_path)].eval()
+    export_model(tuned, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata())
+    return {
+        "pruning": f"torch-pruning {channel_ratio:.4f} of the channels of every layer (L2 magnitude)",
+        "stored_ratio": round(model_stored_bits(base) / model_stored_bits(tuned), 3),
+        "finetune_val_top1": [round(e.val_top1, 2) for e in history],
+    }
+
+
+def _preprocessing_metadata() -> dict[str, Any]:
+    return {"vconvert.preprocessing": {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}}
+
+
+# --------------------------------------------------------------------------- peers built from an fp32 file
+class ImageReader:
+    """onnxruntime's CalibrationDataReader over preprocessed images, one batch of 32 at a time."""
+
+    def __init__(self, images: torch.Tensor, input_name: str = "input") -> None:
+        self.batches: Iterator[torch.Tensor] = iter(images.split(32))
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch.numpy()}
+
+
+def int8_ptq(fp32: Path, output: Path, images: torch.Tensor) -> None:
+    """onnxruntime ``quantize_static``: QDQ, per-channel symmetric int8 weights, uint8 activations (MinMax)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader = type("Reader", (ImageReader, CalibrationDataReader), {})(images)
+    quantize_static(str(fp32), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+
+
+def weight_only_int4(fp32: Path, output: Path) -> None:
+    """Every Conv/Gemm weight as int4 (symmetric, one scale per output channel) + DequantizeLinear, opset 21."""
+    from onnx import helper, numpy_helper, version_converter
+
+    model = version_converter.convert_version(onnx.load(str(fp32)), 21)
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    graph_nodes = list(model.graph.node)
+    for node in graph_nodes:
+        if node.op_type not in ("Conv", "Gemm") or node.input[1] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        axis = 1 if node.op_type == "Gemm" and not _gemm_transposed(node) else 0  # the output-channel axis
+        reduce = tuple(i for i in range(weight.ndim) if i != axis)
+        scale = np.abs(weight).max(axis=reduce) / 7.0
+        scale[scale == 0] = 1.0
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        quantised = np.clip(np.round(weight / scale.reshape(shape)), -8, 7).astype(np.int8)
+        name = node.input[1]
+        model.graph.initializer.remove(initializers[name])
+        q_name, s_name = f"{name}_int4", f"{name}_scale"
+        model.graph.initializer.append(helper.make_tensor(q_name, onnx.TensorProto.INT4, quantised.shape,
+                                                          quantised.flatten().tolist()))  # fmt: skip
+        model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
+        dequantise = helper.make_node("DequantizeLinear", [q_name, s_name], [name], axis=axis, name=f"{name}_dq")
+        model.graph.node.insert(list(model.graph.node).index(node), dequantise)
+    onnx.checker.check_model(model)
+    output.write_bytes(model.SerializeToString())
+
+
+def _gemm_transposed(node: onnx.NodeProto) -> bool:
+    return any(attribute.name == "transB" and attribute.i == 1 for attribute in node.attribute)
+
+
+# --------------------------------------------------------------------------- measuring
+def latencies(files: dict[str, Path], seconds: float) -> dict[str, dict[str, float]]:
+    """Median onnxruntime latency (ms) of every file at batch 1 and 64, measured interleaved in one run."""
+    from vconvert.export import measure_latency, ort_session
+
+    sessions = {name: ort_session(str(path)) for name, path in files.items()}
+    result: dict[str, dict[str, float]] = {name: {} for name in files}
+    for batch in (1, 64):
+        example = torch.randn(batch, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
+        for name, value in measure_latency(sessions, example, seconds=seconds, rounds=400).items():
+            result[name][f"b{batch}"] = round(value, 4)
+    return result
+
+
+def macs_of(path: Path) -> int:
+    """MACs per image of the Conv and Gemm nodes of an ONNX file (shapes from onnx's shape inference)."""
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.value_info,
+              *inferred.output, *inferred.input]}  # fmt: skip
+    weights = {t.name: numpy_helper.to_array(t).shape for t in graph.initializer}
+    macs = 0
+    for node in inferred.node:
+        if node.op_type in ("Conv", "QLinearConv", "Gemm", "ConvInteger"):
+            out = shapes.get(node.output[0])
+            weight_name = node.input[3] if node.op_type == "QLinearConv" else node.input[1]
+            weight = weights.get(weight_name) or shapes.get(weight_name)
+            if out and weight:
+                macs += int(np.prod(out[1:])) * int(np.prod(weight[1:]))
+    return macs
+
+
+def write(record: dict[str, Any], stem: Path) -> None:
+    """The JSON, the Markdown table and the plot (top-1 against file size, Pareto front drawn)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    rows = [row for row in record["rows"] if "top1" in row]
+    lines = [
+        f"# Accuracy against ONNX file size, CIFAR-10 ResNet-20 ({record['mode']} run"
+        f"{'' if record['complete'] else ', partial'})",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"{record['epochs']} fine-tuning epochs on {record['train_images']} training images (batch "
+        f"{record['batch_size']}, lr {record['lr']}, {record['precision']}, seed {record['seed']}); top-1 of each "
+        f"ONNX file in onnxruntime on {record['eval_images']} test images; {record['calibration_images']} "
+        f"calibration images for INT8; latency measured side by side at the end on {record['device']}.",
+        "",
+        "| artifact | method | bits | file bytes | file / fp32 | top-1 | Δ vs dense | latency b1 / fp32 | "
+        "latency b64 / fp32 | MACs | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['artifact']} | {row['method']} | {row['bits']} | {row['file_bytes']:,} | {row['file_ratio']:.3f} "
+            f"| {row['top1']:.2f} | {row['delta_vs_dense']:+.2f} | {row.get('latency_b1_ratio', float('nan')):.2f} | "
+            f"{row.get('latency_b64_ratio', float('nan')):.2f} | {row['macs'] / 1e6:.1f} M | {row['epochs']} |"
+        )
+    lines += ["", *record.get("verdicts", [])]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if rows:
+        _plot(rows, stem.with_suffix(".png"), record)
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both file size (smaller) and top-1 (higher), by size."""
+    return sorted(
+        (r for r in rows if not any(o["file_bytes"] <= r["file_bytes"] and o["top1"] > r["top1"] for o in rows)),
+        key=lambda r: r["file_bytes"],
+    )
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, record: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"dense": "black", "int8-ptq": "tab:blue", "w4": "tab:purple", "pruning": "tab:orange",
+               "versatile": "tab:green"}  # fmt: skip
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        marker = "o" if row["bits"] > 8 else "s"
+        axes.scatter(row["file_ratio"], row["top1"], color=colours[row["method"]], marker=marker)
+        axes.annotate(row["artifact"], (row["file_ratio"], row["top1"]), fontsize=7, xytext=(4, 2),
+                      textcoords="offset points")  # fmt: skip
+    front = pareto_front(rows)
+    axes.step([r["file_ratio"] for r in front], [r["top1"] for r in front], where="post", color="grey", lw=0.8)
+    axes.set_xscale("log")
+    axes.set_xlabel("ONNX file size / dense fp32 file (log)")
+    axes.set_ylabel(f"top-1 (%), {record['eval_images']} CIFAR-10 test images")
+    axes.set_title(f"ResNet-20 CIFAR-10, {record['mode']} run: circles fp32, squares ≤ 8 bits")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences: at every size ≤ 0.30x, is vconvert's best row as accurate as the best peer row?"""
+    lines = []
+    ours = [r for r in rows if r["method"] == "versatile"]
+    peers = [r for r in rows if r["method"] != "versatile"]
+    for row in sorted(ours, key=lambda r: r["file_ratio"]):
+        if row["file_ratio"] > 0.30:
+            continue
+        rivals = [p for p in peers if p["file_bytes"] <= row["file_bytes"]]
+        best = max(rivals, key=lambda p: p["top1"], default=None)
+        if best is None:
+            lines.append(f"- {row['artifact']} ({row['file_ratio']:.3f}x, {row['top1']:.2f}%): no peer is this small.")
+        else:
+            word = "wins" if row["top1"] >= best["top1"] else "LOSES"
+            lines.append(f"- {row['artifact']} ({row['file_ratio']:.3f}x, {row['top1']:.2f}%) {word} against the best "
+                         f"peer of the same or smaller size, {best['artifact']} ({best['file_ratio']:.3f}x, "
+                         f"{best['top1']:.2f}%).")  # fmt: skip
+    for peer in peers:
+        if peer["file_ratio"] <= 0.30:
+            ours_small = [r for r in ours if r["file_bytes"] <= peer["file_bytes"]]
+            if not ours_small or max(r["top1"] for r in ours_small) < peer["top1"]:
+                lines.append(f"- Peer {peer['artifact']} ({peer['file_ratio']:.3f}x, {peer['top1']:.2f}%) has no "
+                             "vconvert row at least as accurate at its size or smaller.")  # fmt: skip
+    return lines
+
+
+# --------------------------------------------------------------------------- the run
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2,000 training images, 2 epochs, 2,000 test images")
+    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
+    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
+    parser.add_argument("--shared-data", type=Path, default=Path("/work/shared/data/cifar10"))
+    parser.add_argument("--work", type=Path, help="folder for compressed/fine-tuned files (reused when options match)")
+    parser.add_argument("--rows", help="comma-separated subset of row names")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--precision", default="auto", help="vconvert finetune --precision (bf16 on capable CPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--train-only", action="store_true", help="stop after fine-tuning (fill --work)")
+    parser.add_argument("--output", type=Path, help="results stem (default pareto_cifar10[_quick])")
+    args = parser.parse_args()
+    quick = args.quick
+    budget = Budget(args.epochs or (2 if quick else 15), args.train_limit or (2000 if quick else None),
+                    args.batch_size, args.lr, args.precision, args.seed)  # fmt: skip
+    eval_limit = args.eval_limit or (2000 if quick else 10000)
+    stem = args.output or RESULTS / ("pareto_cifar10_quick" if quick else "pareto_cifar10")
+    chosen = [row for row in ROWS if not args.rows or row.name in args.rows.split(",") or row.method == "dense"]
+    if not (args.cifar / "train").is_dir():
+        from benchmarks.init_quality import unpack
+
+        args.cifar.mkdir(parents=True, exist_ok=True)
+        unpack(args.shared_data, args.cifar)
+    with tempfile.TemporaryDirectory(prefix="vconvert-pareto-") as scratch:
+        args.work = args.work or Path(scratch)
+        args.work.mkdir(parents=True, exist_ok=True)
+        run_all(args, budget, eval_limit, stem, chosen, quick)
+
+
+def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Path, chosen: list[Row],
+            quick: bool) -> None:  # fmt: skip
+    import onnxruntime
+
+    started = time.perf_counter()
+    work: Path = args.work
+    run = Runner(work)
+    record: dict[str, Any] = {
+        "benchmark": "pareto_cifar10",
+        "mode": "quick" if quick else "full",
+        "complete": False,
+        "command": "python benchmarks/pareto.py " + shlex.join(sys.argv[1:]),
+        "network": f"pretrained CIFAR-10 ResNet-20 ({PUBLISHED_BASELINE}% published), arch {ARCH}",
+        "epochs": budget.epochs,
+        "train_images": budget.train_limit or 50000,
+        "eval_images": eval_limit,
+        "calibration_images": CALIBRATION_IMAGES,
+        "batch_size": budget.batch_size,
+        "lr": budget.lr,
+        "precision": budget.precision,
+        "seed": budget.seed,
+        "device": f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                    "load_average_start": list(os.getloadavg())},
+        "commands": run.commands,
+        "trainings": {},
+        "rows": [],
+    }  # fmt: skip
+    for key in dict.fromkeys(row.train for row in chosen if row.train):
+        record["trainings"][key] = train(key, budget, args, run)
+        write(record, stem)
+    if args.train_only:
+        return
+    from sample_models.resnet_cifar import resnet20
+    from vconvert.export import export as export_model
+
+    base = resnet20()
+    base.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
+    fp32 = work / "dense.fp32.onnx"
+    export_model(base.eval(), fp32, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata())
+    images = calibration_images(args.cifar, CALIBRATION_IMAGES)
+    files: dict[str, Path] = {}
+    for row in chosen:
+        path = work / ("".join(c if c.isalnum() else "_" for c in row.name) + ".onnx")
+        clock = time.perf_counter()
+        source = fp32 if row.train is None else trained_file(work, row.train)
+        if row.method == "versatile":
+            run("export", str(source), "-o", str(path), *row.export, *(["--calib-data", str(args.cifar / "train")]
+                if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
+        elif row.int8:
+            int8_ptq(source, path, images)
+        elif row.method == "w4":
+            weight_only_int4(source, path)
+        else:
+            path = source
+        build_s = round(time.perf_counter() - clock, 1)
+        evaluation = run("evaluate", str(path), "--data", str(args.cifar), "--limit", str(eval_limit))
+        files[row.name] = path
+        record["rows"].append({
+            "artifact": row.name, "method": row.method, "bits": row.bits, "file_bytes": path.stat().st_size,
+            "top1": evaluation["top1"], "top5": evaluation["top5"], "eval_images": evaluation["images"],
+            "macs": macs_of(path), "epochs": budget.epochs if row.train else 0, "build_s": build_s,
+            "from": row.train or "base", "export_options": " ".join(row.export),
+        })  # fmt: skip
+        dense = record["rows"][0]  # "dense fp32" comes first
+        record["rows"][-1]["file_ratio"] = round(record["rows"][-1]["file_bytes"] / dense["file_bytes"], 4)
+        record["rows"][-1]["delta_vs_dense"] = round(record["rows"][-1]["top1"] - dense["top1"], 2)
+        print(json.dumps(record["rows"][-1]), flush=True)
+        write(record, stem)
+    timing = latencies(files, args.latency_seconds)
+    for row in record["rows"]:
+        row["latency_b1_ms"], row["latency_b64_ms"] = timing[row["artifact"]]["b1"], timing[row["artifact"]]["b64"]
+        row["latency_b1_ratio"] = round(row["latency_b1_ms"] / timing["dense fp32"]["b1"], 3)
+        row["latency_b64_ratio"] = round(row["latency_b64_ms"] / timing["dense fp32"]["b64"], 3)
+    record["verdicts"] = verdicts(record["rows"])
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    record["machine"]["load_average_end"] = list(os.getloadavg())
+    record["complete"] = True
+    write(record, stem)
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
