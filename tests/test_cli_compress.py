@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,4 +177,32 @@ def test_pickled_module_of_unknown_class_needs_trust(tmp_path: Path, monkeypatch
     # the checkpoint keeps the pickled base: reloading it needs the same trust
     reload_refused = invoke("inspect", output)
     assert_one_sentence_error(reload_refused, "--trust")
+    assert invoke("inspect", output, "--trust").exit_code == 0
+
+
+def test_user_module_in_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--arch mynet:tinynet` typed in the folder that holds mynet.py works like `python -m`; a later stage
+    reads that arch back from the .vc.pt, so it asks for --trust and names that file (not the weights)."""
+    (tmp_path / "cwd_mynet.py").write_text(
+        "from torch import nn\n"
+        "def tinynet(width=8):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 16, 3, padding=1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    from torch import nn
+
+    weights = tmp_path / "tinynet_sd.pt"
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)).state_dict(),
+               weights)  # fmt: skip
+    output = tmp_path / "tiny.vc.pt"
+    result = invoke("compress", weights, "--arch", "cwd_mynet:tinynet", "--input-shape", "1,3,8,8",
+                    "--convert-first", "--min-params", "0", "-o", output)  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert str(tmp_path) not in sys.path, "the working directory is looked at for the import only"
+
+    refused = invoke("inspect", output)
+    assert_one_sentence_error(refused, "cwd_mynet:tinynet", str(output), "--trust")
+    assert "tinynet_sd.pt" not in refused.stderr
     assert invoke("inspect", output, "--trust").exit_code == 0

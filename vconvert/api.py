@@ -62,15 +62,15 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """Rebuild the converted model and its teacher from a ``.vc.pt`` file (both in eval mode).
 
     ``trust`` has the same meaning as for the first load: a base stored as a pickled module of
-    unknown classes, or an arch string outside the known model libraries, runs only with it.
+    unknown classes, or an arch string that is not a registered model builder, runs only with it.
     """
     path = Path(path)
     payload = read_checkpoint(path)
     base = BaseSpec.from_dict(payload["base"])
     plan = ConversionPlan.from_dict(payload["plan"])
-    teacher = build_base(base, trust=trust)
+    teacher = build_base(base, trust=trust, origin=str(path))
     _strict_load(teacher, payload["teacher_state_dict"], "teacher weights", path)
-    model = apply_plan(build_base(base, trust=trust), plan)
+    model = apply_plan(build_base(base, trust=trust, origin=str(path)), plan)
     _strict_load(model, payload["state_dict"], "converted weights", path)
     return Checkpoint(model.eval(), teacher.eval(), plan, base, payload.get("metadata", {}))
 

@@ -272,8 +272,8 @@ def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
 
 def _untrusted_arch(spec: str, where: str, why: str) -> UntrustedCodeError:
     return UntrustedCodeError(
-        f"The architecture {spec!r}{where} {why}, so building it would run code chosen by the file: pass --trust "
-        "only if you trust that file."
+        f"The architecture {spec!r}{where} {why}, so building it would run code chosen by that file: pass --trust "
+        "if you trust the file (you do if you compressed it yourself with that --arch)."
     )
 
 
@@ -296,7 +296,7 @@ def resolve_arch(
     raise :class:`BadInputError`.
     """
     module_name, attribute = _split_arch(spec)
-    where = f" (read from {origin})" if origin else ""
+    where = f" recorded in {origin}" if origin else ""
     if not typed_by_user and not trust:
         if _registered_name(module_name, attribute, kwargs or {}) is None:
             raise _untrusted_arch(
@@ -305,11 +305,11 @@ def resolve_arch(
         if problem := _file_kwargs_problem(dict(kwargs or {})):
             raise _untrusted_arch(spec, where, f"comes with arguments that are not plain offline data ({problem})")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here_too(module_name)
     except Exception as error:
         raise BadInputError(
-            f"--arch {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling and "
-            "that the package is installed."
+            f"--arch {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling, that "
+            "the package is installed, or run vconvert in the folder that holds the module."
         ) from error
     obj: Any = module
     for part in attribute.split("."):
@@ -324,6 +324,23 @@ def resolve_arch(
             f"--arch {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
         )
     return obj
+
+
+def _import_from_here_too(module_name: str) -> ModuleType:
+    """Import ``module_name``; a top-level module that is not installed is also looked up in the working
+    directory, as ``python -m`` and other Python command-line tools do (only for archs the user chose)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        if error.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
 
 
 def _normalise_arch(spec: str) -> str:
@@ -680,14 +697,15 @@ def load_model(
     return model.eval(), BaseSpec(arch=None, arch_kwargs={}, pickled=data, source=str(path))
 
 
-def build_base(spec: BaseSpec, *, trust: bool = False) -> nn.Module:
+def build_base(spec: BaseSpec, *, trust: bool = False, origin: str | None = None) -> nn.Module:
     """Rebuild the original architecture from a spec read back from a checkpoint (eval mode).
 
-    The arch string, being read from a file, must pass the arch allowlist (or ``trust``); a pickled
-    base is unpickled under the same allowlist / ``trust`` policy as :func:`load_model`. Weights are
-    whatever the constructor or pickle gives; the caller loads its state_dict afterwards.
+    The arch string, being read from a file, must be a registered model builder with plain offline
+    arguments (or ``trust``); a pickled base is unpickled under the same allowlist / ``trust`` policy as
+    :func:`load_model`. ``origin`` names the file in messages (default: where the spec says the base
+    came from). Weights are whatever the constructor or pickle gives; the caller loads its state_dict.
     """
-    origin = spec.source or "the checkpoint"
+    origin = origin or spec.source or "the checkpoint"
     if spec.arch is not None:
         model = _build_arch(spec.arch, spec.arch_kwargs, trust=trust, typed_by_user=False, origin=origin)
         return model.eval()
