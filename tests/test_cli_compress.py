@@ -117,6 +117,8 @@ def _write(path: Path, data: bytes) -> Path:
         ("missing-output-folder", ["folder"]),
         ("rejected-input-shape", ["--input-shape"]),
         ("bad-input-shape-text", ["--input-shape"]),
+        ("one-pixel-input-shape", ["--input-shape", "height and width"]),
+        ("huge-input-shape", ["--input-shape", "4096"]),
         ("bad-arch-kwargs", ["--arch-kwargs"]),
         ("skip-matches-nothing", ["--skip"]),
         ("overwrite-input", ["overwrite"]),
@@ -145,6 +147,10 @@ def test_compress_bad_input(case: str, fragments: list[str], state_dict_file: Pa
         args[4] = "1,1,32,32"
     elif case == "bad-input-shape-text":
         args[4] = "1x3x32x32"
+    elif case == "one-pixel-input-shape":
+        args[4] = "1,3,1,1"
+    elif case == "huge-input-shape":
+        args[4] = "1,3,100000,100000"
     elif case == "bad-arch-kwargs":
         args += ["--arch-kwargs", "{num_classes: 10}"]
     elif case == "bad-init":
@@ -206,3 +212,21 @@ def test_user_module_in_working_directory(tmp_path: Path, monkeypatch: pytest.Mo
     assert_one_sentence_error(refused, "cwd_mynet:tinynet", str(output), "--trust")
     assert "tinynet_sd.pt" not in refused.stderr
     assert invoke("inspect", output, "--trust").exit_code == 0
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_inspect_table_fits_ordinary_terminals(state_dict_file: Path, columns: int, monkeypatch) -> None:
+    """Every layer name, shape and number is printed whole (no '…') at 80 and 120 columns, and the caption
+    defines the columns."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    from vconvert import cli_common
+
+    monkeypatch.setattr(cli_common.console, "_width", columns)
+    result = invoke("inspect", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert "…" not in result.output
+    for name in ("layer1.0.conv1", "layer3.0.downsample.0", "16x16x3x3"):
+        assert name in result.output
+    assert "fit err: relative weight error" in " ".join(result.output.split())

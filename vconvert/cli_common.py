@@ -17,6 +17,7 @@ from vconvert.errors import BadInputError, VConvertError
 console = Console()
 error_console = Console(stderr=True)
 IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 4, 4096
 F = TypeVar("F", bound=Callable)
 
 
@@ -54,6 +55,11 @@ def parse_shape(text: str) -> list[int]:
         raise BadInputError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}.") from None
     if len(shape) != 4 or min(shape) < 1:
         raise BadInputError(f"--input-shape must be four positive integers N,C,H,W, got {text!r}.")
+    if min(shape[2:]) < MIN_IMAGE_SIDE or max(shape[2:]) > MAX_IMAGE_SIDE or shape[1] > 64:
+        raise BadInputError(
+            f"--input-shape {text!r} is not an image a CNN takes: height and width must be {MIN_IMAGE_SIDE} to "
+            f"{MAX_IMAGE_SIDE} pixels and channels at most 64 (e.g. 1,3,32,32 or 1,3,224,224)."
+        )
     return shape
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from rich import box
 from rich.table import Table
 from torch import nn
 
@@ -47,31 +48,38 @@ def format_kib(bits: float) -> str:
     return f"{bits / KIB:,.1f}"
 
 
+LAYER_TABLE_CAPTION = (
+    "KiB: weights stored before→after. fit err: relative weight error ‖W − Ŵ‖/‖W‖ of the data-free fit "
+    "(compress time). masks: fraction of mask bits that are 1."
+)
+
+
 def layer_table(rows: list[dict], title: str) -> Table:
-    """A rich table of per-layer rows (dicts with the keys of ``ConversionPlan.table_rows``)."""
-    table = Table(title=title, show_lines=False)
-    for column, justify in [
-        ("layer", "left"),
-        ("shape", "left"),
-        ("decision", "left"),
-        ("mode", "left"),
-        ("s", "right"),
-        ("KiB before", "right"),
-        ("KiB after", "right"),
-        ("ratio", "right"),
-        ("fit error", "right"),
-        ("mask density", "right"),
-    ]:
-        table.add_column(column, justify=justify)
+    """A rich table of per-layer rows (dicts with the keys of ``ConversionPlan.table_rows``) that fits an
+    80-column terminal: long names and skip reasons wrap instead of being cut."""
+    table = Table(
+        title=title,
+        caption=LAYER_TABLE_CAPTION,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption_justify="left",
+    )
+    longest = max((len(row["name"]) for row in rows), default=5)
+    table.add_column("layer", no_wrap=longest <= 32, min_width=min(longest, 32), overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("decision", overflow="fold", min_width=10)
+    for column in ("KiB", "ratio", "fit err", "masks"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
+        mode = row.get("mode") or ""
+        if mode and row.get("secondary"):
+            mode += f" s={row['secondary']}"
         table.add_row(
             row["name"],
             row["shape"],
-            row["decision"],
-            row.get("mode") or "",
-            str(row["secondary"]) if row.get("secondary") else "",
-            format_kib(row["dense_bits"]),
-            format_kib(row["stored_bits"]),
+            mode or row["decision"],
+            f"{format_kib(row['dense_bits'])}→{format_kib(row['stored_bits'] or row['dense_bits'])}",
             f"{row['dense_bits'] / row['stored_bits']:.2f}x" if row.get("stored_bits") else "",
             f"{row['fit_error']:.3f}" if row.get("fit_error") is not None else "",
             f"{row['mask_density']:.2f}" if row.get("mask_density") is not None else "",
