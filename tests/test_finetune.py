@@ -462,3 +462,28 @@ def test_torchrun_two_cpu_processes_match_a_single_process(masks: str, port: str
     expected, actual = load_checkpoint(single).model.state_dict(), load_checkpoint(double).model.state_dict()
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_finetune_to_a_pipe_prints_progress_lines_as_it_goes(tmp_path: Path) -> None:
+    """Not a terminal (a log file, CI): a line every tenth of an epoch on stderr and one per epoch on stdout,
+    each written when it happens, not at exit."""
+    source = _converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vconvert", "finetune", source, "-o", output, "--data", "digits", "--epochs", "2",
+             "--batch-size", "32", "--train-limit", "320", "--eval-limit", "64", "--workers", "0",
+             "--recalibrate-images", "64", "--masks", "frozen"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        seen_before_exit = ""
+        while process.poll() is None:
+            seen_before_exit = log.read_text()
+            if "epoch 1/2:" in seen_before_exit:
+                break
+            time.sleep(0.2)
+        assert process.wait(timeout=300) == 0, log.read_text()
+    assert "epoch 1/2 step 1/10" in seen_before_exit and "epoch 1/2:" in seen_before_exit, seen_before_exit
+    text = log.read_text()
+    assert "epoch 2/2 step 10/10" in text and "epoch 2/2:" in text and "epoch 0/" not in text

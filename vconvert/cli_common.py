@@ -105,21 +105,30 @@ def fitting_progress(progress: Progress, description: str) -> Callable[[int, int
 
 
 def epoch_progress(epochs: int, enabled: bool = True) -> tuple[Progress, Callable[[int, int, dict], None]]:
-    """A progress bar for training epochs and the callback that ``finetune`` feeds it."""
+    """A progress bar for training epochs and the callback that ``finetune`` feeds it.
+
+    On a terminal: a live bar (labelled "preparing" until the first step). Otherwise (a log file, a
+    pipe, CI): a plain line on stderr about every tenth of an epoch, flushed at once.
+    """
+    live = enabled and error_console.is_terminal
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=error_console,
         transient=True,
-        disable=not enabled or not error_console.is_terminal,
+        disable=not live,
     )
-    task = progress.add_task("train", total=None, epoch=0, epochs=epochs, loss=float("nan"))
+    task = progress.add_task("train", total=None, epoch=1, epochs=epochs, status="preparing data and teacher")
 
     def on_step(step: int, steps: int, info: dict) -> None:
-        progress.update(task, completed=step, total=steps, epoch=info["epoch"], loss=info["loss"])
+        if live:
+            progress.update(task, completed=step, total=steps, epoch=info["epoch"], status=f"loss {info['loss']:.3f}")
+        elif enabled and (step == 1 or step == steps or step % max(1, steps // 10) == 0):
+            error_console.print(f"epoch {info['epoch']}/{epochs} step {step}/{steps} loss {info['loss']:.3f}")
+            error_console.file.flush()
 
     return progress, on_step
 

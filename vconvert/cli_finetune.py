@@ -36,7 +36,14 @@ def finetune(
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split over ranks).")] = 128,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the weights (SGD, Nesterov).")] = 0.01,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            "--weight-decay",
+            help="SGD weight decay on conv/linear weights and primary filters (none on BatchNorm, biases, "
+            "scales, masks).",
+        ),
+    ] = 5e-4,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up, then cosine.")] = 0.5,
     masks: Annotated[
         str,
@@ -153,6 +160,7 @@ def finetune(
                 f"val top-1 {metrics.val_top1:.2f}% (top-5 {metrics.val_top5:.2f}%), "
                 f"{metrics.mask_flips} mask bits flipped, {metrics.images_per_s:.0f} img/s"
             )
+            console.file.flush()  # a line per epoch also when stdout is a file or a pipe
 
     with progress:
         history = run_finetune(

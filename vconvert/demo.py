@@ -95,7 +95,7 @@ def run_demo(
     )
     stages["finetune"] = time.perf_counter() - started
     say(
-        f"2/4 finetune: {epochs} epochs on digits with the original as teacher, "
+        f"2/4 finetune: {epochs} epoch{'' if epochs == 1 else 's'} on digits with the original as teacher, "
         f"val top-1 {history[-1].val_top1:.2f}% → {files['resnet20.ft.vc.pt']}"
     )
 
