@@ -230,3 +230,26 @@ def test_inspect_table_fits_ordinary_terminals(state_dict_file: Path, columns: i
     for name in ("layer1.0.conv1", "layer3.0.downsample.0", "16x16x3x3"):
         assert name in result.output
     assert "fit err: relative weight error" in " ".join(result.output.split())
+
+
+def test_inspect_says_whether_and_how_a_checkpoint_was_fine_tuned(tmp_path: Path) -> None:
+    from vconvert.api import load_checkpoint, save
+    from vconvert.cli import checkpoint_notes
+
+    source = tmp_path / "m.vc.pt"
+    torch.manual_seed(0)
+    torch.save(resnet8().state_dict(), tmp_path / "r8.pt")
+    assert invoke("compress", tmp_path / "r8.pt", "--arch", ARCH, "--input-shape", "1,3,32,32", "-o", source,
+                  "--init", "naive").exit_code == 0  # fmt: skip
+    fresh = " ".join(invoke("inspect", source).output.split())
+    assert "input: N,C,H,W = 1,3,32,32, normalised with mean 0.485,0.456,0.406" in fresh
+    assert "not fine-tuned" in fresh
+    checkpoint = load_checkpoint(source)
+    metadata = {**checkpoint.metadata, "data": {"source": "my_images"},
+                "finetune": {"config": {"epochs": 3, "masks": "project"}, "epochs_done": 3, "val_top1": 91.25}}
+    save(source, checkpoint.model, checkpoint.plan, checkpoint.base, checkpoint.teacher, metadata)  # fmt: skip
+    tuned = " ".join(invoke("inspect", source).output.split())
+    assert "fine-tuned: 3 of 3 epochs on my_images, masks project, validation top-1 91.25%" in tuned
+    for damaged in ({"finetune": "x", "input_shape": "huge"}, {"input_shape": [1, "3"]}, [], None):
+        assert checkpoint_notes(damaged) == ["not fine-tuned: its accuracy is the data-free fit's (vconvert finetune "
+                                             "trains it)."]  # fmt: skip

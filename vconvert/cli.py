@@ -205,10 +205,12 @@ def inspect(
     from vconvert.convert import compress as compress_model
     from vconvert.convert import refresh_mask_density
 
+    notes: list[str] = []
     if is_checkpoint(file):
         checkpoint = load_checkpoint(file, trust=trust)
         plan = refresh_mask_density(checkpoint.plan, checkpoint.model)
         title = f"{file.name} (versatile checkpoint)"
+        notes = checkpoint_notes(checkpoint.metadata)
     else:
         model, _ = _load_input_model(file, arch, arch_kwargs, trust)
         _, plan = compress_model(
@@ -231,6 +233,40 @@ def inspect(
     if plan.traced_with != "fx":
         console.print(f"[yellow]note:[/] {plan.trace_note}")
     console.print(_summary(plan))
+    for note in notes:
+        console.print(note, highlight=False)
+
+
+def _numbers(value: object) -> str | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return ",".join(f"{v:g}" for v in value)
+    return None
+
+
+def checkpoint_notes(metadata: object) -> list[str]:
+    """What a .vc.pt says about its input and its training, as lines under the inspect table (fields are
+    read from a file, so anything malformed is left out rather than trusted)."""
+    metadata = metadata if isinstance(metadata, dict) else {}
+    lines = []
+    shape, pre = _numbers(metadata.get("input_shape")), metadata.get("preprocessing")
+    pre = pre if isinstance(pre, dict) else {}
+    if shape:
+        mean, std = _numbers(pre.get("mean")), _numbers(pre.get("std"))
+        normalised = f", normalised with mean {mean} and std {std}" if mean and std else ""
+        lines.append(f"input: N,C,H,W = {shape}{normalised}.")
+    tuned = metadata.get("finetune")
+    if isinstance(tuned, dict) and isinstance(tuned.get("val_top1"), (int, float)):
+        config = tuned.get("config") if isinstance(tuned.get("config"), dict) else {}
+        data = metadata.get("data", {}).get("source") if isinstance(metadata.get("data"), dict) else None
+        lines.append(
+            f"fine-tuned: {tuned.get('epochs_done')} of {config.get('epochs')} epochs"
+            + (f" on {data}" if isinstance(data, str) else "")
+            + f", masks {config.get('masks')}, validation top-1 {tuned['val_top1']:.2f}%; fit err is the "
+            "compress-time fit, masks is the density now."
+        )
+    else:
+        lines.append("not fine-tuned: its accuracy is the data-free fit's (vconvert finetune trains it).")
+    return lines
 
 
 from vconvert.cli_finetune import evaluate, finetune  # noqa: E402  (commands of their own module)
