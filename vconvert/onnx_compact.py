@@ -30,7 +30,16 @@ from onnx import TensorProto, helper, numpy_helper
 from vconvert.errors import CheckFailedError
 from vconvert.layers import VersatileConv2d
 
-__all__ = ["CompactLayer", "compact_graph", "decode_layer", "encode_layer", "pack_bits", "unpack_bits"]
+__all__ = [
+    "CompactLayer",
+    "SubgraphBuilder",
+    "compact_graph",
+    "decode_layer",
+    "encode_layer",
+    "pack_bits",
+    "splice_rebuilds",
+    "unpack_bits",
+]
 
 
 # --------------------------------------------------------------------------- pure encoding
@@ -142,62 +151,108 @@ def _const(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def layer_subgraph(encoded: CompactLayer, output: str, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """Nodes and initializers that compute ``decode_layer(encoded)`` into the tensor named ``output``.
+class SubgraphBuilder:
+    """Nodes and initializers of one in-graph weight rebuild, their tensors named ``prefix.*`` (keep it
+    short: names are stored once per tensor). Shared by the float and the int8 compact forms.
 
-    Their own tensors are named ``prefix.*`` (keep it short: names are stored once per tensor)."""
-    nodes: list[onnx.NodeProto] = []
-    inits: list[TensorProto] = []
+    Small constants that do not depend on the layer (bit shifts, ...) go into ``shared`` when it is given,
+    named ``vc.*``, so that a model stores them once for all its rebuilds."""
 
-    def init(suffix: str, array: np.ndarray) -> str:
-        inits.append(_const(f"{prefix}.{suffix}", array))
-        return f"{prefix}.{suffix}"
+    def __init__(self, prefix: str, shared: dict[str, TensorProto] | None = None) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.shared = shared
 
-    def node(op: str, inputs: list[str], suffix: str, **attrs) -> str:
-        name = f"{prefix}.{suffix}"
-        nodes.append(helper.make_node(op, inputs, [name], **attrs))
+    def init(self, suffix: str, array: np.ndarray) -> str:
+        """An initializer holding ``array``; returns its name."""
+        self.inits.append(_const(f"{self.prefix}.{suffix}", array))
+        return f"{self.prefix}.{suffix}"
+
+    def constant(self, key: str, array: np.ndarray) -> str:
+        """A constant independent of the layer: in ``shared`` (once per model) when there is one."""
+        if self.shared is None:
+            return self.init(key, array)
+        name = f"vc.{key}"
+        if name not in self.shared:
+            self.shared[name] = _const(name, array)
         return name
 
-    def as_int64(stored: np.ndarray, suffix: str) -> str:
-        return node("Cast", [init(suffix, stored)], f"{suffix}_i64", to=TensorProto.INT64)
+    def node(self, op: str, inputs: list[str], suffix: str, **attrs) -> str:
+        """A node with one output; returns the output's name."""
+        name = f"{self.prefix}.{suffix}"
+        self.nodes.append(helper.make_node(op, inputs, [name], **attrs))
+        return name
 
-    weight = node("Gather", [init("primary", encoded.primary), as_int64(encoded.primary_index, "primary_index")], "w0")
-    if encoded.mask_bits is not None and encoded.mask_shape is not None:
+    def as_int64(self, stored: np.ndarray, suffix: str) -> str:
+        """A small stored index array, cast to int64 in the graph (what Gather and Scatter take)."""
+        return self.node("Cast", [self.init(suffix, stored)], f"{suffix}_i64", to=TensorProto.INT64)
+
+    def mask_rows(self, encoded: CompactLayer, dtype: int) -> str | None:
+        """Each output's binary mask as ``dtype`` (a TensorProto type), or None when the layer has none.
+
+        The stored bytes are unpacked with BitShift and BitwiseAnd on uint8 (most significant bit first)."""
+        if encoded.mask_bits is None or encoded.mask_shape is None:
+            return None
         count = int(np.prod(encoded.mask_shape))
-        packed = init("mask_bits", encoded.mask_bits.reshape(-1, 1))
-        shifts = init("bit_shift", np.arange(7, -1, -1, dtype=np.uint8).reshape(1, 8))
-        bits = node("BitShift", [packed, shifts], "bits_shifted", direction="RIGHT")
-        bits = node("BitwiseAnd", [bits, init("bit_one", np.ones((1, 1), dtype=np.uint8))], "bits")
-        bits = node("Reshape", [bits, init("flat", np.array([-1], dtype=np.int64))], "bits_flat")
-        bits = node(
-            "Slice",
-            [bits, init("slice_start", np.array([0], dtype=np.int64)), init("slice_end", np.array([count]))],
-            "bits_used",
-        )
-        rows = node("Reshape", [bits, init("mask_shape", np.array(encoded.mask_shape, dtype=np.int64))], "rows_u8")
-        rows = node("Cast", [rows], "rows", to=helper.np_dtype_to_tensor_dtype(encoded.primary.dtype))
+        packed = self.init("mask_bits", encoded.mask_bits.reshape(-1, 1))
+        shifts = self.constant("bit_shift", np.arange(7, -1, -1, dtype=np.uint8).reshape(1, 8))
+        bits = self.node("BitShift", [packed, shifts], "bits_shifted", direction="RIGHT")
+        bits = self.node("BitwiseAnd", [bits, self.constant("bit_one", np.ones((1, 1), dtype=np.uint8))], "bits")
+        bits = self.node("Reshape", [bits, self.constant("flat", np.array([-1], dtype=np.int64))], "bits_flat")
+        start, end = self.constant("zero", np.array([0], dtype=np.int64)), self.init("slice_end", np.array([count]))
+        bits = self.node("Slice", [bits, start, end], "bits_used")
+        shape = self.init("mask_shape", np.array(encoded.mask_shape, dtype=np.int64))
+        rows = self.node("Cast", [self.node("Reshape", [bits, shape], "rows_u8")], "rows", to=dtype)
         if encoded.mask_row is not None:
-            rows = node("Gather", [rows, as_int64(encoded.mask_row, "mask_row")], "mask")
-        weight = node("Mul", [weight, rows], "w_masked")
-    if encoded.scale is not None:
-        weight = node("Mul", [weight, init("scale", encoded.scale)], "w_scaled")
-    if encoded.channel_offset is not None:
+            rows = self.node("Gather", [rows, self.as_int64(encoded.mask_row, "mask_row")], "mask")
+        return rows
+
+    def place_channels(self, weight: str, encoded: CompactLayer, dtype: int) -> str:
+        """``weight`` (N, ĉ, kh, kw) placed at each output's channel offset in zeros of (N, c, kh, kw)."""
+        if encoded.channel_offset is None:
+            return weight
         out_channels, window, kh, kw = (encoded.out_channels, *encoded.primary.shape[1:])
-        offsets = as_int64(encoded.channel_offset, "channel_offset")
-        window_range = init("window", np.arange(window, dtype=np.int64).reshape(1, -1, 1, 1))
-        channels = node("Add", [offsets, window_range], "channels")
-        channels = node("Expand", [channels, init("window_shape", np.array([out_channels, window, kh, kw]))], "index")
-        zeros = node(
-            "ConstantOfShape",
-            [init("dense_shape", np.array([out_channels, encoded.in_channels, kh, kw], dtype=np.int64))],
-            "zeros",
-            value=numpy_helper.from_array(np.zeros(1, dtype=encoded.primary.dtype)),
+        offsets = self.as_int64(encoded.channel_offset, "channel_offset")
+        window_range = self.init("window", np.arange(window, dtype=np.int64).reshape(1, -1, 1, 1))
+        channels = self.node("Add", [offsets, window_range], "channels")
+        channels = self.node(
+            "Expand", [channels, self.init("window_shape", np.array([out_channels, window, kh, kw]))], "index"
         )
-        weight = node("ScatterElements", [zeros, channels, weight], "w_placed", axis=1)
+        zeros = self.node(
+            "ConstantOfShape",
+            [self.init("dense_shape", np.array([out_channels, encoded.in_channels, kh, kw], dtype=np.int64))],
+            "zeros",
+            value=numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(dtype))),
+        )
+        return self.node("ScatterElements", [zeros, channels, weight], "w_placed", axis=1)
+
+    def finish(self, weight: str, output: str) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+        """The nodes (ending in an Identity into ``output``) and the initializers."""
+        self.nodes.append(helper.make_node("Identity", [weight], [output]))
+        return self.nodes, self.inits
+
+
+def layer_subgraph(
+    encoded: CompactLayer, output: str, prefix: str, shared: dict[str, TensorProto] | None = None
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes and initializers that compute ``decode_layer(encoded)`` into the tensor named ``output``.
+
+    Their own tensors are named ``prefix.*`` (keep it short: names are stored once per tensor); layer-
+    independent constants go into ``shared`` when given (the caller adds them to the graph once)."""
+    build = SubgraphBuilder(prefix, shared)
+    dtype = helper.np_dtype_to_tensor_dtype(encoded.primary.dtype)
+    primary, index = build.init("primary", encoded.primary), build.as_int64(encoded.primary_index, "primary_index")
+    weight = build.node("Gather", [primary, index], "w0")
+    rows = build.mask_rows(encoded, dtype)
+    if rows is not None:
+        weight = build.node("Mul", [weight, rows], "w_masked")
+    if encoded.scale is not None:
+        weight = build.node("Mul", [weight, build.init("scale", encoded.scale)], "w_scaled")
+    weight = build.place_channels(weight, encoded, dtype)
     if encoded.bn_scale is not None:
-        weight = node("Mul", [weight, init("bn_scale", encoded.bn_scale)], "w_bn")
-    nodes.append(helper.make_node("Identity", [weight], [output]))
-    return nodes, inits
+        weight = build.node("Mul", [weight, build.init("bn_scale", encoded.bn_scale)], "w_bn")
+    return build.finish(weight, output)
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -234,6 +289,7 @@ def compact_graph(
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
+    shared: dict[str, TensorProto] = {}
     replaced: set[str] = set()
     stored: dict[str, int] = {}
     for number, (name, layer) in enumerate(layers.items()):
@@ -247,17 +303,26 @@ def compact_graph(
                 f"{difference:.3g}); export without --compact and report this."
             )
         target = _find_weight(initializers, f"{name}.weight", expected)
-        nodes, inits = layer_subgraph(encoded, target, f"vc{number}")
+        nodes, inits = layer_subgraph(encoded, target, f"vc{number}", shared)
         new_nodes += nodes
         new_inits += inits
         replaced.add(target)
         stored[name] = encoded.nbytes()
     del initializers
+    splice_rebuilds(graph, replaced, new_nodes, [*shared.values(), *new_inits])
+    return stored
+
+
+def splice_rebuilds(
+    graph: onnx.GraphProto, replaced: set[str], nodes: list[onnx.NodeProto], inits: list[TensorProto]
+) -> None:
+    """Drop the ``replaced`` initializers from ``graph`` and add the rebuilds that compute them instead.
+
+    The rebuild nodes go first: they read initializers only, so the topological order holds."""
     for index in reversed(range(len(graph.initializer))):
         if graph.initializer[index].name in replaced:
             del graph.initializer[index]
-    graph.initializer.extend(new_inits)
+    graph.initializer.extend(inits)
     old_nodes = list(graph.node)
     del graph.node[:]
-    graph.node.extend(new_nodes + old_nodes)  # the rebuilds read initializers only: topological order holds
-    return stored
+    graph.node.extend(nodes + old_nodes)
