@@ -24,3 +24,7 @@ class CheckFailedError(VConvertError):
     """A verification failed (e.g. ONNX parity): exit 1."""
 
     exit_code = 1
+
+
+class MissingCalibrationError(BadInputError):
+    """Int8 quantization was asked for without calibration images (none given, none recorded)."""

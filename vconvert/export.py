@@ -525,6 +525,7 @@ class ExportReport:
     table: list[dict]
     timings_s: dict
     metadata: dict
+    quantization: dict | None = None  # what the int8 step measured and checked (None when not quantized)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -608,6 +609,9 @@ def export(
     latency_seconds: float = 1.0,
     measure: bool = True,
     progress: Callable[[str], None] | None = None,
+    quantize: str = "none",
+    calibration: Sequence[Tensor] | None = None,
+    min_agreement: float = 0.9,
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``output`` and verify it in onnxruntime before writing.
 
@@ -619,8 +623,16 @@ def export(
     before/after table compares both; ``measure`` False skips the table's latency and start-up
     columns (and the teacher). Nothing is written under ``output`` unless every check passed; failures
     raise :class:`CheckFailedError`, options that cannot be honoured :class:`BadInputError`.
+
+    ``quantize="int8"`` writes a QDQ int8 file instead (:mod:`vconvert.quantize`): onnxruntime calibrates
+    activations on the preprocessed ``calibration`` batches and quantizes the other layers, each converted
+    conv holds its secondary filters as exact int8 filters (the compact form rebuilds them in integers);
+    the compact and dense int8 files must agree exactly, every converted conv must run as QLinearConv, and
+    the int8 file must pick the fp32 file's top-1 class on at least ``min_agreement`` of the calibration
+    images.
     """
     from vconvert.onnx_compact import compact_graph
+    from vconvert.quantize import check_quantize
     from vconvert.ring_export import ring_convs
 
     timings: dict[str, float] = {}
@@ -648,6 +660,12 @@ def export(
     layers = dict(versatile_layers(model))
     if ring:
         check_ring_request(layers, compact)
+    check_quantize(quantize, ring)
+    quantized = quantize == "int8"
+    if quantized and not calibration:
+        from vconvert.errors import MissingCalibrationError
+
+        raise MissingCalibrationError("Int8 quantization needs calibration images, and none were given.")
     channels, height, width = (int(v) for v in input_shape[1:])
     # batch 2: torch.export specialises a size-1 axis to a constant, and the batch must stay dynamic
     example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
@@ -669,13 +687,14 @@ def export(
     macs = count_macs(folded, example[:1])
     folded_params = sum(p.numel() for p in folded.parameters())
     folded_kib = sum(p.numel() * p.element_size() for p in folded.parameters()) / 1024
-    weights = _dense_weights(folded, fold.versatile) if compact else {}
+    weights = _dense_weights(folded, fold.versatile) if compact or quantized else {}
     step("fold_s")
     say("exporting to ONNX")
     proto = to_onnx(folded, example, optimize=fold_bn)  # the exporter's optimiser would fuse BN itself
     del folded
     info = {
         "vconvert.format": format_name(compact, ring),
+        "vconvert.quantization": quantize,
         "vconvert.bn_folded": str(len(fold.bn_folded)),
         "vconvert.input_shape": [None, channels, height, width],
         **dict(metadata or {}),
@@ -696,8 +715,28 @@ def export(
     first_outputs: list = []
     parity = check_parity(session, expected, inputs, tolerance, what, first_outputs)
     step("verify_s")
-    compact_diff, layer_bytes = None, {}
-    if compact:
+    compact_diff, layer_bytes, int8 = None, {}, None
+    if quantized:
+        from vconvert.quantize import quantize_export
+
+        say("quantizing to int8 (onnxruntime calibration)")
+        sizes["dense fold"] = len(final_bytes)
+        if measure:
+            timed["dense fold"] = (session, startup_ms)
+        int8 = quantize_export(
+            final_bytes, session, layers, weights, fold.bn_scales, calibration or [], compact=compact,
+            inputs=inputs, metadata=info, min_agreement=min_agreement,
+        )  # fmt: skip
+        del session, final_bytes, weights
+        final_bytes, session, startup_ms = int8.file_bytes, int8.session, int8.startup_ms
+        if compact:
+            sizes["int8 dense"] = int8.dense_size
+            if measure:
+                timed["int8 dense"] = (int8.dense_session, int8.dense_startup_ms)
+        int8.file_bytes = int8.session = int8.dense_session = None
+        release_freed_memory()
+        step("quantize_s")
+    elif compact:
         say("building the compact graph")
         sizes["dense fold"] = len(final_bytes)
         if measure:
@@ -738,7 +777,7 @@ def export(
         del teacher_bytes
         step("teacher_export_s")
     say("measuring")
-    sizes = {name: sizes[name] for name in ("original", "exported", "dense fold") if name in sizes}
+    sizes = {name: sizes[name] for name in ("original", "exported", "int8 dense", "dense fold") if name in sizes}
     nothing = dict.fromkeys(sizes, float("nan"))
     startup = {name: timed[name][1] for name in sizes} if measure else nothing
     sessions = {name: timed[name][0] for name in sizes} if measure else {}
@@ -759,8 +798,11 @@ def export(
             "ort_latency_ms": latency[name],
             "ort_startup_ms": startup[name],
         }
-        if name == "dense fold":
+        if name in ("dense fold", "int8 dense") or (name == "exported" and quantized and not compact):
             row["stored_params"], row["stored_kib"] = folded_params, folded_kib
+        if int8 is not None and name in ("exported", "int8 dense"):
+            row["stored_kib"] = (int8.stored_bits if name == "exported" else int8.dense_stored_bits) / 8192
+        row["bits_per_weight"] = row["stored_kib"] * 8192 / max(1, folded_params)
         table.append(row)
 
     return ExportReport(
@@ -775,7 +817,8 @@ def export(
         inputs=inputs_note,
         table=table,
         timings_s=timings,
-        metadata={key: value for key, value in info.items()},
+        metadata={key: value for key, value in (int8.metadata if int8 is not None else info).items()},
+        quantization=int8.report if int8 is not None else None,
     )
 
 
@@ -849,10 +892,22 @@ def export_checkpoint(
     compare_original: bool = True,
     tolerance: float = 1e-4,
     progress: Callable[[str], None] | None = None,
+    quantize: str = "none",
+    calib_data: str | Path | None = None,
+    calib_images: int = 512,
+    min_agreement: float = 0.9,
 ) -> ExportReport:
-    """:func:`export` for a ``.vc.pt`` file: its model, its teacher, its preprocessing and input shape."""
-    from vconvert.api import load_checkpoint
+    """:func:`export` for a ``.vc.pt`` file: its model, its teacher, its preprocessing and input shape.
 
+    With ``quantize="int8"`` the calibration images come from ``calib_data`` ("digits" or an image
+    folder), else from the data the checkpoint records (its fine-tuning data or BN recalibration folder);
+    up to ``calib_images`` of them, preprocessed as the checkpoint records.
+    """
+    from vconvert.api import load_checkpoint
+    from vconvert.errors import MissingCalibrationError
+    from vconvert.quantize import calibration_images, calibration_source, check_quantize
+
+    check_quantize(quantize, ring)
     output = check_writable(output)
     if Path(output).resolve() == Path(path).resolve():
         raise BadInputError(f"The output {output} would overwrite the checkpoint; choose another -o.")
@@ -862,7 +917,18 @@ def export_checkpoint(
     metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
     if checkpoint.metadata.get("preprocessing"):
         metadata["vconvert.preprocessing"] = checkpoint.metadata["preprocessing"]
-    return export(
+    calibration, calibration_note = None, ""
+    if quantize != "none":
+        source = calibration_source(calib_data, checkpoint.metadata)
+        if source is None:
+            raise MissingCalibrationError(
+                "Int8 quantization needs calibration images: none were given and the checkpoint records no image "
+                "source that still exists."
+            )
+        calibration, calibration_note = calibration_images(
+            source, shape, checkpoint.metadata.get("preprocessing"), limit=calib_images
+        )
+    report = export(
         checkpoint.model,
         output,
         input_shape=shape,
@@ -875,4 +941,10 @@ def export_checkpoint(
         metadata=metadata,
         tolerance=tolerance,
         progress=progress,
+        quantize=quantize,
+        calibration=calibration,
+        min_agreement=min_agreement,
     )
+    if report.quantization is not None:
+        report.quantization["calibration"] = calibration_note
+    return report
