@@ -77,12 +77,12 @@ class Row:
 
 
 # What is trained: versatile compress options, or a pruning target (whole-model stored size ratio).
-TRAININGS: dict[str, dict[str, Any]] = {
+TRAININGS: dict[str, dict[str, Any]] = {  # trained in this order: the rows the targets need first
     "s2": {"compress": ["--mode", "learned", "--secondary", "2"]},
     "s4": {"compress": ["--mode", "learned", "--secondary", "4"]},
-    "s4-shared": {"compress": ["--mode", "learned", "--secondary", "4", "--mask-sharing", "shared"]},
     "prune2": {"prune": 2.0},
     "prune3": {"prune": 3.0},
+    "s4-shared": {"compress": ["--mode", "learned", "--secondary", "4", "--mask-sharing", "shared"]},
 }
 INT8 = ["--quantize", "int8", "--compact"]
 ROWS = [
@@ -463,7 +463,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         "trainings": {},
         "rows": [],
     }  # fmt: skip
-    for key in dict.fromkeys(row.train for row in chosen if row.train):
+    for key in [key for key in TRAININGS if any(row.train == key for row in chosen)]:
         record["trainings"][key] = train(key, budget, args, run)
         write(record, stem)
     if args.train_only:
