@@ -1,8 +1,11 @@
-"""``vconvert export``: fold a ``.vc.pt``, write ONNX, verify it in onnxruntime, print before/after."""
+"""``vconvert export``: fold a ``.vc.pt``, write ONNX (optionally QDQ int8), verify it in onnxruntime,
+print before/after."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +23,7 @@ def _table(report) -> Table:
     lines = [
         ("stored parameters", lambda r: f"{r['stored_params']:,}"),
         ("stored size (KiB)", lambda r: f"{r['stored_kib']:,.1f}"),
+        ("bits per weight", lambda r: f"{r['bits_per_weight']:.2f}"),
         ("ONNX file (MB)", lambda r: f"{r['file_bytes'] / 1e6:,.2f}"),
         ("MACs per image", lambda r: f"{r['macs'] / 1e6:,.1f} M"),
         ("onnxruntime latency, batch 1 (ms)", lambda r: f"{r['ort_latency_ms']:.2f}"),
@@ -28,6 +32,42 @@ def _table(report) -> Table:
     for label, cell in lines:
         table.add_row(label, *(cell(row) for row in report.table))
     return table
+
+
+def _int8_summary(report) -> str:
+    """One paragraph on the int8 file against the fp32 dense file measured in the same run."""
+    info = report.quantization
+    rows = {row["model"]: row for row in report.table}
+    exported, fp32 = rows["exported"], rows["dense fold"]
+    text = (
+        f"int8 ({'compact' if info['compact'] else 'dense'}): {exported['bits_per_weight']:.2f} bits per weight, "
+        f"file {fp32['file_bytes'] / exported['file_bytes']:.2f}x smaller than the fp32 dense file"
+    )
+    if exported["ort_latency_ms"] == exported["ort_latency_ms"]:  # not NaN: latency was measured
+        text += f", onnxruntime latency {exported['ort_latency_ms'] / fp32['ort_latency_ms']:.2f}x of it"
+    text += (
+        f"; {info['qlinear_conv']} convs run as QLinearConv ({info['converted_as_qlinear']} of "
+        f"{info['converted_convs']} converted, {info['float_conv']} float convs left); top-1 agrees with the fp32 "
+        f"file on {100 * info['top1_agreement']:.1f}% of {info['agreement_images']} calibration images "
+        f"({info.get('calibration') or 'given'})"
+    )
+    if info["compact_equals_dense"]:
+        text += "; compact and dense int8 outputs identical"
+    return text
+
+
+@contextlib.contextmanager
+def _calibration_hint() -> Iterator[None]:
+    """Say which options supply calibration images when int8 export found none."""
+    from vconvert.errors import BadInputError, MissingCalibrationError
+
+    try:
+        yield
+    except MissingCalibrationError:
+        raise BadInputError(
+            "--quantize int8 needs calibration images: pass --calib-data DIR (a folder of images, or digits); "
+            "the checkpoint records no image source that still exists."
+        ) from None
 
 
 @explained_errors
@@ -62,6 +102,23 @@ def export(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Allowed max abs difference, as a fraction of the output scale.")
     ] = 1e-4,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="none | int8: QDQ int8 (uint8 activations, int8 weights per channel; converted convs as exact "
+            "int8 secondary filters). Not with --ring.",
+        ),
+    ] = "none",
+    calib_data: Annotated[
+        str | None,
+        typer.Option(
+            "--calib-data",
+            help="Images to calibrate int8 activation ranges on: a folder (read recursively, train/ if it has one) "
+            "or digits (default: the data the checkpoint records).",
+        ),
+    ] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images used for int8.")] = 512,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -70,12 +127,21 @@ def export(
     from vconvert.errors import BadInputError
     from vconvert.export import RING_WITH_COMPACT, export_checkpoint
     from vconvert.io import check_writable
+    from vconvert.quantize import QUANTIZE_CHOICES
 
     if ring and compact:
         raise BadInputError(RING_WITH_COMPACT)
+    if quantize not in QUANTIZE_CHOICES:
+        raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}.")
+    if ring and quantize != "none":
+        raise BadInputError("--ring cannot be combined with --quantize (ring convs stay float); choose one.")
+    if quantize == "none" and calib_data is not None:
+        raise BadInputError("--calib-data is used only with --quantize int8; add it or drop --calib-data.")
+    if calib_images < 1:
+        raise BadInputError(f"--calib-images must be at least 1, got {calib_images}.")
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
-    with progress_bar() as progress:
+    with progress_bar() as progress, _calibration_hint():
         task = progress.add_task("export", total=None)
         report = export_checkpoint(
             file,
@@ -88,6 +154,9 @@ def export(
             compare_original=compare_original,
             tolerance=tolerance,
             progress=lambda text: progress.update(task, description=text),
+            quantize=quantize,
+            calib_data=calib_data,
+            calib_images=calib_images,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -96,7 +165,8 @@ def export(
     parity = report.parity
     console.print(report.graph_note + ".")
     console.print(
-        f"verified in onnxruntime on {report.inputs} (batches {parity['batches']}): max abs difference "
+        ("the fp32 file " if report.quantization is not None else "")
+        + f"verified in onnxruntime on {report.inputs} (batches {parity['batches']}): max abs difference "
         f"{parity['max_abs_diff']:.2g} ({parity['max_abs_diff'] / parity['output_scale']:.2g} of the output scale), "
         "top-1 identical"
         + (
@@ -105,4 +175,6 @@ def export(
             else ""
         )
     )
+    if report.quantization is not None:
+        console.print(_int8_summary(report) + ".")
     console.print(f"wrote {report.output} ({report.file_bytes / 1e6:,.2f} MB, opset {report.opset})")
