@@ -572,7 +572,7 @@ def quantize_export(
     fp32_bytes: bytes,
     fp32_session: Any,
     layers: Mapping[str, VersatileConv2d],
-    weights: Mapping[str, np.ndarray],
+    weights: dict[str, np.ndarray],
     bn_scales: Mapping[str, torch.Tensor],
     calibration: Sequence[Tensor],
     *,
@@ -585,7 +585,8 @@ def quantize_export(
     form when asked, and check before returning (nothing is written here).
 
     ``weights`` are the folded (BN-fused) float weights the fp32 graph holds for each converted conv in
-    ``layers``; ``calibration`` the preprocessed calibration batches. Checks, each a
+    ``layers`` (emptied once they have located those convs: a model's worth of memory less during
+    calibration); ``calibration`` the preprocessed calibration batches. Checks, each a
     :class:`CheckFailedError`: the compact and dense int8 files give identical outputs in onnxruntime on
     ``inputs`` and the first calibration batch; after onnxruntime's optimisations every converted conv
     runs as QLinearConv; the int8 file picks the fp32 file's top-1 class on at least ``min_agreement``
@@ -600,6 +601,7 @@ def quantize_export(
     clock = time.perf_counter()
     fp32 = onnx.load_from_string(fp32_bytes)
     targets = _conv_targets(fp32, weights)
+    weights.clear()
     input_name = fp32.graph.input[0].name
     del fp32
     int8_layers = {name: encode_int8_layer(encode_layer(layer, bn_scales.get(name))) for name, layer in layers.items()}
