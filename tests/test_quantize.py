@@ -161,11 +161,16 @@ def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp
             calibration=calibration, measure=False, min_agreement=0.0,
         )  # fmt: skip
     dense = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(files[False])).graph.initializer}
-    _, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
+    folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, VersatileConv2d)):
         encoded = encode_int8_layer(encode_layer(layer, fold.bn_scales[name]))
         assert np.array_equal(dense[f"{name}.weight_quantized"], decode_int8_layer(encoded)), name
         assert np.array_equal(dense[f"{name}.weight_scale"], encoded.weight_scale), name
+        # the int32 bias is requantized for these scales: step = input scale · s_o, within half a step
+        step = dense[f"{name}.bias_quantized_scale"]
+        assert np.allclose(step / encoded.weight_scale, (step / encoded.weight_scale)[0], rtol=1e-6), name
+        bias = folded.get_submodule(name).bias.detach().numpy()
+        assert np.all(np.abs(dense[f"{name}.bias_quantized"] * step.astype(np.float64) - bias) <= 0.5001 * step), name
     sessions = [ort.InferenceSession(str(files[c]), providers=["CPUExecutionProvider"]) for c in (False, True)]
     for batch in (1, 7):
         x = torch.randn(batch, 3, 32, 32).numpy()
