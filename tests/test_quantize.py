@@ -158,7 +158,7 @@ def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp
         files[compact] = tmp_path / f"compact{compact}.onnx"
         export(
             model, files[compact], input_shape=[1, 3, 32, 32], compact=compact, quantize="int8",
-            calibration=calibration, measure=False, min_agreement=0.0,
+            calibration=calibration, measure=False, min_agreement=0.0, short_names=False,
         )  # fmt: skip
     dense = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(files[False])).graph.initializer}
     folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
@@ -295,3 +295,26 @@ def test_digits_calibration_images_follow_the_recorded_preprocessing() -> None:
     assert [len(b) for b in batches] == [16, 16, 8] and note == "40 digits training images"
     images = torch.cat(batches)
     assert images.shape == (40, 1, 32, 32) and images.min() >= -2.0 - 1e-6 and images.max() <= 2.0 + 1e-6
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-int8", "compact-int8"])
+def test_short_names_change_bytes_not_outputs(compact: bool, tmp_path: Path) -> None:
+    """The shipped int8 file names its values with short ids: smaller, and exactly the same computation."""
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    calibration = _calibration()
+    files = {}
+    for short in (False, True):
+        files[short] = tmp_path / f"short{short}.onnx"
+        export(
+            model, files[short], input_shape=[1, 3, 32, 32], compact=compact, quantize="int8",
+            calibration=calibration, measure=False, min_agreement=0.0, short_names=short,
+        )  # fmt: skip
+    graph = onnx.load(str(files[True])).graph
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    assert max(len(name) for name in names - {"input", "output"}) <= 3
+    assert all(not node.name for node in graph.node)
+    assert files[True].stat().st_size < 0.92 * files[False].stat().st_size
+    sessions = [ort.InferenceSession(str(files[s]), providers=["CPUExecutionProvider"]) for s in (False, True)]
+    x = torch.randn(5, 3, 32, 32).numpy()
+    first, second = (session.run(None, {"input": x})[0] for session in sessions)
+    assert np.array_equal(first, second)

@@ -612,6 +612,7 @@ def export(
     quantize: str = "none",
     calibration: Sequence[Tensor] | None = None,
     min_agreement: float = 0.9,
+    short_names: bool = True,
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``output`` and verify it in onnxruntime before writing.
 
@@ -629,7 +630,8 @@ def export(
     conv holds its secondary filters as exact int8 filters (the compact form rebuilds them in integers);
     the compact and dense int8 files must agree exactly, every converted conv must run as QLinearConv, and
     the int8 file must pick the fp32 file's top-1 class on at least ``min_agreement`` of the calibration
-    images.
+    images. Its values get short names unless ``short_names`` is False (names are a tenth of a small
+    int8 file).
     """
     from vconvert.onnx_compact import compact_graph
     from vconvert.quantize import check_quantize
@@ -725,7 +727,7 @@ def export(
             timed["dense fold"] = (session, startup_ms)
         int8 = quantize_export(
             final_bytes, session, layers, weights, fold.bn_scales, calibration or [], compact=compact,
-            inputs=inputs, metadata=info, min_agreement=min_agreement,
+            inputs=inputs, metadata=info, min_agreement=min_agreement, short_names=short_names,
         )  # fmt: skip
         del session, final_bytes, weights
         final_bytes, session, startup_ms = int8.file_bytes, int8.session, int8.startup_ms

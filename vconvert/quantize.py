@@ -55,6 +55,7 @@ from vconvert.onnx_compact import (
     smallest_index_dtype,
     splice_rebuilds,
 )
+from vconvert.onnx_names import shorten_names
 
 __all__ = [
     "QUANTIZE_CHOICES",
@@ -580,6 +581,7 @@ def quantize_export(
     inputs: Sequence[Tensor],
     metadata: Mapping[str, Any],
     min_agreement: float = MIN_AGREEMENT,
+    short_names: bool = True,
 ) -> Int8Export:
     """Quantize the verified fp32 dense file to QDQ int8, set the versatile int8 weights, build the compact
     form when asked, and check before returning (nothing is written here).
@@ -590,7 +592,8 @@ def quantize_export(
     :class:`CheckFailedError`: the compact and dense int8 files give identical outputs in onnxruntime on
     ``inputs`` and the first calibration batch; after onnxruntime's optimisations every converted conv
     runs as QLinearConv; the int8 file picks the fp32 file's top-1 class on at least ``min_agreement``
-    of the calibration images.
+    of the calibration images. ``short_names`` renames the file's values to short ids
+    (:func:`vconvert.onnx_names.shorten_names`; a tenth of a small file's bytes).
     """
     from vconvert.export import _serialise as serialise
     from vconvert.export import set_metadata, start_session, strip_export_traces
@@ -618,7 +621,16 @@ def quantize_export(
         }
     }
     set_metadata(model, info)
-    dense_bytes = serialise(model)
+    renaming: dict[str, str] = {}
+    if compact and short_names:  # the dense file is only compared with: rename a copy, compacting needs the names
+        dense_model = onnx.ModelProto()
+        dense_model.CopyFrom(model)
+        shorten_names(dense_model)
+        dense_bytes = serialise(dense_model)
+        del dense_model
+    else:
+        renaming = shorten_names(model) if short_names and not compact else {}
+        dense_bytes = serialise(model)
     dense_bits = initializer_bits(model)
     result = Int8Export(dense_bytes, None, float("nan"), dense_bits, metadata=info)
     dense_session, dense_startup = start_session(dense_bytes, "the int8 ONNX export")
@@ -626,6 +638,7 @@ def quantize_export(
     compact_equal = None
     if compact:
         layer_bytes = compact_int8_graph(model, int8_layers, convs)
+        renaming = shorten_names(model) if short_names else {}
         compact_bytes = serialise(model)
         result.stored_bits = initializer_bits(model)
         del model
@@ -651,7 +664,9 @@ def quantize_export(
         result.session, result.startup_ms = dense_session, dense_startup
     timings["int8_files_s"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
 
-    runs = qlinear_convs(result.file_bytes, {name: conv.weight for name, conv in convs.items()})
+    runs = qlinear_convs(
+        result.file_bytes, {name: renaming.get(conv.weight, conv.weight) for name, conv in convs.items()}
+    )
     if runs["converted_left_float"] or runs["converted_not_found"]:
         names = runs["converted_left_float"] or runs["converted_not_found"]
         raise CheckFailedError(
