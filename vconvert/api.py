@@ -3,19 +3,39 @@
 A ``.vc.pt`` file is plain data (``torch.load(weights_only=True)``): how to rebuild the base model,
 the ConversionPlan, the converted state_dict, the original (teacher) weights and metadata.
 Reloading builds the base, re-applies the plan by qualified name and loads strictly.
+
+Everything read back is checked before it is used (a damaged or hostile file is refused with one
+sentence): the plan and the metadata for types and bounds, each weight for its presence, shape,
+dtype, finiteness and real size, an arch base first on the meta device (nothing allocated) against
+the stored weights, and the versatile layers' index buffers for their ranges.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from vconvert.convert import ConversionPlan, apply_plan
-from vconvert.errors import BadInputError
-from vconvert.io import BaseSpec, build_base, read_checkpoint, write_checkpoint
+from vconvert.errors import BadInputError, UntrustedCodeError
+from vconvert.io import BaseSpec, build_base, read_checkpoint, resolve_arch, write_checkpoint
+from vconvert.layers import versatile_layers
+from vconvert.validate import (
+    all_finite,
+    check_fields,
+    check_input_shape,
+    check_int,
+    check_mapping,
+    check_preprocessing,
+    check_str,
+)
+
+CHECKPOINT_FIELDS = ("base", "plan", "state_dict", "teacher_state_dict", "metadata")
 
 
 @dataclass
@@ -58,21 +78,145 @@ def _strict_load(model: nn.Module, state_dict: dict, what: str, path: Path) -> N
         ) from error
 
 
+def _tensors(value: object, what: str, path: Path) -> Mapping[str, Any]:
+    """A stored state_dict: str keys, tensor values (``_extra_state`` entries may hold anything). The
+    mapping itself is returned: its ``_metadata`` (module versions) matters to some modules' loading."""
+    check_mapping(value, f"{path}'s {what}")
+    state: Mapping[str, Any] = value  # type: ignore[assignment]
+    for key, item in state.items():
+        if not isinstance(item, Tensor) and not key.endswith("_extra_state"):
+            raise BadInputError(
+                f"{path}'s {what} hold a {type(item).__name__} at {key!r}, not a tensor: the file is damaged."
+            )
+    return state
+
+
+def _tensor_problem(got: Tensor, want: Tensor) -> str | None:
+    """Why a stored tensor cannot stand for the model's ``want`` (None if it can)."""
+    if got.layout != torch.strided or got.is_quantized or got.device.type == "meta":
+        return f"is a {got.layout} tensor, not a dense one"
+    if got.shape != want.shape:
+        return f"has shape {list(got.shape)} where the model has {list(want.shape)}"
+    if got.dtype != want.dtype:
+        return f"is {got.dtype} where the model has {want.dtype}"
+    if got.numel() * got.element_size() > got.untyped_storage().nbytes():
+        return "repeats its stored values (an expanded or overlapping view)"
+    return None
+
+
+def _check_state(
+    expected: Mapping[str, Any], state: Mapping[str, Any], what: str, path: Path, finite: bool = True
+) -> None:
+    """Refuse ``state`` unless it has exactly the keys of ``expected`` (a model's state_dict, perhaps on the
+    meta device) with dense tensors of the same shapes and dtypes, finite ones when ``finite``."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        keys = missing or unexpected
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        raise BadInputError(
+            f"{path} does not match its own base model ({what}: {'missing' if missing else 'unexpected'} "
+            f"{', '.join(keys[:3])}{more}): the file is damaged or was written for another model."
+        )
+    for key, want in expected.items():
+        if isinstance(want, Tensor) and (problem := _tensor_problem(state[key], want)):
+            raise BadInputError(f"{path}'s {what} {key!r} {problem}: the file is damaged.")
+    floats = {
+        key: state[key] for key, want in expected.items() if isinstance(want, Tensor) and want.is_floating_point()
+    }
+    if finite and not all_finite(list(floats.values())):  # same dtypes as the model's, checked above
+        key = next(key for key, tensor in floats.items() if not all_finite([tensor]))
+        raise BadInputError(f"{path}'s {what} {key!r} holds NaN or infinite values: the file is damaged.")
+
+
+def _check_base_on_meta(base: BaseSpec, teacher_state: Mapping[str, Any], trust: bool, path: Path) -> None:
+    """Build an arch base on the meta device (nothing allocated) and compare it with the stored teacher
+    weights, so that a builder or arguments asking for another, perhaps huge, network are refused before
+    anything is allocated. Builders that cannot run on the meta device are checked after the real build."""
+    if base.arch is None:  # a pickled base holds its tensors in the file: its size is the file's
+        return
+    # refuses what it must refuse and imports the builder's module outside the meta device
+    resolve_arch(base.arch, trust=trust, typed_by_user=False, origin=str(path), kwargs=base.arch_kwargs)
+    try:
+        with torch.device("meta"):
+            shaped = build_base(base, trust=trust, origin=str(path))
+    except UntrustedCodeError:
+        raise
+    except BadInputError:
+        return
+    _check_state(shaped.state_dict(), teacher_state, "teacher weights", path, finite=False)
+
+
+def _check_index_ranges(model: nn.Module, path: Path) -> None:
+    """Each versatile layer's index buffers point inside its primary filters, slots and input channels."""
+    for name, layer in versatile_layers(model):
+        limits = {
+            "primary_index": layer.num_primary - 1,
+            "secondary_index": layer.group_size - 1,
+            "channel_offset": layer.in_channels - layer.channel_window,
+        }
+        for buffer, high in limits.items():
+            values = getattr(layer, buffer)
+            if values.numel() and not (int(values.min()) >= 0 and int(values.max()) <= high):
+                raise BadInputError(
+                    f"{path}'s layer {name!r} has {buffer} values outside 0..{high}: the file is damaged."
+                )
+        mask = layer.fixed_mask
+        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+            raise BadInputError(f"{path}'s layer {name!r} has a fixed mask that is not binary: the file is damaged.")
+
+
+def check_metadata(value: object, where: str, channels: int) -> dict:
+    """A checkpoint's metadata with the fields vconvert reads checked: ``input_shape`` (N,C,H,W within
+    bounds, C = ``channels``, the model's input channels), ``preprocessing`` (a mean and std per channel)
+    and ``bn_recalibration``; other fields are kept as they are."""
+    metadata = check_mapping(value, where)
+    if metadata.get("input_shape") is not None:
+        shape = check_input_shape(metadata["input_shape"], f"{where}'s input_shape")
+        if shape[1] != channels:
+            raise BadInputError(
+                f"{where}'s input_shape {shape} has {shape[1]} channels but the model was traced with {channels}: "
+                "the file is damaged."
+            )
+        metadata["input_shape"] = shape
+    if "preprocessing" in metadata:
+        metadata["preprocessing"] = check_preprocessing(metadata["preprocessing"], f"{where}'s preprocessing", channels)
+    if metadata.get("bn_recalibration") is not None:
+        recalibration = check_fields(metadata["bn_recalibration"], f"{where}'s bn_recalibration", ("data", "images"))
+        check_str(recalibration["data"], f"{where}'s bn_recalibration data")
+        check_int(recalibration["images"], f"{where}'s bn_recalibration images")
+    return metadata
+
+
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """Rebuild the converted model and its teacher from a ``.vc.pt`` file (both in eval mode).
 
     ``trust`` has the same meaning as for the first load: a base stored as a pickled module of
     unknown classes, or an arch string that is not a registered model builder, runs only with it.
+    Anything damaged (a field missing or of the wrong type, a weight of the wrong shape or dtype or
+    not finite, a plan the base cannot take) raises BadInputError before it is used.
     """
     path = Path(path)
     payload = read_checkpoint(path)
+    missing = [key for key in CHECKPOINT_FIELDS if key not in payload]
+    if missing:
+        raise BadInputError(
+            f"{path} has no {missing[0]!r} field: the file is damaged; re-create it with vconvert compress."
+        )
     base = BaseSpec.from_dict(payload["base"])
     plan = ConversionPlan.from_dict(payload["plan"])
+    metadata = check_metadata(payload["metadata"], f"{path}'s metadata", plan.input_shape[1])
+    teacher_state = _tensors(payload["teacher_state_dict"], "teacher weights", path)
+    state = _tensors(payload["state_dict"], "converted weights", path)
+    _check_base_on_meta(base, teacher_state, trust, path)
     teacher = build_base(base, trust=trust, origin=str(path))
-    _strict_load(teacher, payload["teacher_state_dict"], "teacher weights", path)
+    _check_state(teacher.state_dict(), teacher_state, "teacher weights", path)
+    _strict_load(teacher, teacher_state, "teacher weights", path)
     model = apply_plan(build_base(base, trust=trust, origin=str(path)), plan)
-    _strict_load(model, payload["state_dict"], "converted weights", path)
-    return Checkpoint(model.eval(), teacher.eval(), plan, base, payload.get("metadata", {}))
+    _check_state(model.state_dict(), state, "converted weights", path)
+    _strict_load(model, state, "converted weights", path)
+    _check_index_ranges(model, path)
+    return Checkpoint(model.eval(), teacher.eval(), plan, base, metadata)
 
 
 def load(path: str | Path, trust: bool = False) -> nn.Module:

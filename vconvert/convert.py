@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -20,6 +21,14 @@ from vconvert.errors import BadInputError
 from vconvert.fit import METHODS, initialise_from_weight
 from vconvert.layers import VersatileConv2d
 from vconvert.report import conv_macs, model_stored_bits
+from vconvert.validate import (
+    check_fields,
+    check_float,
+    check_input_shape,
+    check_int,
+    check_int_list,
+    check_str,
+)
 
 CONVERTED = "converted"
 SECONDARY_CANDIDATES = (2, 3, 4, 6, 8)
@@ -68,6 +77,71 @@ class LayerDecision:
     def converted(self) -> bool:
         return self.decision == CONVERTED
 
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> LayerDecision:
+        """Inverse of ``asdict`` with strict types and bounds; a damaged entry raises BadInputError."""
+        values = check_fields(data, where, tuple(item.name for item in fields(cls)))
+        if isinstance(values["name"], str):
+            where = f"{where} ({values['name']!r})"
+        decision = cls(
+            name=check_str(values["name"], f"{where}'s name"),
+            decision=check_str(values["decision"], f"{where}'s decision"),
+            in_channels=check_int(values["in_channels"], f"{where}'s in_channels", 1),
+            out_channels=check_int(values["out_channels"], f"{where}'s out_channels", 1),
+            kernel_size=check_int_list(values["kernel_size"], f"{where}'s kernel_size", 2, 1),
+            groups=check_int(values["groups"], f"{where}'s groups", 1),
+            call_sites=check_int(values["call_sites"], f"{where}'s call_sites"),
+            input_shape=_optional(values["input_shape"], lambda v: check_int_list(v, f"{where}'s input_shape")),
+            output_shape=_optional(values["output_shape"], lambda v: check_int_list(v, f"{where}'s output_shape")),
+            users=_strings(values["users"], f"{where}'s users"),
+            macs=check_int(values["macs"], f"{where}'s macs"),
+            dense_bits=check_int(values["dense_bits"], f"{where}'s dense_bits"),
+            stored_bits=check_int(values["stored_bits"], f"{where}'s stored_bits"),
+            options=_optional(values["options"], lambda v: _check_options(v, f"{where}'s options")),
+            fit_error=_optional(values["fit_error"], lambda v: check_float(v, f"{where}'s fit_error", finite=False)),
+            mask_density=_optional(
+                values["mask_density"], lambda v: check_float(v, f"{where}'s mask_density", finite=False)
+            ),
+        )
+        if decision.converted and decision.options is None:
+            raise BadInputError(f"{where} is converted but records no options: the file is damaged.")
+        return decision
+
+
+def _optional(value: object, check: Callable[[object], Any]) -> Any:
+    return None if value is None else check(value)
+
+
+def _strings(value: object, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise BadInputError(f"{where} must be a list of strings: the file is damaged.")
+    return [check_str(item, where) for item in value]
+
+
+_OPTION_LIMIT = 2**31 - 1
+
+
+def _check_options(value: object, where: str) -> dict:
+    """VersatileConv2d keyword options as ConvOptions.layer_kwargs() writes them, types checked (the
+    layer itself checks how they fit the conv)."""
+    required = ("mode", "secondary", "channel_stride", "mask_sharing", "scale")
+    options = check_fields(value, where, required, ("channel_window",))
+    checked: dict[str, Any] = {
+        "mode": check_str(options["mode"], f"{where} mode"),
+        "secondary": check_int(options["secondary"], f"{where} secondary", 1, _OPTION_LIMIT),
+        "channel_stride": check_int(options["channel_stride"], f"{where} channel_stride", 1, _OPTION_LIMIT),
+        "mask_sharing": check_str(options["mask_sharing"], f"{where} mask_sharing"),
+    }
+    if not isinstance(options["scale"], bool):
+        raise BadInputError(f"{where} scale must be true or false: the file is damaged.")
+    checked["scale"] = options["scale"]
+    window = options.get("channel_window")
+    if window is not None:
+        checked["channel_window"] = check_int(window, f"{where} channel_window", 1, _OPTION_LIMIT)
+    elif "channel_window" in options:
+        checked["channel_window"] = None
+    return checked
+
 
 @dataclass
 class ConversionPlan:
@@ -96,10 +170,29 @@ class ConversionPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ConversionPlan:
-        fields = dict(data)
-        fields["layers"] = [LayerDecision(**layer) for layer in data["layers"]]
-        return cls(**fields)
+    def from_dict(cls, data: object, where: str = "The checkpoint's plan") -> ConversionPlan:
+        """Inverse of :meth:`to_dict` with strict types and bounded values: a damaged plan (a field
+        missing, unknown or of the wrong type, a layer named twice) raises BadInputError."""
+        values = check_fields(data, where, tuple(item.name for item in fields(cls)))
+        if not isinstance(values["layers"], list):
+            raise BadInputError(f"{where}'s layers must be a list: the file is damaged.")
+        layers = [LayerDecision.from_dict(layer, f"{where}'s layer {i}") for i, layer in enumerate(values["layers"])]
+        names = [layer.name for layer in layers]
+        repeated = next((name for name in names if names.count(name) > 1), None)
+        if repeated is not None:
+            raise BadInputError(f"{where} names layer {repeated!r} twice: the file is damaged.")
+        ratio = values["target_ratio"]
+        return cls(
+            layers=layers,
+            traced_with=check_str(values["traced_with"], f"{where}'s traced_with"),
+            trace_note=check_str(values["trace_note"], f"{where}'s trace_note"),
+            input_shape=check_input_shape(values["input_shape"], f"{where}'s input_shape"),
+            init=check_str(values["init"], f"{where}'s init"),
+            target_ratio=None if ratio is None else check_float(ratio, f"{where}'s target_ratio", positive=True),
+            model_dense_bits=check_int(values["model_dense_bits"], f"{where}'s model_dense_bits"),
+            model_stored_bits=check_int(values["model_stored_bits"], f"{where}'s model_stored_bits"),
+            choice_note=check_str(values["choice_note"], f"{where}'s choice_note"),
+        )
 
     def table_rows(self) -> list[dict]:
         rows = []
@@ -494,7 +587,14 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
             ) from error
         if not isinstance(conv, nn.Conv2d):
             raise BadInputError(f"The checkpoint's plan names {decision.name!r}, which is not a Conv2d in the base.")
-        _swap(model, decision.name, VersatileConv2d.shaped_like(conv, **(decision.options or {})))
+        try:
+            layer = VersatileConv2d.shaped_like(conv, **(decision.options or {}))
+        except (ValueError, TypeError) as error:
+            raise BadInputError(
+                f"The checkpoint's plan gives layer {decision.name!r} options it cannot take ({error}): the file is "
+                "damaged."
+            ) from error
+        _swap(model, decision.name, layer)
     return model
 
 

@@ -135,6 +135,7 @@ class BaseSpec:
         valid = (
             (arch is None or isinstance(arch, str))
             and isinstance(kwargs, dict)
+            and all(isinstance(key, str) for key in kwargs)
             and (pickled is None or isinstance(pickled, bytes))
             and isinstance(source, str)
             and (arch is None) != (pickled is None)
@@ -846,7 +847,16 @@ def read_checkpoint(path: str | Path) -> dict:
                 f"{label} is in format {found!r} but this vconvert reads {CHECKPOINT_FORMAT!r}: use the vconvert "
                 "version that wrote it, or re-create it with vconvert compress."
             )
+        shown = repr(found) if isinstance(found, str) and len(found) < 80 else f"a {type(found).__name__}"
         raise BadInputError(
-            f"{label} is not a vconvert checkpoint (format {found!r}): create one with vconvert compress."
+            f"{label} is not a vconvert checkpoint (format {shown}): create one with vconvert compress."
+        )
+    versions = data.get("versions")
+    if not all(isinstance(key, str) for key in data) or not (
+        isinstance(versions, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())
+    ):
+        raise BadInputError(
+            f"{label} is damaged (its fields must be named by strings and its versions field must map library "
+            "names to version strings): write it again."
         )
     return data
