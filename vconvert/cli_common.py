@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -12,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vconvert.errors import BadInputError, VConvertError
+from vconvert.errors import BadInputError, VConvertError, VConvertWarning
 
 console = Console()
 error_console = Console(stderr=True)
@@ -21,13 +23,32 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 4, 4096
 F = TypeVar("F", bound=Callable)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each VConvertWarning (once) as one "warning:" line on stderr; other warnings as Python does."""
+    with warnings.catch_warnings():
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, VConvertWarning):
+                error_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("default", VConvertWarning)
+        yield
+
+
 def explained_errors(command: F) -> F:
-    """Turn VConvertError into one sentence on stderr and its exit code (a traceback only with --debug)."""
+    """Turn VConvertError into one sentence on stderr and its exit code (a traceback only with --debug);
+    VConvertWarning shows as one line."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with one_line_warnings():
+                return command(*args, **kwargs)
         except VConvertError as error:
             if kwargs.get("debug"):
                 raise

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from vconvert.data import SeededSamples, TensorImages
+from vconvert.data import SeededSamples, TensorImages, load_image
 from vconvert.errors import BadInputError
 
 MAX_SIDE = 64  # larger images use random-resized crops, which this loader does not implement
@@ -54,16 +54,14 @@ def _unwrap(dataset: Dataset) -> tuple[Dataset, list[int]]:
 
 
 def _decode_folder(folder, indices: list[int], size: Sequence[int], channels: int) -> Tensor:
-    from PIL import Image
     from torchvision.transforms import functional as TF
 
     def decode(index: int) -> Tensor:
         path, _ = folder.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if list(image.size[::-1]) != list(size):
-                image = TF.resize(image, list(size))
-            return TF.pil_to_tensor(image)
+        image = load_image(path, channels)
+        if list(image.size[::-1]) != list(size):
+            image = TF.resize(image, list(size))
+        return TF.pil_to_tensor(image)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return torch.stack(list(pool.map(decode, indices)))

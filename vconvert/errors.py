@@ -10,6 +10,10 @@ class VConvertError(Exception):
     exit_code = 2
 
 
+class VConvertWarning(UserWarning):
+    """Something vconvert worked around and the user should know (the CLI shows it as one line)."""
+
+
 class BadInputError(VConvertError):
     """Bad usage or bad input (a missing file, a wrong option, a model vconvert cannot read): exit 2."""
 
