@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vconvert.data import open_split
-from vconvert.errors import BadInputError
+from vconvert.data import DIGITS, default_image_size, open_split
+from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.finetune import _limited, evaluate_model, topk_correct
+from vconvert.validate import check_input_shape, check_preprocessing
 
 ONNX_PREPROCESSING_KEY = "vconvert.preprocessing"
+ONNX_INPUT_SHAPE_KEY = "vconvert.input_shape"
 
 
 @dataclass
@@ -30,27 +32,97 @@ class Evaluation:
         return asdict(self)
 
 
-def onnx_preprocessing(path: Path) -> dict:
-    """The preprocessing stored in an ONNX file's metadata_props (``{}`` when absent)."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:160]
+
+
+def _metadata_value(props: dict[str, str], keys: tuple[str, ...], path: Path) -> tuple[str, object]:
+    """(key, JSON value) of the first of ``keys`` an ONNX file's metadata holds, or (key, None)."""
+    key = next((key for key in keys if key in props), keys[0])
+    if key not in props:
+        return key, None
+    try:
+        return key, json.loads(props[key])
+    except (ValueError, RecursionError) as error:
+        raise BadInputError(
+            f"{path}'s metadata {key} is not valid JSON ({type(error).__name__}): the file is damaged."
+        ) from None
+
+
+def onnx_metadata(path: Path) -> tuple[dict | None, list | None]:
+    """The preprocessing and the input shape (dynamic batch: None) an ONNX file's metadata_props record
+    (None for either when absent), with strict types and bounds."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError and others for a file that is not ONNX
         raise BadInputError(f"{path} is not a readable ONNX file ({type(error).__name__}).") from None
-    for prop in model.metadata_props:
-        if prop.key in (ONNX_PREPROCESSING_KEY, "preprocessing"):
-            return json.loads(prop.value)
-    return {}
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    key, preprocessing = _metadata_value(props, (ONNX_PREPROCESSING_KEY, "preprocessing"), path)
+    key, shape = _metadata_value(props, (ONNX_INPUT_SHAPE_KEY,), path)
+    return (
+        check_preprocessing(preprocessing, f"{path}'s metadata {ONNX_PREPROCESSING_KEY}"),
+        None if shape is None else check_input_shape(shape, f"{path}'s metadata {key}", batch=False),
+    )
+
+
+def onnx_preprocessing(path: Path) -> dict:
+    """The preprocessing stored in an ONNX file's metadata_props (``{}`` when absent)."""
+    return onnx_metadata(path)[0] or {}
+
+
+def _onnx_session(path: Path):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for graphs it cannot load
+        raise BadInputError(f"onnxruntime cannot load {path} ({_first_line(error)}).") from None
+
+
+def _onnx_input_shape(
+    session, path: Path, data: str, preprocessing: dict | None, recorded: list | None, asked: list[int] | None
+) -> list[int]:
+    """The N,C,H,W to feed: the graph's fixed sizes, else the asked or recorded shape, else the data's
+    own; every source must agree with the graph, and the result is bounded."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise BadInputError(f"{path} takes {len(inputs)} inputs; evaluate feeds a model one batch of images.")
+    declared = inputs[0]
+    if declared.type != "tensor(float)":
+        raise BadInputError(f"{path} takes a {declared.type} input, not float images.")
+    if len(declared.shape) != 4:
+        raise BadInputError(f"{path} takes a rank-{len(declared.shape)} input, not images N,C,H,W.")
+    fixed = [size if isinstance(size, int) and size > 0 else None for size in declared.shape]
+    for what, shape in (("the input shape asked for", asked), ("its metadata input shape", recorded)):
+        if shape is not None and any(f is not None and f != s for f, s in zip(fixed[1:], shape[1:], strict=True)):
+            raise BadInputError(f"{path} takes images of shape {declared.shape} but {what} is {list(shape)}.")
+    known = asked or recorded
+    size = (known[2:] if known else None) or (preprocessing or {}).get("input_size") or default_image_size(data)
+    channels = fixed[1] or (known[1] if known else None)
+    if channels is None:
+        channels = len(preprocessing["mean"]) if preprocessing else 1 if data == DIGITS else 3
+    shape = check_input_shape(
+        [fixed[0] or 1, channels, fixed[2] or size[0], fixed[3] or size[1]], f"{path}'s input {declared.shape}"
+    )
+    if preprocessing and len(preprocessing["mean"]) != shape[1]:
+        raise BadInputError(
+            f"{path}'s metadata normalises {len(preprocessing['mean'])} channels but the model takes {shape[1]}: "
+            "the file is damaged."
+        )
+    return shape
 
 
 def _split(data: str, preprocessing: dict, input_shape: list[int] | None, limit: int | None) -> Dataset:
-    shape = input_shape or [1, 3, *preprocessing.get("input_size", [224, 224])]
+    size = preprocessing.get("input_size") or (input_shape[2:] if input_shape else None)
+    channels = input_shape[1] if input_shape else len(preprocessing["mean"]) if preprocessing.get("mean") else None
     dataset, _, _ = open_split(
         data,
         False,
-        input_size=preprocessing.get("input_size") or shape[2:],
-        channels=shape[1],
+        input_size=size,
+        channels=channels,
         mean=preprocessing.get("mean"),
         std=preprocessing.get("std"),
         augment=False,
@@ -58,14 +130,30 @@ def _split(data: str, preprocessing: dict, input_shape: list[int] | None, limit:
     return _limited(dataset, limit, 0)
 
 
-def _evaluate_onnx(path: Path, dataset: Dataset, batch: int) -> tuple[float, float, int]:
-    import onnxruntime as ort
+def _workers(dataset: Dataset, batch: int) -> int:
+    """Worker processes only pay off beyond one batch."""
+    return 2 if len(dataset) > batch else 0  # type: ignore[arg-type]
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+
+def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, images); a graph with a fixed batch gets batches of that size (the last padded)."""
+    declared = session.get_inputs()[0]
+    fixed = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 0 else None
+    batch = fixed or batch
     correct1 = correct5 = total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch, num_workers=2):
-        logits = torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
+    for images, labels in DataLoader(dataset, batch_size=batch, num_workers=_workers(dataset, batch)):
+        if fixed and len(images) < fixed:
+            images = torch.cat([images, images.new_zeros(fixed - len(images), *images.shape[1:])])
+        try:
+            logits = torch.from_numpy(session.run(None, {declared.name: images.numpy()})[0])[: len(labels)]
+        except Exception as error:  # onnxruntime raises its own types
+            raise BadInputError(
+                f"onnxruntime cannot run {path} on images of shape {list(images.shape)} ({_first_line(error)})."
+            ) from None
+        if logits.ndim != 2 or len(logits) != len(labels) or not logits.is_floating_point():
+            raise BadInputError(f"{path} gives outputs of shape {list(logits.shape)}, not (batch, classes) scores.")
+        if not bool(torch.isfinite(logits).all()):
+            raise CheckFailedError(f"{path} gives NaN or infinite scores on the evaluation images: it is damaged.")
         correct1 += topk_correct(logits, labels, 1)
         correct5 += topk_correct(logits, labels, 5)
         total += len(labels)
@@ -92,9 +180,12 @@ def evaluate_file(
     if not path.is_file():
         raise BadInputError(f"{path} does not exist; pass a .vc.pt, .onnx or model file.")
     if path.suffix == ".onnx":
-        preprocessing = onnx_preprocessing(path)
-        dataset = _split(data, preprocessing, input_shape, limit)
-        top1, top5, images = _evaluate_onnx(path, dataset, batch)
+        preprocessing, recorded = onnx_metadata(path)
+        session = _onnx_session(path)
+        shape = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
+        preprocessing = {**(preprocessing or {}), "input_size": shape[2:]}  # the graph's sizes win
+        dataset = _split(data, preprocessing, shape, limit)
+        top1, top5, images = _evaluate_onnx(session, path, dataset, batch)
         return Evaluation(str(path), "onnx", data, images, top1, top5)
     from vconvert.api import is_checkpoint, load_checkpoint
 
@@ -103,12 +194,13 @@ def evaluate_file(
         metadata = checkpoint.metadata or {}
         model, kind = checkpoint.model, "vconvert checkpoint"
         preprocessing = metadata.get("preprocessing") or {}
-        input_shape = input_shape or metadata.get("input_shape")
+        input_shape = input_shape or metadata.get("input_shape") or checkpoint.plan.input_shape
     else:
         from vconvert.io import load_model
 
         model, _ = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
         kind, preprocessing = "model", {}
     dataset = _split(data, preprocessing, input_shape, limit)
-    top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch)
+    workers = _workers(dataset, batch)
+    top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch, workers=workers)
     return Evaluation(str(path), kind, data, images, top1, top5)
