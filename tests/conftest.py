@@ -28,9 +28,9 @@ def write_user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: st
     return importlib.import_module(f"{name}.nets").TinyNet
 
 
-def finetune_cut_and_resumed(source: Path, output: Path, config) -> None:
+def finetune_cut(source: Path, output: Path, config) -> None:
     """Fine-tune ``source`` into ``output`` with ``config``, stopped by an exception after the first
-    epoch's checkpoint, then finished with ``resume=True``."""
+    epoch's checkpoint (which holds the state to resume from)."""
     from vconvert.finetune import finetune
 
     class Stop(Exception):
@@ -41,4 +41,11 @@ def finetune_cut_and_resumed(source: Path, output: Path, config) -> None:
 
     with pytest.raises(Stop):
         finetune(source, output, config, on_epoch=stop_after_first_epoch)
+
+
+def finetune_cut_and_resumed(source: Path, output: Path, config) -> None:
+    """:func:`finetune_cut`, then the run finished with ``resume=True``."""
+    from vconvert.finetune import finetune
+
+    finetune_cut(source, output, config)
     finetune(source, output, config, resume=True)

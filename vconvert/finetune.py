@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from vconvert.api import Checkpoint, load_checkpoint, save
+from vconvert.api import Checkpoint, check_metadata, load_checkpoint, save
 from vconvert.calibrate import recalibrate_batchnorm
 from vconvert.data import DataSpec, SeededSamples, open_split
 from vconvert.device_data import AUTO_HOST_BYTES, MAX_SIDE, DeviceImageSet
@@ -43,6 +43,7 @@ from vconvert.mask_learning import (
     count_flips,
     drop_latent_weights_,
 )
+from vconvert.validate import check_fields, check_float, check_int, check_like, check_mapping
 from vconvert.weight_average import WeightAverage
 
 
@@ -182,7 +183,7 @@ def _resolve_preprocessing(config: FinetuneConfig, checkpoint: Checkpoint) -> tu
 
 
 def open_data(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[Dataset, Dataset, DataSpec, int]:
-    input_shape = (checkpoint.metadata or {}).get("input_shape") or [1, 3, 224, 224]
+    input_shape = (checkpoint.metadata or {}).get("input_shape") or checkpoint.plan.input_shape
     mean, std = _resolve_preprocessing(config, checkpoint)
     options = {"input_size": input_shape[2:], "channels": input_shape[1], "mean": mean, "std": std}
     train, spec, skipped_train = open_split(config.data, True, augment=config.augment, **options)
@@ -283,8 +284,15 @@ def _output_paths(output: Path) -> tuple[Path, Path, Path]:
 
 def _check_classes(model: nn.Module, dataset: Dataset, spec: DataSpec, device: torch.device) -> None:
     image, _ = dataset[0]
-    with torch.no_grad():
-        outputs = model.eval()(image.unsqueeze(0).to(device)).shape[-1]
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(image.unsqueeze(0).to(device)).shape[-1]
+    except RuntimeError as error:  # the recorded input shape does not suit the model
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInputError(
+            f"The model rejects the data's images of shape {list(image.shape)} ({first_line[:160]}); the "
+            "checkpoint's input shape does not match its model."
+        ) from error
     if outputs != len(spec.classes):
         raise BadInputError(
             f"The data has {len(spec.classes)} classes but the model predicts {outputs}; "
@@ -318,8 +326,10 @@ def _rng_state() -> dict:
 
 def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and isinstance(cuda, list) and len(cuda) == torch.cuda.device_count():
+        if all(isinstance(item, torch.Tensor) and item.dtype == torch.uint8 for item in cuda):
+            torch.cuda.set_rng_state_all(cuda)  # the same devices: the run continues exactly
 
 
 def finetune(
@@ -370,8 +380,7 @@ def finetune(
         resume_state = (source.metadata or {}).get("finetune_state")
         if resume_state is None:
             raise BadInputError(f"--resume: {last_path} holds no fine-tuning state to resume from.")
-        if resume_state["config"] != asdict(config):
-            raise BadInputError(f"--resume: the options differ from those of the run that wrote {last_path}.")
+        resume_state = _check_resume_state(resume_state, config, source, last_path)
         base_metadata = resume_state["base_metadata"]
     else:
         source = load_checkpoint(checkpoint_path, trust=trust)
@@ -414,6 +423,15 @@ def finetune(
     history: list[EpochMetrics] = []
     best_top1, start_epoch = -1.0, 0
     if resume_state is not None:
+        where = f"--resume: {last_path}'s fine-tuning state"
+        _check_optimiser_state(optimiser, resume_state["optimiser"], f"{where} optimiser")
+        check_like(scheduler.state_dict(), resume_state["scheduler"], f"{where} scheduler")
+        check_like(masks.state_dict(), resume_state["masks"], f"{where} masks")
+        proxies = {name: layer.mask_proxy.detach() for name, layer in masks.layers}
+        check_like(proxies, resume_state["mask_proxies"], f"{where} mask_proxies")
+        check_like(torch.get_rng_state(), resume_state["rng"]["torch"], f"{where} rng")
+        if "live_weights" in resume_state:
+            check_like(student.state_dict(), resume_state["live_weights"], f"{where} live_weights")
         optimiser.load_state_dict(resume_state["optimiser"])
         scheduler.load_state_dict(resume_state["scheduler"])
         masks.load_state_dict(resume_state["masks"])
@@ -460,6 +478,7 @@ def finetune(
     if average is not None:
         drop_latent_weights_(average.model)  # the average is of the versatile weights the forward uses
         if resume_state is not None:
+            check_like(average.state_dict(), resume_state["ema"], f"--resume: {last_path}'s fine-tuning state ema")
             average.load_state_dict(resume_state["ema"])
     evaluated = average.model if average is not None else student  # what is validated and written
 
@@ -588,6 +607,55 @@ def finetune(
     if features is not None:
         features.remove()
     return history
+
+
+RESUME_FIELDS = ("config", "optimiser", "scheduler", "masks", "mask_proxies", "rng", "epoch", "history", "best_top1",
+                 "base_metadata")  # fmt: skip
+
+
+def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoint, path: Path) -> dict:
+    """The resume state of a checkpoint, its plain fields checked (the parts that mirror this run's
+    optimiser, scheduler, masks and weights are checked against them when they exist)."""
+    where = f"--resume: {path}'s fine-tuning state"
+    averaged = ("live_weights", "ema") if config.ema else ()
+    state = check_fields(value, where, RESUME_FIELDS + averaged)
+    if state["config"] != asdict(config):
+        raise BadInputError(f"--resume: the options differ from those of the run that wrote {path}.")
+    epoch = check_int(state["epoch"], f"{where} epoch", 1, config.epochs)
+    check_float(state["best_top1"], f"{where} best_top1")
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch:
+        raise BadInputError(f"{where} history must list the {epoch} epochs done: the file is damaged.")
+    names = tuple(item.name for item in fields(EpochMetrics))
+    for index, entry in enumerate(history):
+        entry = check_fields(entry, f"{where} history[{index}]", names)
+        check_int(entry["epoch"], f"{where} history[{index}] epoch")
+        check_int(entry["mask_flips"], f"{where} history[{index}] mask_flips")
+        for name in names[1:-1]:
+            check_float(entry[name], f"{where} history[{index}] {name}", finite=False)
+        check_mapping(entry["extra"], f"{where} history[{index}] extra")
+    check_fields(state["rng"], f"{where} rng", ("torch",), ("cuda",))
+    channels = source.plan.input_shape[1]
+    state["base_metadata"] = check_metadata(state["base_metadata"], f"{where} base_metadata", channels)
+    return state
+
+
+def _check_optimiser_state(optimiser: torch.optim.Optimizer, value: object, where: str) -> None:
+    """The optimiser's saved state: its parameter groups like this run's, and each per-parameter tensor
+    (momentum) of its parameter's shape and dtype."""
+    saved = check_fields(value, where, ("state", "param_groups"))
+    check_like(optimiser.state_dict()["param_groups"], saved["param_groups"], f"{where} param_groups")
+    parameters = [parameter for group in optimiser.param_groups for parameter in group["params"]]
+    entries = saved["state"]
+    if not isinstance(entries, dict) or not all(isinstance(k, int) and 0 <= k < len(parameters) for k in entries):
+        raise BadInputError(f"{where} state must map parameter numbers to their state: the file is damaged.")
+    for index, entry in entries.items():
+        for key, item in check_mapping(entry, f"{where} state[{index}]").items():
+            if isinstance(item, torch.Tensor):  # momentum of the parameter's shape, or a scalar (a step count)
+                template = parameters[index].detach() if item.ndim else torch.zeros((), dtype=item.dtype)
+            else:
+                template = None if item is None else 0.0
+            check_like(template, item, f"{where} state[{index}][{key!r}]")
 
 
 def _average_state(student: nn.Module, average: WeightAverage | None) -> dict:
