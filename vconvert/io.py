@@ -31,6 +31,7 @@ import pickletools
 import re
 import secrets
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -828,7 +829,9 @@ def read_checkpoint(path: str | Path) -> dict:
     label = f"Checkpoint {str(path)!r}"
     _file_kind(path, label)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a sparse tensor is refused later as a weight: no warning first
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise BadInputError(
             f"{label} is not a vconvert checkpoint (it holds pickled Python objects, not plain data): create one "
