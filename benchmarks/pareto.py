@@ -332,6 +332,9 @@ def write(record: dict[str, Any], stem: Path) -> None:
             f"{row.get('latency_b64_ratio', float('nan')):.2f} | {row['macs'] / 1e6:.1f} M | {row['epochs']} |"
         )
     lines += ["", *record.get("verdicts", [])]
+    for failed in record.get("failed", []):
+        reason = failed["error"].split("error: ")[-1]
+        lines += ["", f"- {failed['artifact']}: no file; the export refused it: `{reason}`"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if rows:
         _plot(rows, stem.with_suffix(".png"), record)
@@ -482,8 +485,13 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         clock = time.perf_counter()
         source = fp32 if row.train is None else trained_file(work, row.train)
         if row.method == "versatile":
-            run("export", str(source), "-o", str(path), *row.export, *(["--calib-data", str(args.cifar / "train")]
-                if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
+            try:
+                run("export", str(source), "-o", str(path), *row.export, *(["--calib-data", str(args.cifar / "train")]
+                    if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
+            except RuntimeError as error:  # a refused export is a result too: recorded, the run goes on
+                record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
+                print(f"{row.name}: export refused", flush=True)
+                continue
         elif row.int8:
             int8_ptq(source, path, images)
         elif row.method == "w4":
