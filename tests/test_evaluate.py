@@ -57,3 +57,14 @@ def test_evaluate_bad_inputs(tmp_path: Path) -> None:
     fake.write_bytes(b"\x00\x01 not onnx")
     broken = CliRunner().invoke(app, ["evaluate", str(fake)])
     assert broken.exit_code == 2 and "not a readable ONNX file" in broken.stderr, broken.stderr
+
+
+def test_evaluate_model_that_rejects_the_images_is_one_sentence(tmp_path: Path) -> None:
+    state, _, _ = _files(tmp_path)  # a 1-channel model, evaluated on 3-channel images
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(state), "--arch", "sample_models.resnet_cifar:resnet8", "--arch-kwargs",
+         '{"in_channels": 1}', "--input-shape", "1,3,32,32", "--limit", "8"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "rejects the evaluation images" in result.stderr, result.output + result.stderr
+    assert "\n" not in result.stderr.strip() and "Traceback" not in result.stderr

@@ -529,6 +529,12 @@ LAYER_FIELDS = {
 }
 
 
+def three_channels(payload: dict, w: Where) -> None:
+    """Every recorded shape says 3 input channels (consistently), but the model takes 1."""
+    payload["plan"]["input_shape"] = payload["metadata"]["input_shape"] = [1, 3, 16, 16]
+    payload["metadata"]["preprocessing"] = {"mean": [0.3] * 3, "std": [0.4] * 3, "input_size": [16, 16]}
+
+
 def plan_cases() -> list[Case]:
     cases = [
         Case(f"plan-{key}-is-{kind}", edit(setting("plan", key, value=v))) for key, (kind, v) in PLAN_FIELDS.items()
@@ -578,6 +584,7 @@ def plan_cases() -> list[Case]:
         Case("plan-input-shape-negative", edit(setting("plan", "input_shape", value=[1, 1, -16, 16]))),
         Case("plan-input-shape-strings", edit(setting("plan", "input_shape", value=["1", "1", "16", "16"]))),
         Case("plan-dense-bits-huge", edit(setting("plan", "model_dense_bits", value=10**40))),
+        Case("plan-and-metadata-agree-on-3-channels", edit(three_channels)),
         Case("plan-fit-error-nan", edit(plan_layer("fit_error", math.nan)), OK, commands=("inspect",)),
     ]
     return cases

@@ -166,6 +166,27 @@ def _check_index_ranges(model: nn.Module, path: Path) -> None:
             raise BadInputError(f"{path}'s layer {name!r} has a fixed mask that is not binary: the file is damaged.")
 
 
+def _check_input_fits(model: nn.Module, input_shape: list[int], path: Path) -> None:
+    """The model accepts an input of the shape it was traced with (batch 1): run on the meta device, so only
+    shapes are worked out; a forward that cannot run there (a value read back in Python) runs for real."""
+    meta = {name: tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (torch.empty(1, *input_shape[1:], device="meta"),))
+        return
+    except Exception:  # a shape mismatch, or a forward the meta device cannot run: ask the real one
+        pass
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape[1:]))
+    except Exception as error:  # whatever the user's model raises
+        first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise BadInputError(
+            f"{path}'s model rejects an input of its own recorded shape {[1, *input_shape[1:]]} ({first_line}): the "
+            "file is damaged."
+        ) from error
+
+
 def check_metadata(value: object, where: str, channels: int) -> dict:
     """A checkpoint's metadata with the fields vconvert reads checked: ``input_shape`` (N,C,H,W within
     bounds, C = ``channels``, the model's input channels), ``preprocessing`` (a mean and std per channel)
@@ -216,6 +237,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     _check_state(model.state_dict(), state, "converted weights", path)
     _strict_load(model, state, "converted weights", path)
     _check_index_ranges(model, path)
+    _check_input_fits(model.eval(), plan.input_shape, path)
     return Checkpoint(model.eval(), teacher.eval(), plan, base, metadata)
 
 

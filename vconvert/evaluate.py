@@ -202,5 +202,10 @@ def evaluate_file(
         kind, preprocessing = "model", {}
     dataset = _split(data, preprocessing, input_shape, limit)
     workers = _workers(dataset, batch)
-    top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch, workers=workers)
+    try:
+        top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch, workers=workers)
+    except RuntimeError as error:  # the model's own forward refuses the images
+        raise BadInputError(
+            f"The model of {path} rejects the evaluation images ({_first_line(error)}): give the input shape it takes."
+        ) from error
     return Evaluation(str(path), kind, data, images, top1, top5)
