@@ -711,6 +711,15 @@ META_VALUES = {
     "preprocessing-input-size-one-number": ("preprocessing", {**PREPROCESSING, "input_size": [16]}),
     "preprocessing-input-size-str": ("preprocessing", {**PREPROCESSING, "input_size": "16x16"}),
     "preprocessing-tensor-mean": ("preprocessing", {**PREPROCESSING, "mean": torch.tensor([0.3])}),
+    "data-list": ("data", [1]),
+    "data-source-int": (
+        "data",
+        {"source": 5, "input_size": [16, 16], "channels": 1, "mean": [0.3], "std": [0.4], "classes": ["0"]},
+    ),
+    "data-classes-str": (
+        "data",
+        {"source": "digits", "input_size": [16, 16], "channels": 1, "mean": [0.3], "std": [0.4], "classes": "0123"},
+    ),
     "bn-recalibration-list": ("bn_recalibration", [1]),
     "bn-recalibration-data-int": ("bn_recalibration", {"data": 3, "images": 4}),
     "bn-recalibration-images-str": ("bn_recalibration", {"data": "x", "images": "4"}),

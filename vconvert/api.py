@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vconvert.convert import ConversionPlan, apply_plan
+from vconvert.data import DataSpec
 from vconvert.errors import BadInputError, UntrustedCodeError
 from vconvert.io import BaseSpec, build_base, read_checkpoint, resolve_arch, write_checkpoint
 from vconvert.layers import versatile_layers
@@ -206,6 +207,13 @@ def check_metadata(value: object, where: str, channels: int) -> dict:
         recalibration = check_fields(metadata["bn_recalibration"], f"{where}'s bn_recalibration", ("data", "images"))
         check_str(recalibration["data"], f"{where}'s bn_recalibration data")
         check_int(recalibration["images"], f"{where}'s bn_recalibration images")
+    if metadata.get("data") is not None:  # the fine-tuning data (DataSpec.to_dict)
+        data = check_fields(metadata["data"], f"{where}'s data", tuple(item.name for item in fields(DataSpec)))
+        check_str(data["source"], f"{where}'s data source")
+        check_preprocessing({key: data[key] for key in ("mean", "std", "input_size")}, f"{where}'s data", channels)
+        check_int(data["channels"], f"{where}'s data channels", channels, channels)
+        if not isinstance(data["classes"], list) or not all(isinstance(name, str) for name in data["classes"]):
+            raise BadInputError(f"{where}'s data classes must be a list of names: the file is damaged.")
     return metadata
 
 
