@@ -150,16 +150,23 @@ def test_compact_int8_runs_every_converted_conv_as_qlinearconv(mode: str, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "ort"]
 
 
+def _int8_files(model: torch.nn.Module, folder: Path, variants: list[dict], **common) -> list[Path]:
+    """One int8 export of ``model`` per variant (export keyword arguments), same calibration, no checks."""
+    calibration = _calibration()
+    files = []
+    for index, variant in enumerate(variants):
+        files.append(folder / f"int8_{index}.onnx")
+        export(
+            model, files[-1], input_shape=[1, 3, 32, 32], quantize="int8", calibration=calibration, measure=False,
+            min_agreement=0.0, **{**common, **variant},
+        )  # fmt: skip
+    return files
+
+
 def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp_path: Path) -> None:
     model, _ = _converted_resnet8(MODES["learned-s2"])
-    calibration = _calibration()
-    files = {}
-    for compact in (False, True):
-        files[compact] = tmp_path / f"compact{compact}.onnx"
-        export(
-            model, files[compact], input_shape=[1, 3, 32, 32], compact=compact, quantize="int8",
-            calibration=calibration, measure=False, min_agreement=0.0, short_names=False,
-        )  # fmt: skip
+    files = _int8_files(model, tmp_path, [{"compact": False}, {"compact": True}], short_names=False)
+    files = {False: files[0], True: files[1]}
     dense = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(files[False])).graph.initializer}
     folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, VersatileConv2d)):
@@ -301,14 +308,8 @@ def test_digits_calibration_images_follow_the_recorded_preprocessing() -> None:
 def test_short_names_change_bytes_not_outputs(compact: bool, tmp_path: Path) -> None:
     """The shipped int8 file names its values with short ids: smaller, and exactly the same computation."""
     model, _ = _converted_resnet8(MODES["learned-s2"])
-    calibration = _calibration()
-    files = {}
-    for short in (False, True):
-        files[short] = tmp_path / f"short{short}.onnx"
-        export(
-            model, files[short], input_shape=[1, 3, 32, 32], compact=compact, quantize="int8",
-            calibration=calibration, measure=False, min_agreement=0.0, short_names=short,
-        )  # fmt: skip
+    files = _int8_files(model, tmp_path, [{"short_names": False}, {"short_names": True}], compact=compact)
+    files = {False: files[0], True: files[1]}
     graph = onnx.load(str(files[True])).graph
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     assert max(len(name) for name in names - {"input", "output"}) <= 3
