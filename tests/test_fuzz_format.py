@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import resource
 import struct
 import warnings
 import zipfile
@@ -92,6 +93,7 @@ def run_checked(args: list, codes: frozenset[int], watched: Iterable[Path], mark
     """Run the CLI in-process and check the contract: an allowed exit code, one sentence on errors,
     no file written or changed in ``watched`` folders unless it succeeded, and no marker."""
     before = {folder: _outputs(folder) for folder in watched}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with warnings.catch_warnings(record=True) as caught:  # what Python would print to a user's stderr
         warnings.simplefilter("default")
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
@@ -108,6 +110,8 @@ def run_checked(args: list, codes: frozenset[int], watched: Iterable[Path], mark
         assert message.startswith("error:") and "\n" not in message and len(message) < 700, shown
         assert says in message, shown
         assert not leaked, f"{shown}\nPython warnings besides the error: {leaked}"
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+        assert grown < 2**20, f"{shown}\nthe peak memory grew by {grown >> 10} MiB before the refusal"
         for folder, files in before.items():
             assert _outputs(folder) == files, f"{shown}\nfiles changed in {folder}"
     assert not marker.exists(), f"{shown}\ncode from the file ran"
