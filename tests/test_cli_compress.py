@@ -245,7 +245,9 @@ def test_inspect_says_whether_and_how_a_checkpoint_was_fine_tuned(tmp_path: Path
     assert "input: N,C,H,W = 1,3,32,32, normalised with mean 0.485,0.456,0.406" in fresh
     assert "not fine-tuned" in fresh
     checkpoint = load_checkpoint(source)
-    metadata = {**checkpoint.metadata, "data": {"source": "my_images"},
+    data = {"source": "my_images", "input_size": [32, 32], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
+            "classes": [f"c{i}" for i in range(10)]}  # fmt: skip
+    metadata = {**checkpoint.metadata, "data": data,
                 "finetune": {"config": {"epochs": 3, "masks": "project"}, "epochs_done": 3, "val_top1": 91.25}}
     save(source, checkpoint.model, checkpoint.plan, checkpoint.base, checkpoint.teacher, metadata)  # fmt: skip
     tuned = " ".join(invoke("inspect", source).output.split())
