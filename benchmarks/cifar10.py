@@ -252,13 +252,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure_latencies(files: dict[str, Path], seconds: float) -> dict[str, dict[str, float]]:
-    """Median onnxruntime latency (ms) of every ONNX file at batch 1 and 32, measured interleaved."""
+def measure_latencies(
+    files: dict[str, Path], seconds: float, batches: tuple[int, ...] = (1, 32)
+) -> dict[str, dict[str, float]]:
+    """Median onnxruntime latency (ms) of every ONNX file at each of ``batches``, measured interleaved."""
     from vconvert.export import measure_latency, ort_session
 
     sessions = {name: ort_session(str(path)) for name, path in files.items()}
     result: dict[str, dict[str, float]] = {name: {} for name in files}
-    for batch in (1, 32):
+    for batch in batches:
         example = torch.randn(batch, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
         for name, value in measure_latency(sessions, example, seconds=seconds, rounds=500).items():
             result[name][f"b{batch}"] = round(value, 4)

@@ -54,6 +54,7 @@ from benchmarks.cifar10 import (  # noqa: E402
     MEAN,
     PUBLISHED_BASELINE,
     STD,
+    measure_latencies,
     parse,
     plain_module_finetune,
     prune_to_size,
@@ -271,19 +272,6 @@ def _gemm_transposed(node: onnx.NodeProto) -> bool:
 
 
 # --------------------------------------------------------------------------- measuring
-def latencies(files: dict[str, Path], seconds: float) -> dict[str, dict[str, float]]:
-    """Median onnxruntime latency (ms) of every file at batch 1 and 64, measured interleaved in one run."""
-    from vconvert.export import measure_latency, ort_session
-
-    sessions = {name: ort_session(str(path)) for name, path in files.items()}
-    result: dict[str, dict[str, float]] = {name: {} for name in files}
-    for batch in (1, 64):
-        example = torch.randn(batch, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
-        for name, value in measure_latency(sessions, example, seconds=seconds, rounds=400).items():
-            result[name][f"b{batch}"] = round(value, 4)
-    return result
-
-
 def macs_of(path: Path) -> int:
     """MACs per image of the Conv and Gemm nodes of an ONNX file (shapes from onnx's shape inference)."""
     from onnx import numpy_helper, shape_inference
@@ -512,7 +500,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         record["rows"][-1]["delta_vs_dense"] = round(record["rows"][-1]["top1"] - dense["top1"], 2)
         print(json.dumps(record["rows"][-1]), flush=True)
         write(record, stem)
-    timing = latencies(files, args.latency_seconds)
+    timing = measure_latencies(files, args.latency_seconds, batches=(1, 64))
     for row in record["rows"]:
         row["latency_b1_ms"], row["latency_b64_ms"] = timing[row["artifact"]]["b1"], timing[row["artifact"]]["b64"]
         row["latency_b1_ratio"] = round(row["latency_b1_ms"] / timing["dense fp32"]["b1"], 3)
