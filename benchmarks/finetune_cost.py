@@ -9,6 +9,13 @@ RSS is read with os.wait4; the `import` baseline is measured in the same run.
            [--masks frozen|project|...]
 
 Writes benchmarks/results/finetune_cost.json. Target (issue 4): peak RSS versatile/dense ≤ 1.3.
+
+    python benchmarks/finetune_cost.py --speed-grid [--quick] [--batches 8,32,128] [--rules project,frozen]
+
+measures training images/s of the versatile model for each mask rule at each batch size, side by side
+in one run (the same checkpoint, data and epoch of 32 steps, 16 with --quick), and writes
+benchmarks/results/finetune_speed_grid[_quick].{json,md}. Target (issue 20): project costs ≤ 1.3x
+frozen per image at batch 32.
 """
 
 from __future__ import annotations
@@ -37,7 +44,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-limit", type=int, default=2048)
     parser.add_argument("--masks", default=None, help="vconvert finetune --masks (default: finetune's default)")
+    parser.add_argument("--speed-grid", action="store_true", help="images/s per mask rule and batch size")
+    parser.add_argument("--batches", default="8,32,128")
+    parser.add_argument("--rules", default="project,frozen")
+    parser.add_argument("--quick", action="store_true", help="--speed-grid with 16 steps per run instead of 32")
     args = parser.parse_args()
+    if args.speed_grid:
+        speed_grid(args)
+        return
     vconvert = [sys.executable, "-m", "vconvert"]
     module_name, function = args.arch.split(":")
     builder = getattr(__import__(module_name, fromlist=[function]), function)
@@ -85,6 +99,68 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "finetune_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def speed_grid(args: argparse.Namespace) -> None:
+    """Training images/s of one versatile checkpoint for every (mask rule, batch size)."""
+    vconvert = [sys.executable, "-m", "vconvert"]
+    module_name, function = args.arch.split(":")
+    builder = getattr(__import__(module_name, fromlist=[function]), function)
+    batches = [int(batch) for batch in args.batches.split(",")]
+    rules = args.rules.split(",")
+    steps = 16 if args.quick else 32
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        torch.manual_seed(0)
+        torch.save(builder(num_classes=10).state_dict(), work / "model.pt")
+        checkpoint = work / "versatile.vc.pt"
+        run_measured([*vconvert, "compress", str(work / "model.pt"), "--arch", args.arch, "--arch-kwargs",
+                      '{"num_classes": 10}', "--input-shape", args.input_shape, "-o", str(checkpoint), "--json"],
+                     work)  # fmt: skip
+        for batch in batches:
+            for rule in rules:
+                command = [*vconvert, "finetune", str(checkpoint), "-o", str(work / f"{rule}{batch}.ft.vc.pt"),
+                           "--data", args.data, "--epochs", "1", "--batch-size", str(batch), "--masks", rule,
+                           "--train-limit", str(steps * batch), "--eval-limit", "64", "--recalibrate-images", "0",
+                           "--json"]  # fmt: skip
+                _, wall, stdout = run_measured(command, work)
+                speed = json.loads(stdout)["history"][0]["images_per_s"]
+                rows.append({"batch_size": batch, "masks": rule, "steps": steps, "train_images_per_s": speed,
+                             "wall_s": wall})  # fmt: skip
+                print(f"batch {batch:4d} {rule:8s} {speed:8.1f} images/s", flush=True)
+    speed = {(row["batch_size"], row["masks"]): row["train_images_per_s"] for row in rows}
+    ratios = {str(batch): speed[batch, "frozen"] / speed[batch, "project"] for batch in batches
+              if (batch, "frozen") in speed and (batch, "project") in speed}  # fmt: skip
+    result = {
+        "benchmark": "finetune_speed_grid",
+        "mode": "quick" if args.quick else "full",
+        "command": "python benchmarks/finetune_cost.py " + " ".join(sys.argv[1:]),
+        "arch": args.arch,
+        "input_shape": args.input_shape,
+        "rows": rows,
+        "cost_ratio_project_over_frozen": ratios,
+        "target": "project ≤ 1.3x frozen per image at batch 32",
+        "device": "cpu",
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+    }
+    stem = RESULTS / ("finetune_speed_grid_quick" if args.quick else "finetune_speed_grid")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Fine-tuning speed per mask rule and batch size ({result['mode']} mode)", "",
+             f"`{result['command']}`: {args.arch} at {args.input_shape}, {steps} steps per run, "
+             f"{os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
+             "| batch | " + " | ".join(f"{rule} images/s" for rule in rules) + " | project / frozen cost |",
+             "|---:|" + "---:|" * (len(rules) + 1)]  # fmt: skip
+    for batch in batches:
+        cells = [f"{speed[batch, rule]:.1f}" for rule in rules]
+        ratio = f"{ratios[str(batch)]:.2f}x" if str(batch) in ratios else "—"
+        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {ratio} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

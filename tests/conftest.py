@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 
+def error_message(result) -> str:
+    """The one-sentence error of a refused command: the last line of its stderr and the only one starting
+    with "error:" (the stage's info lines about its input may come before it)."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
 def write_user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, forward: str) -> type:
     """A user package ``name`` (not an allowlisted model library) holding TinyNet, whose forward body
     is ``forward``; returns the class. Give each test its own name: Python caches imported modules."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_user_package
+from conftest import error_message, write_user_package
 from typer.testing import CliRunner
 
 import vconvert
@@ -42,7 +42,7 @@ def pickled_file(tmp_path: Path) -> Path:
 
 def assert_one_sentence_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
+    message = error_message(result)
     assert message.startswith("error:") and "Traceback" not in result.output + result.stderr
     assert "\n" not in message, message
     for fragment in fragments:
@@ -68,7 +68,7 @@ def test_compress_state_dict_with_arch_writes_a_checkpoint_that_reloads(state_di
 def test_compress_pickled_module_without_arch(pickled_file: Path, tmp_path: Path) -> None:
     result = invoke("compress", pickled_file, "--input-shape", SHAPE, "--mode", "spatial", "--json")
     assert result.exit_code == 0, result.output + result.stderr
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["output"].endswith("resnet8_module.vc.pt") and Path(report["output"]).exists()
     assert {layer["options"]["mode"] for layer in report["plan"]["layers"] if layer["options"]} == {"spatial"}
 
@@ -80,7 +80,7 @@ def test_compress_init_fit_plain_trades_accuracy_prior_for_weight_error(state_di
         result = invoke("compress", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "--init", init,
                         "-o", output, "--json")  # fmt: skip
         assert result.exit_code == 0, result.output + result.stderr
-        layers = [layer for layer in json.loads(result.output)["plan"]["layers"] if layer.get("fit_error") is not None]
+        layers = [layer for layer in json.loads(result.stdout)["plan"]["layers"] if layer.get("fit_error") is not None]
         errors[init] = sum(layer["fit_error"] for layer in layers) / len(layers)
     assert errors["fit-plain"] < errors["fit"], errors
 
@@ -96,7 +96,7 @@ def test_inspect_checkpoint_and_plain_model(state_dict_file: Path, tmp_path: Pat
 
     plain = invoke("inspect", state_dict_file, "--arch", ARCH, "--input-shape", SHAPE, "--json")
     assert plain.exit_code == 0, plain.output + plain.stderr
-    decisions = [layer["decision"] for layer in json.loads(plain.output)["plan"]["layers"]]
+    decisions = [layer["decision"] for layer in json.loads(plain.stdout)["plan"]["layers"]]
     assert decisions[0].startswith("skipped: stem") and decisions.count("converted") == 8
 
 
@@ -247,8 +247,11 @@ def test_inspect_says_whether_and_how_a_checkpoint_was_fine_tuned(tmp_path: Path
     checkpoint = load_checkpoint(source)
     data = {"source": "my_images", "input_size": [32, 32], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
             "classes": [f"c{i}" for i in range(10)]}  # fmt: skip
-    metadata = {**checkpoint.metadata, "data": data,
-                "finetune": {"config": {"epochs": 3, "masks": "project"}, "epochs_done": 3, "val_top1": 91.25}}
+    metadata = {
+        **checkpoint.metadata,
+        "data": data,
+        "finetune": {"config": {"epochs": 3, "masks": "project"}, "epochs_done": 3, "val_top1": 91.25},
+    }
     save(source, checkpoint.model, checkpoint.plan, checkpoint.base, checkpoint.teacher, metadata)  # fmt: skip
     tuned = " ".join(invoke("inspect", source).output.split())
     assert "fine-tuned: 3 of 3 epochs on my_images, masks project, validation top-1 91.25%" in tuned

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from conftest import write_user_package
+from conftest import error_message, write_user_package
 from typer.testing import CliRunner
 
 from sample_models.resnet_cifar import resnet8
@@ -24,7 +24,7 @@ def invoke(*args: str):
 
 def assert_one_sentence_error(result, code: int, *fragments: str) -> None:
     assert result.exit_code == code, result.output + result.stderr
-    message = result.stderr.strip()
+    message = error_message(result)
     assert message.startswith("error:") and "Traceback" not in result.output + result.stderr
     assert "\n" not in message, message
     for fragment in fragments:
@@ -71,7 +71,7 @@ def test_export_compact_json(checkpoint: Path, tmp_path: Path) -> None:
     compact = tmp_path / "compact.onnx"
     result = invoke("export", checkpoint, "-o", compact, "--compact", "--json", "--no-fold-bn", "--no-compare")
     assert result.exit_code == 0, result.output + result.stderr
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["compact"] and report["compact_vs_dense_max_abs_diff"] <= 1e-6
     rows = {row["model"]: row for row in report["table"]}
     assert report["graph"]["bn_folded"] == [] and compact.stat().st_size == rows["exported"]["file_bytes"]
@@ -84,7 +84,7 @@ def test_export_ring_json(spatial_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "ring.onnx"
     result = invoke("export", spatial_checkpoint, "-o", output, "--ring", "--json")
     assert result.exit_code == 0, result.output + result.stderr
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     rows = {row["model"]: row for row in report["table"]}
     assert (
         report["graph"]["ring"] and report["parity"]["top1_agree"] and report["metadata"]["vconvert.format"] == "ring"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_cut_and_resumed
+from conftest import error_message, finetune_cut_and_resumed
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -29,6 +29,7 @@ from vconvert.finetune import (
     cpu_has_native_bf16,
     distillation_loss,
     finetune,
+    projection_interval,
     topk_correct,
     uses_bf16,
     warmup_cosine,
@@ -45,7 +46,15 @@ from vconvert.mask_learning import (
     latent_share,
 )
 
-QUICK = {"epochs": 2, "batch_size": 64, "train_limit": 256, "eval_limit": 96, "workers": 0, "recalibrate_images": 128}
+QUICK = {
+    "data": "digits",
+    "epochs": 2,
+    "batch_size": 64,
+    "train_limit": 256,
+    "eval_limit": 96,
+    "workers": 0,
+    "recalibrate_images": 128,
+}
 
 
 def _converted_checkpoint(path: Path, in_channels: int = 1, num_classes: int = 10) -> Path:
@@ -174,6 +183,34 @@ def test_project_rule_trains_a_dense_latent_and_follows_it_with_masks_primaries_
         layer.latent_weight.add_(torch.randn_like(layer.latent_weight))
     assert learner.after_step() == 0 and count_flips(before, binary_masks(model)) == 0
     assert not torch.equal(layer.primary, primary_before)
+
+
+@pytest.mark.parametrize(("images", "batch", "steps"), [(128, 8, 16), (128, 32, 4), (128, 128, 1), (128, 256, 1),
+                                                     (100, 64, 2), (1, 8, 1)])  # fmt: skip
+def test_projection_interval_is_about_a_fixed_number_of_images(images: int, batch: int, steps: int) -> None:
+    assert projection_interval(images, batch) == steps
+
+
+def test_project_every_k_steps_projects_then_and_at_every_epoch_end() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    model = torch.nn.Sequential(VersatileConv2d.from_conv(teacher[0]))
+    layer = model[0]
+    learner = MaskLearner(model, MaskSettings("project", anneal=1.0, every=3), total_steps=10, steps_per_epoch=5,
+                          teacher=teacher)  # fmt: skip
+    projected_at = []
+    for step in range(1, 11):
+        with torch.no_grad():
+            layer.latent_weight.add_(0.3 * torch.randn_like(layer.latent_weight))
+        before = layer.dense_weight().detach().clone()
+        learner.after_step()
+        if not torch.equal(before, layer.dense_weight().detach()):
+            projected_at.append(step)
+            projection = layer.dense_weight().detach().flatten(1)
+            assert float((projection - layer.latent_weight.detach().flatten(1)).norm()) < float(
+                (before.flatten(1) - layer.latent_weight.detach().flatten(1)).norm()
+            ), "a projection moves the layer to the latent weight"
+    assert projected_at == [3, 5, 6, 9, 10], "every 3rd step and the last step of each epoch"
 
 
 def test_project_ramp_starts_from_the_dense_weight_and_reaches_the_projection() -> None:
@@ -343,7 +380,7 @@ BAD_OPTIONS = {
         ("missing-folder", "does not exist"),
         ("no-train-split", "no train/"),
         ("empty-class-folder", "hold no images"),
-        ("class-count-mismatch", "the model predicts 10"),
+        ("class-count-mismatch", "the model scores 10"),
         ("bad-mask-rule", "--masks must be one of"),
         ("bad-loader", "--loader must be auto, workers or device"),
         ("bad-precision", "--precision must be one of auto, fp32, bf16"),
@@ -370,7 +407,7 @@ def test_finetune_bad_data_is_one_sentence_and_exit_2(case: str, fragment: str, 
         extra = BAD_OPTIONS[case]
     result = invoke("finetune", source, "-o", output, "--data", data, "--workers", "0", *extra)
     assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
+    message = error_message(result)
     assert message.startswith("error:") and "\n" not in message and fragment in message, message
     assert not output.exists()
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 import typer
 import typer.testing
-from conftest import finetune_cut
+from conftest import error_message, finetune_cut
 from onnx import TensorProto, helper
 from PIL import Image
 from typer.testing import CliRunner
@@ -85,7 +85,7 @@ def _command(name: str, file: Path, out: Path) -> list[str]:
         "finetune": ["finetune", file, "-o", out / "ft.vc.pt", *QUICK],
         "resume": ["finetune", file, "-o", file, "--resume", *RESUME],
         "export": ["export", file, "-o", out / "model.onnx", "--no-compare"],
-        "evaluate": ["evaluate", file, "--limit", "4"],
+        "evaluate": ["evaluate", file, "--limit", "4", "--data", "digits"],
     }[name]
 
 
@@ -106,7 +106,7 @@ def run_checked(args: list, codes: frozenset[int], watched: Iterable[Path], mark
     assert result.exit_code in codes, shown
     assert "Traceback" not in result.output + result.stderr, shown
     if result.exit_code:
-        message = result.stderr.strip()
+        message = error_message(result)
         assert message.startswith("error:") and "\n" not in message and len(message) < 700, shown
         assert says in message, shown
         assert not leaked, f"{shown}\nPython warnings besides the error: {leaked}"

@@ -226,7 +226,7 @@ def test_cli_int8_compact_export_then_evaluate(digits_checkpoint: Path, tmp_path
         "--calib-images", "96", "--json", "--no-compare",
     )  # fmt: skip
     assert result.exit_code == 0, result.output + result.stderr
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     info = report["quantization"]
     assert info["converted_as_qlinear"] == info["converted_convs"] == 20 and info["qlinear_conv"] == 21
     assert info["top1_agreement"] >= 0.9 and info["agreement_images"] == 96 and "digits" in info["calibration"]

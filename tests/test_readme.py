@@ -32,13 +32,19 @@ def shell_commands() -> list[str]:
     return commands
 
 
-def _image_folder(root: Path, classes: int = 10, per_class: int = 2) -> None:
+def _image_folder(root: Path, side: int, classes: int = 10, per_class: int = 2) -> None:
     for split in ("train", "val"):
         for label in range(classes):
             folder = root / split / f"class{label:02d}"
             folder.mkdir(parents=True)
             for index in range(per_class):
-                Image.new("RGB", (40, 40), (label * 25, index * 90, 120)).save(folder / f"{index}.jpg")
+                Image.new("RGB", (side, side), (label * 25, index * 90, 120)).save(folder / f"{index}.jpg")
+
+
+def _readme_input_side() -> int:
+    shape = re.search(r"vconvert compress resnet18\.pt .*--input-shape (\d+),(\d+),(\d+),(\d+)", README)
+    assert shape, "the README's compress example names the input shape of its data"
+    return int(shape.group(3))
 
 
 def test_readme_shows_the_two_commands_and_the_stages() -> None:
@@ -55,7 +61,8 @@ def test_every_readme_shell_command_runs(tmp_path: Path) -> None:
     arch_kwargs = re.search(r"--arch torchvision\.models:resnet18 --arch-kwargs '(\{.*?\})'", README)
     num_classes = int(re.search(r'"num_classes": (\d+)', arch_kwargs.group(1)).group(1)) if arch_kwargs else 1000
     torch.save(torchvision.models.resnet18(num_classes=num_classes).state_dict(), tmp_path / "resnet18.pt")
-    _image_folder(tmp_path / "my_images", classes=num_classes)
+    side = _readme_input_side()
+    _image_folder(tmp_path / "my_images", side, classes=num_classes)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     for command in shell_commands():
@@ -63,6 +70,10 @@ def test_every_readme_shell_command_runs(tmp_path: Path) -> None:
             shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False
         )
         assert completed.returncode == 0, f"{command}\n{completed.stderr[-3000:]}"
+        said = " ".join(completed.stderr.split())  # rich may wrap the line
+        assert "warning:" not in said, f"{command}\n{said}"
+        if "--data my_images" in command:  # the stage says what it feeds the model, at the data's own size
+            assert f"data my_images (--data): {side}x{side} RGB images" in said, f"{command}\n{said}"
 
 
 def test_readme_python_example_runs() -> None:

@@ -49,6 +49,14 @@ class Checkpoint:
     base: BaseSpec
     metadata: dict = field(default_factory=dict)
 
+    @property
+    def finetuned(self) -> bool:
+        """Whether ``vconvert finetune`` wrote it (else its accuracy is the data-free fit's)."""
+        return isinstance(self.metadata.get("finetune"), dict)
+
+
+NOT_FINETUNED = "not fine-tuned: its accuracy is the data-free fit's (vconvert finetune trains it)."
+
 
 def save(
     path: str | Path,

@@ -37,6 +37,7 @@ from vconvert.cli_common import (
     parse_shape,
     progress_bar,
 )
+from vconvert.data import describe_input, log
 from vconvert.errors import BadInputError
 
 app = typer.Typer(
@@ -84,6 +85,9 @@ def _summary(plan) -> str:
     )
 
 
+DEFAULT_INPUT_SHAPE = "1,3,224,224"
+
+
 # --------------------------------------------------------------------------- commands
 @app.command()
 @explained_errors
@@ -95,13 +99,22 @@ def compress(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust: TrustOpt = False,
-    input_shape: InputShapeOpt = "1,3,224,224",
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="N,C,H,W of the images the model takes, e.g. 1,3,32,32: traced with, recorded in the .vc.pt and "
+            "used by finetune, evaluate and export. Default 1,3,224,224.",
+        ),
+    ] = None,
     mode: ModeOpt = "learned",
     secondary: SecondaryOpt = 2,
     channel_window: ChannelWindowOpt = None,
     channel_stride: ChannelStrideOpt = 1,
     mask_sharing: MaskSharingOpt = "per-filter",
-    scale: Annotated[bool, typer.Option("--scale/--no-scale", help="Learn a scale per secondary filter.")] = True,
+    scale: Annotated[
+        bool, typer.Option("--scale/--no-scale", help="Learn a scale per secondary filter.", metavar="")
+    ] = True,
     target_ratio: TargetRatioOpt = None,
     convert_first: ConvertFirstOpt = False,
     min_params: MinParamsOpt = 0,
@@ -133,7 +146,7 @@ def compress(
     from vconvert.convert import compress as compress_model
     from vconvert.io import check_writable
 
-    shape = parse_shape(input_shape)
+    shape = parse_shape(input_shape or DEFAULT_INPUT_SHAPE)
     output = output or file.with_name(file.name.split(".")[0] + ".vc.pt")
     if output.resolve() == file.resolve():
         raise BadInputError(f"The output {output} would overwrite the input model; choose another -o.")
@@ -159,13 +172,17 @@ def compress(
             progress=fitting_progress(progress, "fitting"),
         )
     metadata: dict = {"input_shape": shape, "preprocessing": preprocessing}
+    size_from = "--input-shape" if input_shape else f"the default {DEFAULT_INPUT_SHAPE}; --input-shape sets it"
+    origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"
+    log.info(describe_input(None, size_from, origin, shape=shape, preprocessing=preprocessing))
     if calib_data is not None:
         from vconvert.calibrate import recalibrate_batchnorm
         from vconvert.data import calibration_batches
 
         batches = calibration_batches(
-            calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images
-        )
+            calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images,
+            size_from=size_from,
+        )  # fmt: skip
         used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
         metadata["bn_recalibration"] = {"data": str(calib_data), "images": used}
     save(output, converted, plan, base, model, metadata)
@@ -265,7 +282,9 @@ def checkpoint_notes(metadata: object) -> list[str]:
             "compress-time fit, masks is the density now."
         )
     else:
-        lines.append("not fine-tuned: its accuracy is the data-free fit's (vconvert finetune trains it).")
+        from vconvert.api import NOT_FINETUNED
+
+        lines.append(NOT_FINETUNED)
     return lines
 
 

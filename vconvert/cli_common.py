@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,14 +41,34 @@ def one_line_warnings() -> Iterator[None]:
         yield
 
 
+class _ConsoleLines(logging.Handler):
+    """vconvert's info lines (what a stage feeds the model, and from where) as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error_console.print(record.getMessage(), highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def info_lines() -> Iterator[None]:
+    logger = logging.getLogger("vconvert")
+    handler, level = _ConsoleLines(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def explained_errors(command: F) -> F:
     """Turn VConvertError into one sentence on stderr and its exit code (a traceback only with --debug);
-    VConvertWarning shows as one line."""
+    VConvertWarning shows as one line, and so does each info line of the "vconvert" logger."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            with one_line_warnings():
+            with one_line_warnings(), info_lines():
                 return command(*args, **kwargs)
         except VConvertError as error:
             if kwargs.get("debug"):
@@ -181,6 +202,7 @@ TrustOpt = Annotated[
         "--trust",
         help="Run code the file chooses: unpickle classes outside torch.nn/torchvision/timm/sample_models, and "
         "build an arch string read from a .vc.pt that is not a registered model builder.",
+        metavar="",
     ),
 ]
 InputShapeOpt = Annotated[str, typer.Option("--input-shape", help="Example input N,C,H,W used to trace the model.")]
@@ -199,10 +221,12 @@ TargetRatioOpt = Annotated[
     float | None,
     typer.Option("--target-ratio", help="Pick per-layer settings so the whole model's stored size shrinks by R."),
 ]
-ConvertFirstOpt = Annotated[bool, typer.Option("--convert-first", help="Also convert the stem (the first conv).")]
+ConvertFirstOpt = Annotated[
+    bool, typer.Option("--convert-first", help="Also convert the stem (the first conv).", metavar="")
+]
 MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Skip convs with fewer weights than this.")]
 SkipOpt = Annotated[
     list[str] | None, typer.Option("--skip", help="Skip convs whose name matches this regex (repeatable).")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.", metavar="")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.", metavar="")]

@@ -76,7 +76,9 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .onnx file.")],
     compact: Annotated[
         bool,
-        typer.Option("--compact", help="Store primary filters + bit-packed masks; rebuild dense weights in-graph."),
+        typer.Option(
+            "--compact", help="Store primary filters + bit-packed masks; rebuild dense weights in-graph.", metavar=""
+        ),
     ] = False,
     ring: Annotated[
         bool,
@@ -84,10 +86,12 @@ def export(
             "--ring",
             help="Run each spatial-mode versatile conv as one cropped conv per ring size (fewer MACs); "
             "other convs fold densely. Not with --compact.",
+            metavar="",
         ),
     ] = False,
     fold_bn: Annotated[
-        bool, typer.Option("--fold-bn/--no-fold-bn", help="Fuse each BatchNorm into the conv right before it.")
+        bool,
+        typer.Option("--fold-bn/--no-fold-bn", help="Fuse each BatchNorm into the conv right before it.", metavar=""),
     ] = True,
     input_shape: Annotated[
         str | None,
@@ -97,7 +101,9 @@ def export(
     ] = None,
     compare_original: Annotated[
         bool,
-        typer.Option("--compare/--no-compare", help="Also export the original network to measure it side by side."),
+        typer.Option(
+            "--compare/--no-compare", help="Also export the original network to measure it side by side.", metavar=""
+        ),
     ] = True,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Allowed max abs difference, as a fraction of the output scale.")
@@ -162,6 +168,11 @@ def export(
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     console.print(_table(report))
+    if not compact and not ring:
+        console.print(
+            "This file stores every conv dense (folded); --compact stores the primary filters and bit-packed masks "
+            "themselves, so the file shrinks to about the stored size above."
+        )
     parity = report.parity
     console.print(report.graph_note + ".")
     console.print(

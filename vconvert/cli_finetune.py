@@ -24,7 +24,13 @@ from vconvert.cli_common import (
 from vconvert.errors import BadInputError
 
 DataOpt = Annotated[
-    str, typer.Option("--data", help="'digits' (ships with scikit-learn) or a folder with train/ and val/ (or test/).")
+    str | None,
+    typer.Option(
+        "--data",
+        help="A folder with train/<class>/ and val/<class>/ (or test/) images, or 'digits' (scikit-learn's, for "
+        "the 1-channel shipped sample). Default: the data a .vc.pt records (its fine-tuning data or "
+        "--calib-data folder), when it exists here.",
+    ),
 ]
 
 
@@ -32,7 +38,7 @@ DataOpt = Annotated[
 def finetune(
     file: Annotated[Path, typer.Argument(help="The .vc.pt written by compress.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The fine-tuned .vc.pt (last epoch).")],
-    data: DataOpt = "digits",
+    data: DataOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split over ranks).")] = 128,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the weights (SGD, Nesterov).")] = 0.01,
@@ -69,10 +75,20 @@ def finetune(
             "to its versatile projection (cubic, as in gradual pruning; 0: projection from the start).",
         ),
     ] = 0.0,
+    project_every: Annotated[
+        int,
+        typer.Option(
+            "--project-every",
+            help="project: training images between two projections (at least every step; every step from batch "
+            "128 on). Each projection costs about a step of a small batch, so small batches project less often.",
+        ),
+    ] = 128,
     ortho_weight: Annotated[
         float, typer.Option("--ortho-weight", help="λ of the orthogonality loss (flip, ste, tpami).")
     ] = 0.05,
-    distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Distil from the original model.")] = True,
+    distill: Annotated[
+        bool, typer.Option("--distill/--no-distill", help="Distil from the original model.", metavar="")
+    ] = True,
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the KD term.")] = 0.7,
     recalibrate_images: Annotated[
@@ -81,7 +97,7 @@ def finetune(
     bn_mode: Annotated[
         str, typer.Option("--bn-mode", help="train | frozen (BN statistics fixed after recalibration).")
     ] = "train",
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crops and flips.")] = True,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crops and flips.", metavar="")] = True,
     train_limit: Annotated[int | None, typer.Option("--train-limit", help="Use only N training images.")] = None,
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on only N images.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -124,7 +140,7 @@ def finetune(
     ] = 0.0,
     mean: Annotated[str | None, typer.Option("--mean", help="Override the input mean.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Override the input std.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run that writes OUTPUT.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run that writes OUTPUT.", metavar="")] = False,
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="Write TensorBoard logs here.")] = None,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -143,7 +159,8 @@ def finetune(
     config = FinetuneConfig(
         data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate, mask_anneal=mask_anneal,
-        project_ramp=project_ramp, ortho_weight=ortho_weight, distill=distill, temperature=temperature,
+        project_ramp=project_ramp, project_every=project_every, ortho_weight=ortho_weight, distill=distill,
+        temperature=temperature,
         distill_weight=distill_weight, recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment,
         train_limit=train_limit, eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
         label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill,
@@ -180,7 +197,7 @@ def finetune(
 @explained_errors
 def evaluate(
     file: Annotated[Path, typer.Argument(help="A .vc.pt, an .onnx (run in onnxruntime) or a plain model file.")],
-    data: DataOpt = "digits",
+    data: DataOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust: TrustOpt = False,
@@ -202,6 +219,6 @@ def evaluate(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console.print(
-            f"{file.name} ({result.kind}) on {data}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
+            f"{file.name} ({result.kind}) on {result.data}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
             f"({result.images} images)"
         )

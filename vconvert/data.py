@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+import statistics
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -26,8 +28,15 @@ IMAGE_CHANNELS = (1, 3)  # what an image folder can feed: grey or RGB
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
+log = logging.getLogger("vconvert")
+
+
 class UnreadableImagesWarning(VConvertWarning):
     """Files of an image folder that cannot be decoded were left out."""
+
+
+class ImageSizeWarning(VConvertWarning):
+    """The images of a folder are far from the size the model is fed (they are resized a lot)."""
 
 
 def load_image(path: str, channels: int = 3):
@@ -82,6 +91,7 @@ def calibration_batches(
     batch_size: int = 128,
     limit: int = 2000,
     seed: int = 0,
+    size_from: str = "the model's input size",
 ) -> Iterator[Tensor]:
     """Yield normalised image batches (B, C, H, W) of a random subset of ``limit`` images of ``root``.
 
@@ -95,6 +105,7 @@ def calibration_batches(
         [transforms.Resize(tuple(image_size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
     )
     dataset = image_folder(root, transform, channels=len(mean))
+    check_image_size(dataset.root, [path for path, _ in dataset.samples], image_size, size_from)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
     for start in range(0, len(order), batch_size):
         yield torch.stack([dataset[index][0] for index in order[start : start + batch_size]])
@@ -195,6 +206,120 @@ def default_image_size(data: str) -> list[int]:
     return [DIGITS_SIZE, DIGITS_SIZE] if data == DIGITS else [224, 224]
 
 
+def recorded_data(metadata: object) -> str | None:
+    """The data a checkpoint's metadata records (its fine-tuning data, else its BatchNorm recalibration
+    folder) when that is ``digits`` or a folder that still exists here; else None."""
+    metadata = metadata if isinstance(metadata, dict) else {}
+    data, recalibration = metadata.get("data"), metadata.get("bn_recalibration")
+    for candidate in (data.get("source") if isinstance(data, dict) else None,
+                      recalibration.get("data") if isinstance(recalibration, dict) else None):  # fmt: skip
+        if isinstance(candidate, str) and (candidate == DIGITS or Path(candidate).expanduser().is_dir()):
+            return candidate
+    return None
+
+
+def choose_data(asked: str | None, metadata: object, file: Path | str) -> tuple[str, str]:
+    """(data, where it came from): ``asked`` (--data), else the data ``file`` records; a file that records
+    none needs --data (a default data set would not fit most models: digits are 1-channel 32x32)."""
+    if asked is not None:
+        return asked, "--data"
+    recorded = recorded_data(metadata)
+    if recorded is not None:
+        return recorded, f"recorded in {Path(file).name}"
+    raise BadInputError(
+        f"Pass --data: a folder with train/ and val/ (or test/) class folders ({Path(file).name} records no "
+        "data set found here; 'digits' fits only 1-channel 32x32 models such as the shipped sample)."
+    )
+
+
+def check_class_count(outputs: int, classes: int, stage: str) -> None:
+    """Refuse data whose class folders are not as many as the scores the model gives."""
+    if outputs != classes:
+        raise BadInputError(
+            f"The data has {classes} classes but the model scores {outputs}; {stage} needs the data of the "
+            "model's classes, one class folder each (or a model built for these classes)."
+        )
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return ",".join(f"{value:.4g}" for value in values)
+
+
+def describe_input(
+    spec: DataSpec | None,
+    size_from: str,
+    normalisation_from: str,
+    data_from: str = "",
+    *,
+    shape: Sequence[int] | None = None,
+    preprocessing: dict | None = None,
+    data: str | None = None,
+) -> str:
+    """One line: the image size and normalisation a stage feeds the model (``spec``'s, or ``shape`` N,C,H,W
+    and ``preprocessing``), the data read (``spec``'s or ``data``; none: what compress records), and where
+    each came from."""
+    if spec is not None:
+        size, channels, mean, std, data = spec.input_size, spec.channels, spec.mean, spec.std, spec.source
+    else:
+        size, channels = list(shape[2:]), shape[1]  # type: ignore[index]
+        mean, std = (preprocessing or {}).get("mean"), (preprocessing or {}).get("std")
+    prefix = f"data {data}" + (f" ({data_from})" if data_from else "") + ": " if data else "input recorded: "
+    kind = {1: "grey", 3: "RGB"}.get(channels, f"{channels}-channel")
+    line = f"{prefix}{'x'.join(map(str, size))} {kind} images (size: {size_from})"
+    if mean is None or std is None:
+        return line + ", no normalisation (pass --mean and --std to record one)."
+    return line + f", normalised with mean {_numbers(mean)} and std {_numbers(std)} ({normalisation_from})."
+
+
+def normalisation_origin(asked: bool, recorded: bool, file: Path | str | None, data: str) -> str:
+    """Where a mean/std came from, as :func:`describe_input` says it."""
+    if asked:
+        return "--mean/--std"
+    if recorded and file is not None:
+        return f"recorded in {Path(file).name}"
+    return "digits' own" if data == DIGITS else "ImageNet's, the default for folders"
+
+
+SIZE_FACTOR = 2.0  # images this many times larger or smaller than the input (per side) are worth a warning
+_SIZE_SAMPLE = 16
+
+
+def typical_image_size(paths: Sequence[str]) -> list[int] | None:
+    """The median height and width of up to 16 evenly spaced images of ``paths`` (headers only), or
+    None when none can be read."""
+    from PIL import Image
+
+    step = max(1, len(paths) // _SIZE_SAMPLE)
+    sizes = []
+    for path in list(paths)[::step][:_SIZE_SAMPLE]:
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)  # (width, height)
+        except Exception:  # PIL raises many types; undecodable files are reported elsewhere
+            continue
+    if not sizes:
+        return None
+    return [round(statistics.median(h for _, h in sizes)), round(statistics.median(w for w, _ in sizes))]
+
+
+def check_image_size(root: Path | str, paths: Sequence[str], size: Sequence[int], size_from: str) -> None:
+    """Warn when ``root``'s images are more than 2x larger or smaller per side than the ``size`` they are
+    resized to."""
+    typical = typical_image_size(paths)
+    if typical is None:
+        return
+    factor = max(max(a / b, b / a) for a, b in zip(typical, size, strict=True))
+    if factor > SIZE_FACTOR:
+        warnings.warn(
+            ImageSizeWarning(
+                f"The images in {root} are about {typical[0]}x{typical[1]} pixels but are resized to "
+                f"{size[0]}x{size[1]} ({size_from}); if the model was trained at their size, give it that size with "
+                f"--input-shape N,C,{typical[0]},{typical[1]} (for a .vc.pt, at compress)."
+            ),
+            stacklevel=2,
+        )
+
+
 def _split_folder(root: Path, train: bool) -> Path:
     names = ("train",) if train else ("val", "test")
     for name in names:
@@ -282,13 +407,17 @@ def open_split(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     augment: bool = True,
+    size_from: str = "the size asked for",
+    check_size: bool = True,
 ) -> tuple[Dataset, DataSpec, int]:
     """The train (augmented when ``augment``) or evaluation split of ``data``: ``"digits"`` or an
     image folder with ``train/`` and ``val/`` (or ``test/``) subfolders of class folders.
 
     Returns (dataset of (image, label), its DataSpec, number of unreadable files skipped).
     ImageNet's mean/std are the default for folders; digits use their own. Images, the digits too,
-    come as ``channels`` channels (1 or 3; default: digits' 1, a folder's 3) of ``input_size``.
+    come as ``channels`` channels (1 or 3; default: digits' 1, a folder's 3) of ``input_size``; a folder
+    whose images are far from that size gets an :class:`ImageSizeWarning` naming ``size_from`` (unless
+    ``check_size`` is off: the caller checked the other split).
     """
     channels = channels or (1 if data == DIGITS else 3)
     _check_channels(channels)
@@ -329,5 +458,7 @@ def open_split(
     skipped = drop_unreadable(dataset)
     if not dataset.samples:
         raise BadInputError(f"No readable image in {folder}.")
+    if check_size:
+        check_image_size(root, [path for path, _ in dataset.samples], size, size_from)
     spec = DataSpec(str(root), size, channels, mean, std, list(dataset.classes))
     return dataset, spec, skipped

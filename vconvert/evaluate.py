@@ -4,19 +4,34 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vconvert.data import DIGITS, default_image_size, open_split
-from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.data import (
+    DIGITS,
+    DataSpec,
+    check_class_count,
+    choose_data,
+    default_image_size,
+    describe_input,
+    log,
+    normalisation_origin,
+    open_split,
+)
+from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning
 from vconvert.finetune import _limited, evaluate_model, topk_correct
 from vconvert.validate import check_input_shape, check_preprocessing
 
 ONNX_PREPROCESSING_KEY = "vconvert.preprocessing"
 ONNX_INPUT_SHAPE_KEY = "vconvert.input_shape"
+
+
+class ClassNamesWarning(VConvertWarning):
+    """The data's class folders are not named as the classes a checkpoint was fine-tuned on."""
 
 
 @dataclass
@@ -101,6 +116,14 @@ def _onnx_input_shape(
             raise BadInputError(f"{path} takes images of shape {declared.shape} but {what} is {list(shape)}.")
     known = asked or recorded
     size = (known[2:] if known else None) or (preprocessing or {}).get("input_size") or default_image_size(data)
+    if fixed[2] and fixed[3]:
+        size_from = "the ONNX graph's fixed input size"
+    elif asked:
+        size_from = "--input-shape"
+    elif recorded or (preprocessing or {}).get("input_size"):
+        size_from = f"the input shape {path.name} records"
+    else:
+        size_from = _default_size_origin(data)
     channels = fixed[1] or (known[1] if known else None)
     if channels is None:
         channels = len(preprocessing["mean"]) if preprocessing else 1 if data == DIGITS else 3
@@ -112,13 +135,20 @@ def _onnx_input_shape(
             f"{path}'s metadata normalises {len(preprocessing['mean'])} channels but the model takes {shape[1]}: "
             "the file is damaged."
         )
-    return shape
+    return shape, size_from
 
 
-def _split(data: str, preprocessing: dict, input_shape: list[int] | None, limit: int | None) -> Dataset:
+def _default_size_origin(data: str) -> str:
+    size = "x".join(map(str, default_image_size(data)))
+    return f"digits' own {size}" if data == DIGITS else f"the default for folders, {size}; --input-shape sets it"
+
+
+def _split(
+    data: str, preprocessing: dict, input_shape: list[int] | None, limit: int | None, size_from: str
+) -> tuple[Dataset, DataSpec]:
     size = preprocessing.get("input_size") or (input_shape[2:] if input_shape else None)
     channels = input_shape[1] if input_shape else len(preprocessing["mean"]) if preprocessing.get("mean") else None
-    dataset, _, _ = open_split(
+    dataset, spec, _ = open_split(
         data,
         False,
         input_size=size,
@@ -126,8 +156,23 @@ def _split(data: str, preprocessing: dict, input_shape: list[int] | None, limit:
         mean=preprocessing.get("mean"),
         std=preprocessing.get("std"),
         augment=False,
+        size_from=size_from,
     )
-    return _limited(dataset, limit, 0)
+    return _limited(dataset, limit, 0), spec
+
+
+def _check_recorded_classes(metadata: dict, spec: DataSpec, path: Path) -> None:
+    """Warn when a checkpoint records class names and the data's class folders are named otherwise."""
+    recorded = (metadata.get("data") or {}).get("classes") if isinstance(metadata.get("data"), dict) else None
+    if isinstance(recorded, list) and len(recorded) == len(spec.classes) and recorded != spec.classes:
+        shown = ", ".join(map(str, recorded[:3])) + (", ..." if len(recorded) > 3 else "")
+        warnings.warn(
+            ClassNamesWarning(
+                f"The class folders of {spec.source} ({', '.join(spec.classes[:3])}, ...) are not the classes "
+                f"{path.name} was fine-tuned on ({shown}); labels follow the folders' sorted order."
+            ),
+            stacklevel=2,
+        )
 
 
 def _workers(dataset: Dataset, batch: int) -> int:
@@ -135,7 +180,7 @@ def _workers(dataset: Dataset, batch: int) -> int:
     return 2 if len(dataset) > batch else 0  # type: ignore[arg-type]
 
 
-def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int) -> tuple[float, float, int]:
+def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int, classes: int) -> tuple[float, float, int]:
     """(top-1 %, top-5 %, images); a graph with a fixed batch gets batches of that size (the last padded)."""
     declared = session.get_inputs()[0]
     fixed = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 0 else None
@@ -152,6 +197,7 @@ def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int) -> tuple[f
             ) from None
         if logits.ndim != 2 or len(logits) != len(labels) or not logits.is_floating_point():
             raise BadInputError(f"{path} gives outputs of shape {list(logits.shape)}, not (batch, classes) scores.")
+        check_class_count(len(logits[0]), classes, "evaluate")
         if not bool(torch.isfinite(logits).all()):
             raise CheckFailedError(f"{path} gives NaN or infinite scores on the evaluation images: it is damaged.")
         correct1 += topk_correct(logits, labels, 1)
@@ -162,7 +208,7 @@ def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int) -> tuple[f
 
 def evaluate_file(
     path: str | Path,
-    data: str,
+    data: str | None = None,
     *,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
@@ -171,38 +217,54 @@ def evaluate_file(
     batch: int = 256,
     input_shape: list[int] | None = None,
 ) -> Evaluation:
-    """Measure top-1/top-5 of ``path`` on the evaluation split of ``data`` ("digits" or a folder).
+    """Measure top-1/top-5 of ``path`` on the evaluation split of ``data`` ("digits" or a folder; None: the
+    data a ``.vc.pt`` records).
 
     ``.onnx`` files run in onnxruntime (CPU); ``.vc.pt`` files are rebuilt; other files load as
-    models (``arch`` for a state_dict). Preprocessing comes from the file when it records one.
+    models (``arch`` for a state_dict). Preprocessing comes from the file when it records one. The data
+    must have as many classes as the model scores. Logs the input line (size, normalisation, origins).
     """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path} does not exist; pass a .vc.pt, .onnx or model file.")
     if path.suffix == ".onnx":
+        data, data_from = choose_data(data, None, path)
         preprocessing, recorded = onnx_metadata(path)
         session = _onnx_session(path)
-        shape = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
+        shape, size_from = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
+        normalisation_from = normalisation_origin(False, bool(preprocessing), path, data)
         preprocessing = {**(preprocessing or {}), "input_size": shape[2:]}  # the graph's sizes win
-        dataset = _split(data, preprocessing, shape, limit)
-        top1, top5, images = _evaluate_onnx(session, path, dataset, batch)
+        dataset, spec = _split(data, preprocessing, shape, limit, size_from)
+        log.info(describe_input(spec, size_from, normalisation_from, data_from))
+        top1, top5, images = _evaluate_onnx(session, path, dataset, batch, len(spec.classes))
         return Evaluation(str(path), "onnx", data, images, top1, top5)
     from vconvert.api import is_checkpoint, load_checkpoint
 
+    metadata: dict = {}
     if is_checkpoint(path):
         checkpoint = load_checkpoint(path, trust=trust)
         metadata = checkpoint.metadata or {}
+        data, data_from = choose_data(data, metadata, path)
         model, kind = checkpoint.model, "vconvert checkpoint"
         preprocessing = metadata.get("preprocessing") or {}
+        size_from = "--input-shape" if input_shape else f"the input shape {path.name} records"
         input_shape = input_shape or metadata.get("input_shape") or checkpoint.plan.input_shape
     else:
         from vconvert.io import load_model
 
+        data, data_from = choose_data(data, None, path)
         model, _ = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
         kind, preprocessing = "model", {}
-    dataset = _split(data, preprocessing, input_shape, limit)
-    workers = _workers(dataset, batch)
+        size_from = "--input-shape" if input_shape else _default_size_origin(data)
+    dataset, spec = _split(data, preprocessing, input_shape, limit, size_from)
+    normalisation_from = normalisation_origin(False, bool(preprocessing.get("mean")), path, data)
+    log.info(describe_input(spec, size_from, normalisation_from, data_from))
+    _check_recorded_classes(metadata, spec, path)
+    image, _ = dataset[0]
     try:
+        with torch.no_grad():
+            check_class_count(model.eval()(image.unsqueeze(0)).shape[-1], len(spec.classes), "evaluate")
+        workers = _workers(dataset, batch)
         top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch, workers=workers)
     except RuntimeError as error:  # the model's own forward refuses the images
         raise BadInputError(

@@ -905,7 +905,8 @@ def export_checkpoint(
     folder), else from the data the checkpoint records (its fine-tuning data or BN recalibration folder);
     up to ``calib_images`` of them, preprocessed as the checkpoint records.
     """
-    from vconvert.api import load_checkpoint
+    from vconvert.api import NOT_FINETUNED, load_checkpoint
+    from vconvert.data import describe_input, log, normalisation_origin
     from vconvert.errors import MissingCalibrationError
     from vconvert.quantize import calibration_images, calibration_source, check_quantize
 
@@ -914,6 +915,8 @@ def export_checkpoint(
     if Path(output).resolve() == Path(path).resolve():
         raise BadInputError(f"The output {output} would overwrite the checkpoint; choose another -o.")
     checkpoint = load_checkpoint(path, trust=trust)
+    if not checkpoint.finetuned:
+        log.info(f"{Path(path).name} is {NOT_FINETUNED}")
     shape = list(input_shape or checkpoint.metadata.get("input_shape") or checkpoint.plan.input_shape)
     inputs, note = load_verification_images(checkpoint.metadata, shape)
     metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
@@ -927,8 +930,15 @@ def export_checkpoint(
                 "Int8 quantization needs calibration images: none were given and the checkpoint records no image "
                 "source that still exists."
             )
+        recorded = checkpoint.metadata.get("preprocessing")
+        size_from = "--input-shape" if input_shape else f"the input shape {Path(path).name} records"
+        data_from = "--calib-data" if calib_data is not None else f"recorded in {Path(path).name}"
+        normalisation_from = normalisation_origin(False, bool(recorded), path, source)
+        line = describe_input(None, size_from, normalisation_from, data_from, shape=shape, preprocessing=recorded,
+                              data=source)  # fmt: skip
+        log.info(f"calibration {line}")
         calibration, calibration_note = calibration_images(
-            source, shape, checkpoint.metadata.get("preprocessing"), limit=calib_images
+            source, shape, recorded, limit=calib_images, size_from=size_from
         )
     report = export(
         checkpoint.model,

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,17 @@ from torch.utils.data.distributed import DistributedSampler
 
 from vconvert.api import Checkpoint, check_metadata, load_checkpoint, save
 from vconvert.calibrate import recalibrate_batchnorm
-from vconvert.data import DataSpec, SeededSamples, open_split
+from vconvert.data import (
+    DIGITS,
+    DataSpec,
+    SeededSamples,
+    check_class_count,
+    choose_data,
+    describe_input,
+    log,
+    normalisation_origin,
+    open_split,
+)
 from vconvert.device_data import AUTO_HOST_BYTES, MAX_SIDE, DeviceImageSet
 from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.feature_distill import FeatureDistillation
@@ -51,7 +61,7 @@ from vconvert.weight_average import WeightAverage
 class FinetuneConfig:
     """Every setting of a fine-tuning run (plain data; stored in the checkpoint)."""
 
-    data: str = "digits"
+    data: str | None = None  # "digits", an image folder, or None: the data the checkpoint records
     epochs: int = 5
     batch_size: int = 128  # global batch, split across DDP ranks
     lr: float = 0.01
@@ -63,6 +73,7 @@ class FinetuneConfig:
     flip_rate: float = 0.01
     mask_anneal: float = 0.6
     project_ramp: float = 0.0
+    project_every: int = 128  # project: training images (global) between projections, at least one step
     ortho_weight: float = 0.05
     distill: bool = True
     temperature: float = 4.0
@@ -172,28 +183,48 @@ def _limited(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     return Subset(dataset, order.tolist())
 
 
-def _resolve_preprocessing(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[list | None, list | None]:
-    """--mean/--std, else what compress recorded, else the data set's own default."""
+def _resolve_preprocessing(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[list | None, list | None, bool]:
+    """--mean/--std, else what compress recorded, else the data set's own default (mean, std, recorded)."""
     if config.mean is not None:
-        return config.mean, config.std
+        return config.mean, config.std, False
     recorded = (checkpoint.metadata or {}).get("preprocessing") or {}
-    if config.data != "digits" and recorded.get("mean") is not None:
-        return recorded["mean"], recorded["std"]
-    return None, None
+    if config.data != DIGITS and recorded.get("mean") is not None:
+        return recorded["mean"], recorded["std"], True
+    return None, None, False
 
 
-def open_data(config: FinetuneConfig, checkpoint: Checkpoint) -> tuple[Dataset, Dataset, DataSpec, int]:
+def projection_interval(images: int, batch_size: int) -> int:
+    """Steps between two projections of the ``project`` rule: about ``images`` training images apart, at
+    least one step (so a batch of 128 or more projects after every step)."""
+    return max(1, round(images / batch_size))
+
+
+def open_data(
+    config: FinetuneConfig,
+    checkpoint: Checkpoint,
+    file: Path | str = "the checkpoint",
+    data_from: str = "",
+    announce: bool = True,
+) -> tuple[Dataset, Dataset, DataSpec, int]:
+    """The (seeded, limited) training and evaluation splits of ``config.data`` as the checkpoint's model
+    takes them, their DataSpec and the number of unreadable files skipped; logs (when ``announce``) the
+    input line: size, normalisation and where they came from."""
     input_shape = (checkpoint.metadata or {}).get("input_shape") or checkpoint.plan.input_shape
-    mean, std = _resolve_preprocessing(config, checkpoint)
-    options = {"input_size": input_shape[2:], "channels": input_shape[1], "mean": mean, "std": std}
+    mean, std, recorded = _resolve_preprocessing(config, checkpoint)
+    size_from = f"the input shape {Path(file).name} records"
+    options = {"input_size": input_shape[2:], "channels": input_shape[1], "mean": mean, "std": std,
+               "size_from": size_from}  # fmt: skip
     train, spec, skipped_train = open_split(config.data, True, augment=config.augment, **options)
     options["mean"], options["std"] = spec.mean, spec.std
-    evaluation, eval_spec, skipped_eval = open_split(config.data, False, augment=False, **options)
+    evaluation, eval_spec, skipped_eval = open_split(config.data, False, augment=False, check_size=False, **options)
     if eval_spec.classes != spec.classes:
         raise BadInputError(
             f"The evaluation split's classes ({len(eval_spec.classes)}) differ from the training split's "
             f"({len(spec.classes)}); give both the same class folders."
         )
+    normalisation_from = normalisation_origin(config.mean is not None, recorded, file, spec.source)
+    if announce:
+        log.info(describe_input(spec, size_from, normalisation_from, data_from))
     return (
         SeededSamples(_limited(train, config.train_limit, config.seed), config.seed),
         _limited(evaluation, config.eval_limit, config.seed),
@@ -293,11 +324,7 @@ def _check_classes(model: nn.Module, dataset: Dataset, spec: DataSpec, device: t
             f"The model rejects the data's images of shape {list(image.shape)} ({first_line[:160]}); the "
             "checkpoint's input shape does not match its model."
         ) from error
-    if outputs != len(spec.classes):
-        raise BadInputError(
-            f"The data has {len(spec.classes)} classes but the model predicts {outputs}; "
-            "fine-tune on data with the model's classes (or convert a model built for these classes)."
-        )
+    check_class_count(outputs, len(spec.classes), "finetune")
 
 
 SYNC_EVERY = 50
@@ -364,6 +391,8 @@ def finetune(
         raise BadInputError(f"--feature-distill must be ≥ 0; got {config.feature_weight}.")
     if not 0.0 <= config.project_ramp <= 1.0:
         raise BadInputError(f"--project-ramp must be a fraction of the run in [0, 1]; got {config.project_ramp}.")
+    if config.project_every < 1:
+        raise BadInputError(f"--project-every must be at least 1 image; got {config.project_every}.")
     if not 0.0 <= config.ema < 1.0:
         raise BadInputError(f"--ema must be 0 (off) or a decay below 1 such as 0.999; got {config.ema}.")
     if config.epochs < 1 or config.batch_size < env.world or config.batch_size % env.world:
@@ -377,6 +406,8 @@ def finetune(
         if not last_path.exists():
             raise BadInputError(f"--resume: {last_path} does not exist yet; start the run without --resume.")
         source = load_checkpoint(last_path, trust=trust)
+        data, data_from = choose_data(config.data, source.metadata, last_path)
+        config = replace(config, data=data)
         resume_state = (source.metadata or {}).get("finetune_state")
         if resume_state is None:
             raise BadInputError(f"--resume: {last_path} holds no fine-tuning state to resume from.")
@@ -384,10 +415,13 @@ def finetune(
         base_metadata = resume_state["base_metadata"]
     else:
         source = load_checkpoint(checkpoint_path, trust=trust)
+        data, data_from = choose_data(config.data, source.metadata, checkpoint_path)
+        config = replace(config, data=data)
         base_metadata = dict(source.metadata or {})
 
     torch.manual_seed(config.seed)
-    train_set, eval_set, spec, skipped = open_data(config, source)
+    file = last_path if resume else checkpoint_path
+    train_set, eval_set, spec, skipped = open_data(config, source, file, data_from, announce=env.main)
     student, teacher = source.model.to(env.device), source.teacher.to(env.device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -406,7 +440,14 @@ def finetune(
     total_steps = steps_per_epoch * config.epochs
     masks = MaskLearner(
         student,
-        MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal, ramp=config.project_ramp),
+        MaskSettings(
+            config.masks,
+            config.mask_lr,
+            config.flip_rate,
+            config.mask_anneal,
+            ramp=config.project_ramp,
+            every=projection_interval(config.project_every, config.batch_size),
+        ),
         total_steps,
         steps_per_epoch,
         teacher,

@@ -155,12 +155,12 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
-def _split_arch(spec: str) -> tuple[str, str]:
-    """ "pkg.mod:fn" or "pkg.mod.fn" -> ("pkg.mod", "fn")."""
+def _split_arch(spec: str, label: str = "--arch") -> tuple[str, str]:
+    """ "pkg.mod:fn" or "pkg.mod.fn" -> ("pkg.mod", "fn"); ``label`` names the arch in messages."""
     spec = spec.strip()
     if not _ARCH_PATTERN.match(spec) or ("." not in spec and ":" not in spec):
         raise BadInputError(
-            f"--arch {spec!r} is not of the form package.module:function (e.g. torchvision.models:resnet18)."
+            f"{label} {spec!r} is not of the form package.module:function (e.g. torchvision.models:resnet18)."
         )
     if ":" in spec:
         module_name, attribute = spec.split(":", 1)
@@ -297,8 +297,9 @@ def resolve_arch(
     that file in messages. Import failures, a missing attribute or an object that is not callable
     raise :class:`BadInputError`.
     """
-    module_name, attribute = _split_arch(spec)
     where = f" recorded in {origin}" if origin else ""
+    label = "--arch" if typed_by_user else "The arch"
+    module_name, attribute = _split_arch(spec, label)
     if not typed_by_user and not trust:
         if _registered_name(module_name, attribute, kwargs or {}) is None:
             raise _untrusted_arch(
@@ -310,20 +311,20 @@ def resolve_arch(
         module = _import_from_here_too(module_name)
     except Exception as error:
         raise BadInputError(
-            f"--arch {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling, that "
+            f"{label} {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling, that "
             "the package is installed, or run vconvert in the folder that holds the module."
         ) from error
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
             raise BadInputError(
-                f"--arch {spec!r}{where}: module {module_name!r} has no attribute {attribute!r}; "
+                f"{label} {spec!r}{where}: module {module_name!r} has no attribute {attribute!r}; "
                 "check the function name."
             )
         obj = getattr(obj, part)
     if not callable(obj):
         raise BadInputError(
-            f"--arch {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
+            f"{label} {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
         )
     return obj
 

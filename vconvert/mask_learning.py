@@ -9,6 +9,8 @@ Five strategies (METHOD.md §4 and the measurements at the end of §6):
   primaries and scales all follow. The direction is searched once, at the start; re-searching it
   after every step kept ~30k of ResNet-20's 270k bits switching per epoch to the end and lost a point.
   From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
+  With small batches the projection (a fixed cost per step) is done every ``every`` steps instead,
+  and always at the end of an epoch: the latent weights take every step's gradient meanwhile.
   With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into the
   projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
 - ``frozen``: masks keep their data-free fit; only primary filters, scales, biases (and the rest of
@@ -122,6 +124,7 @@ class MaskSettings:
     anneal: float = 0.6  # flip, project: fraction of training after which masks stop changing
     evidence_decay: float = 0.9
     ramp: float = 0.0  # project: fraction of the run over which the forward moves from latent to projected weight
+    every: int = 1  # project: steps between projections (always at the end of an epoch)
 
 
 class MaskLearner:
@@ -188,8 +191,11 @@ class MaskLearner:
             progress = self.step / max(1, self.total_steps)
             keep_masks = (self.step - 1) / max(1, self.total_steps) >= self.settings.anneal
             share = latent_share(progress, self.settings.ramp)
-            for name, layer in self.layers:
+            for _, layer in self.layers:
                 layer.latent_share = share
+            if self.step % self.settings.every and self.step % self.steps_per_epoch:
+                return 0  # the latent weights keep learning; the layers follow them at the next projection
+            for name, layer in self.layers:
                 before = None if keep_masks else layer.mask_proxy > layer.mask_threshold  # kept masks: none change
                 project_layer_(layer, self._members[name], keep_masks)
                 if before is not None:

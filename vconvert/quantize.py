@@ -318,15 +318,9 @@ def initializer_bits(model: onnx.ModelProto) -> int:
 def calibration_source(given: str | Path | None, metadata: Mapping[str, Any]) -> str | None:
     """The calibration image source: ``given``, else the data a checkpoint records (its fine-tuning data or
     its BN recalibration folder) when that still exists; None when there is none."""
-    if given is not None:
-        return str(given)
-    data = metadata.get("data") or {}
-    recal = metadata.get("bn_recalibration") or {}
-    for candidate in (data.get("source") if isinstance(data, Mapping) else None,
-                      recal.get("data") if isinstance(recal, Mapping) else None):  # fmt: skip
-        if candidate and (candidate == "digits" or Path(candidate).expanduser().is_dir()):
-            return str(candidate)
-    return None
+    from vconvert.data import recorded_data
+
+    return str(given) if given is not None else recorded_data(dict(metadata))
 
 
 def _normalisation(preprocessing: Mapping[str, Any] | None, channels: int, source: str) -> tuple[list, list]:
@@ -366,10 +360,12 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(path for path in root.rglob("*") if path.suffix.lower() in IMG_EXTENSIONS and path.is_file())
 
 
-def _folder(root: Path, shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit: int, seed: int) -> Tensor:
+def _folder(
+    root: Path, shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit: int, seed: int, size_from: str
+) -> Tensor:
     from PIL import Image
 
-    from vconvert.data import _folder_transforms
+    from vconvert.data import _folder_transforms, check_image_size
 
     if not root.is_dir():
         raise BadInputError(f"Calibration folder {root} does not exist; give a folder of images or 'digits'.")
@@ -378,6 +374,7 @@ def _folder(root: Path, shape: Sequence[int], preprocessing: Mapping[str, Any] |
     if not files:
         raise BadInputError(f"Calibration folder {folder} holds no image files (searched recursively).")
     channels, size = int(shape[1]), [int(s) for s in shape[2:]]
+    check_image_size(folder, [str(file) for file in files], size, size_from)
     mean, std = _normalisation(preprocessing, channels, str(folder))
     transform = _folder_transforms(size, channels, mean, std, augment=False)
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -403,6 +400,7 @@ def calibration_images(
     limit: int = 512,
     batch_size: int = 32,
     seed: int = 0,
+    size_from: str = "the model's input size",
 ) -> tuple[list[Tensor], str]:
     """Up to ``limit`` preprocessed calibration images in batches, and a note saying where they came from.
 
@@ -418,7 +416,7 @@ def calibration_images(
         note = f"{len(images)} digits training images"
     else:
         root = Path(source).expanduser()
-        images = _folder(root, input_shape, preprocessing, limit, seed)
+        images = _folder(root, input_shape, preprocessing, limit, seed, size_from)
         note = f"{len(images)} images from {root}"
     if list(images.shape[1:]) != [int(s) for s in input_shape[1:]]:
         raise BadInputError(
