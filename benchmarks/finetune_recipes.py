@@ -48,6 +48,9 @@ RECIPES = {
     "project masks + anneal 0.8": ["--masks", "project", "--mask-anneal", "0.8"],
     "project masks + ramp 0.3": ["--masks", "project", "--project-ramp", "0.3"],
     "project masks + ramp 0.3 + anneal 0.3": ["--masks", "project", "--project-ramp", "0.3", "--mask-anneal", "0.3"],
+    # small batches (issue 20): the projection after every step against one every 128 images (the default)
+    "project every step": ["--masks", "project", "--project-every", "1"],
+    "project every 128 images": ["--masks", "project", "--project-every", "128"],
 }
 assert not any("," in name for name in RECIPES), "--recipes is comma-separated: a recipe name must not hold a comma"
 
