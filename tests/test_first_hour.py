@@ -108,6 +108,14 @@ def test_finetune_prints_its_input_once_and_evaluate_reads_the_recorded_data(
     assert recorded.exit_code == 0, said(recorded)
     assert json.loads(recorded.stdout)["data"] == str(user["data"])
     assert f"data {user['data']} (recorded in tuned.vc.pt): 32x32 RGB" in " ".join(recorded.stderr.split())
+    renamed = image_folder(tmp_path / "renamed", 32, classes=10, per_class=1)
+    for split in ("train", "val"):
+        for folder in sorted((renamed / split).iterdir()):
+            folder.rename(folder.with_name("k" + folder.name))
+    other_names = invoke("evaluate", tuned, "--data", renamed)
+    assert other_names.exit_code == 0, said(other_names)
+    assert "warning: The class folders of" in said(other_names)
+    assert "are not the classes tuned.vc.pt was fine-tuned on (c0, c1, c2, ...)" in said(other_names)
 
 
 def test_a_folder_far_from_the_recorded_size_gets_one_warning(user: dict[str, Path], tmp_path: Path) -> None:
