@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--masks", default=None, help="vconvert finetune --masks (default: finetune's default)")
     parser.add_argument("--speed-grid", action="store_true", help="images/s per mask rule and batch size")
     parser.add_argument("--batches", default="8,32,128")
-    parser.add_argument("--rules", default="project,frozen")
+    parser.add_argument("--rules", default="project,project-every-step,frozen", help=f"from {', '.join(RULES)}")
     parser.add_argument("--quick", action="store_true", help="--speed-grid with 16 steps per run instead of 32")
     args = parser.parse_args()
     if args.speed_grid:
@@ -101,6 +101,14 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
+RULES = {  # --rules names: a mask rule, or the project rule before --project-every existed
+    "project": ["--masks", "project"],
+    "project-every-step": ["--masks", "project", "--project-every", "1"],
+    "frozen": ["--masks", "frozen"],
+    "flip": ["--masks", "flip"],
+}
+
+
 def speed_grid(args: argparse.Namespace) -> None:
     """Training images/s of one versatile checkpoint for every (mask rule, batch size)."""
     vconvert = [sys.executable, "-m", "vconvert"]
@@ -121,7 +129,7 @@ def speed_grid(args: argparse.Namespace) -> None:
         for batch in batches:
             for rule in rules:
                 command = [*vconvert, "finetune", str(checkpoint), "-o", str(work / f"{rule}{batch}.ft.vc.pt"),
-                           "--data", args.data, "--epochs", "1", "--batch-size", str(batch), "--masks", rule,
+                           "--data", args.data, "--epochs", "1", "--batch-size", str(batch), *RULES[rule],
                            "--train-limit", str(steps * batch), "--eval-limit", "64", "--recalibrate-images", "0",
                            "--json"]  # fmt: skip
                 _, wall, stdout = run_measured(command, work)
@@ -130,8 +138,8 @@ def speed_grid(args: argparse.Namespace) -> None:
                              "wall_s": wall})  # fmt: skip
                 print(f"batch {batch:4d} {rule:8s} {speed:8.1f} images/s", flush=True)
     speed = {(row["batch_size"], row["masks"]): row["train_images_per_s"] for row in rows}
-    ratios = {str(batch): speed[batch, "frozen"] / speed[batch, "project"] for batch in batches
-              if (batch, "frozen") in speed and (batch, "project") in speed}  # fmt: skip
+    compared = [rule for rule in rules if rule != "frozen"] if "frozen" in rules else []
+    ratios = {rule: {str(batch): speed[batch, "frozen"] / speed[batch, rule] for batch in batches} for rule in compared}
     result = {
         "benchmark": "finetune_speed_grid",
         "mode": "quick" if args.quick else "full",
@@ -139,7 +147,7 @@ def speed_grid(args: argparse.Namespace) -> None:
         "arch": args.arch,
         "input_shape": args.input_shape,
         "rows": rows,
-        "cost_ratio_project_over_frozen": ratios,
+        "cost_per_image_over_frozen": ratios,
         "target": "project ≤ 1.3x frozen per image at batch 32",
         "device": "cpu",
         "cpus": os.cpu_count(),
@@ -153,12 +161,14 @@ def speed_grid(args: argparse.Namespace) -> None:
     lines = [f"# Fine-tuning speed per mask rule and batch size ({result['mode']} mode)", "",
              f"`{result['command']}`: {args.arch} at {args.input_shape}, {steps} steps per run, "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
-             "| batch | " + " | ".join(f"{rule} images/s" for rule in rules) + " | project / frozen cost |",
-             "|---:|" + "---:|" * (len(rules) + 1)]  # fmt: skip
+             "| batch | " + " | ".join(f"{rule} images/s" for rule in rules)
+             + "".join(f" | {rule} cost / frozen" for rule in compared) + " |",
+             "|---:|" + "---:|" * (len(rules) + len(compared))]  # fmt: skip
     for batch in batches:
-        cells = [f"{speed[batch, rule]:.1f}" for rule in rules]
-        ratio = f"{ratios[str(batch)]:.2f}x" if str(batch) in ratios else "—"
-        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {ratio} |")
+        cells = [f"{speed[batch, rule]:.1f}" for rule in rules] + [
+            f"{ratios[rule][str(batch)]:.2f}x" for rule in compared
+        ]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
