@@ -174,3 +174,28 @@ def test_help_shows_flags_as_flags(command: str, monkeypatch: pytest.MonkeyPatch
     flags = [line for line in result.output.splitlines() if re.search(r"--(trust|json|debug|compact|resume)\b", line)]
     assert flags, result.output
     assert not any("<bool>" in line for line in flags), "\n".join(flags)
+
+
+@pytest.mark.parametrize(
+    ("side", "size", "warned"),
+    [(32, 224, True), (100, 224, True), (120, 224, False), (400, 224, False), (1700, 224, False), (1900, 224, True),
+     (32, 32, False), (256, 32, False), (300, 32, True)],
+    ids=lambda value: str(value),
+)  # fmt: skip
+def test_image_size_warning_is_for_upsampling_and_extreme_shrinking(
+    side: int, size: int, warned: bool, tmp_path: Path
+) -> None:
+    """A 224 model on ordinary photos (a few hundred pixels) is the normal case; 32x32 images fed at 224 are not."""
+    import warnings
+
+    from vconvert.data import ImageSizeWarning, check_image_size
+
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (side, side), (index, 0, 0)).save(path)
+        paths.append(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_image_size(tmp_path, paths, [size, size], "the test")
+    assert any(issubclass(w.category, ImageSizeWarning) for w in caught) is warned

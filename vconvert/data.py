@@ -280,7 +280,9 @@ def normalisation_origin(asked: bool, recorded: bool, file: Path | str | None, d
     return "digits' own" if data == DIGITS else "ImageNet's, the default for folders"
 
 
-SIZE_FACTOR = 2.0  # images this many times larger or smaller than the input (per side) are worth a warning
+# Per side, images this many times smaller than the input are upsampled a lot (32x32 images fed at 224),
+# and this many times larger are shrunk more than a 224 model on ordinary photos ever is: worth a warning.
+UPSAMPLED_FACTOR, DOWNSAMPLED_FACTOR = 2.0, 8.0
 _SIZE_SAMPLE = 16
 
 
@@ -303,13 +305,13 @@ def typical_image_size(paths: Sequence[str]) -> list[int] | None:
 
 
 def check_image_size(root: Path | str, paths: Sequence[str], size: Sequence[int], size_from: str) -> None:
-    """Warn when ``root``'s images are more than 2x larger or smaller per side than the ``size`` they are
-    resized to."""
+    """Warn when ``root``'s images are more than 2x smaller or 8x larger per side than the ``size`` they
+    are resized to."""
     typical = typical_image_size(paths)
     if typical is None:
         return
-    factor = max(max(a / b, b / a) for a, b in zip(typical, size, strict=True))
-    if factor > SIZE_FACTOR:
+    pairs = list(zip(typical, size, strict=True))
+    if any(want / have > UPSAMPLED_FACTOR or have / want > DOWNSAMPLED_FACTOR for have, want in pairs):
         warnings.warn(
             ImageSizeWarning(
                 f"The images in {root} are about {typical[0]}x{typical[1]} pixels but are resized to "
