@@ -293,6 +293,13 @@ def test_library_messages_name_no_cli_flag(checkpoint: Path, tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("side", "batch"), [(32, 32), (64, 32), (112, 32), (160, 15), (224, 8), (512, 1)])
+def test_calibration_batches_shrink_for_large_images(side: int, batch: int) -> None:
+    from vconvert.quantize import calibration_batch_size
+
+    assert calibration_batch_size([1, 3, side, side]) == batch
+
+
 def test_digits_calibration_images_follow_the_recorded_preprocessing() -> None:
     from vconvert.quantize import calibration_images
 

@@ -32,13 +32,17 @@ def shell_commands() -> list[str]:
     return commands
 
 
-def _image_folder(root: Path, side: int, classes: int = 10, per_class: int = 2) -> None:
+def _image_folder(root: Path, side: int, classes: int = 10, per_class: int = 4) -> None:
+    """Textured images (flat colours give BatchNorm no variance to work with), a colour per class."""
+    generator = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for label in range(classes):
             folder = root / split / f"class{label:02d}"
             folder.mkdir(parents=True)
             for index in range(per_class):
-                Image.new("RGB", (side, side), (label * 25, index * 90, 120)).save(folder / f"{index}.jpg")
+                noise = torch.randint(0, 96, (side, side, 3), generator=generator, dtype=torch.uint8)
+                pixels = (noise + torch.tensor([label * 15, 60, 150 - label * 10], dtype=torch.uint8)).numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.png")
 
 
 def _readme_input_side() -> int:

@@ -228,9 +228,9 @@ def evaluate_file(
     if not path.is_file():
         raise BadInputError(f"{path} does not exist; pass a .vc.pt, .onnx or model file.")
     if path.suffix == ".onnx":
-        data, data_from = choose_data(data, None, path)
         preprocessing, recorded = onnx_metadata(path)
         session = _onnx_session(path)
+        data, data_from = choose_data(data, None, path)  # a damaged file is said first
         shape, size_from = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
         normalisation_from = normalisation_origin(False, bool(preprocessing), path, data)
         preprocessing = {**(preprocessing or {}), "input_size": shape[2:]}  # the graph's sizes win
@@ -252,8 +252,8 @@ def evaluate_file(
     else:
         from vconvert.io import load_model
 
-        data, data_from = choose_data(data, None, path)
         model, _ = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+        data, data_from = choose_data(data, None, path)
         kind, preprocessing = "model", {}
         size_from = "--input-shape" if input_shape else _default_size_origin(data)
     dataset, spec = _split(data, preprocessing, input_shape, limit, size_from)

@@ -398,11 +398,12 @@ def calibration_images(
     preprocessing: Mapping[str, Any] | None = None,
     *,
     limit: int = 512,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     size_from: str = "the model's input size",
 ) -> tuple[list[Tensor], str]:
-    """Up to ``limit`` preprocessed calibration images in batches, and a note saying where they came from.
+    """Up to ``limit`` preprocessed calibration images in batches (of ``batch_size``, default
+    :func:`calibration_batch_size`), and a note saying where they came from.
 
     ``source`` is ``"digits"`` or a folder of images, read recursively (its ``train/`` split when it has
     one; labels are not needed). Images are resized to ``input_shape`` (N, C, H, W) and normalised with
@@ -423,7 +424,17 @@ def calibration_images(
             f"The calibration images of {source} are {'x'.join(map(str, images.shape[1:]))} and the model takes "
             f"{'x'.join(map(str, input_shape[1:]))}; calibrate on images the model can take."
         )
-    return list(images.split(batch_size)), note
+    return list(images.split(batch_size or calibration_batch_size(input_shape))), note
+
+
+CALIBRATION_PIXELS = 8 * 224 * 224  # per batch: every onnxruntime session sizes its memory arena by its largest run
+
+
+def calibration_batch_size(input_shape: Sequence[int]) -> int:
+    """Images per calibration batch: 32 for small images, fewer for large ones (8 at 224x224), so that the
+    calibration and check sessions do not each keep several GB of activations. Batching changes no result
+    (MinMax ranges and top-1 agreement are taken over all images)."""
+    return max(1, min(32, CALIBRATION_PIXELS // (int(input_shape[2]) * int(input_shape[3]))))
 
 
 class _Batches:
