@@ -27,17 +27,25 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_measured(command: list[str], folder: Path) -> tuple[float, float, str]:
-    """Run ``command``; return (its own peak RSS in GB, wall seconds, stdout). Exits on failure."""
+def run_child(command: list[str], folder: Path) -> tuple[int, float, float, str, str]:
+    """Run ``command`` (output to files, not pipes: a report can be large); return (exit code, its own peak
+    RSS in GB, wall seconds, stdout, stderr)."""
     out_path, err_path = folder / "stdout.txt", folder / "stderr.txt"
     with out_path.open("w") as out, err_path.open("w") as err:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command[:4])} failed: {err_path.read_text().strip()}")
-    return usage.ru_maxrss * 1024 / 1e9, wall, out_path.read_text()
+    code = os.waitstatus_to_exitcode(status)
+    return code, usage.ru_maxrss * 1024 / 1e9, wall, out_path.read_text(), err_path.read_text()
+
+
+def run_measured(command: list[str], folder: Path) -> tuple[float, float, str]:
+    """Run ``command``; return (its own peak RSS in GB, wall seconds, stdout). Exits on failure."""
+    code, peak, wall, stdout, stderr = run_child(command, folder)
+    if code != 0:
+        sys.exit(f"{' '.join(command[:4])} failed: {stderr.strip()}")
+    return peak, wall, stdout
 
 
 def main() -> None:

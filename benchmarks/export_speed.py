@@ -36,7 +36,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.compress_speed import run_measured
+from benchmarks.compress_speed import run_child, run_measured
 from vconvert.api import save
 from vconvert.convert import compress
 from vconvert.io import BaseSpec
@@ -135,26 +135,17 @@ def main() -> None:
 
 def _int8_export(checkpoint: Path, folder: Path, args: argparse.Namespace, baseline: float) -> dict:
     """Wall time and peak RSS of the int8 compact export in a child process, checks included."""
-    import subprocess
-    import time
-
     output = folder / "int8.onnx"
     command = [sys.executable, "-m", "vconvert", "export", str(checkpoint), "-o", str(output), "--json",
                "--quantize", "int8", "--compact", "--calib-data", args.calib_data, "--calib-images",
                str(args.calib_images)]  # fmt: skip
-    out_path, err_path = folder / "int8.stdout", folder / "int8.stderr"
-    with out_path.open("w") as out, err_path.open("w") as err:  # files, not pipes: the report can be large
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    stdout, stderr = out_path.read_text(), err_path.read_text()
+    code, peak, wall, stdout, stderr = run_child(command, folder)
     result = {
         "cli": " ".join(["vconvert", *command[3:]]),
-        "exit_code": os.waitstatus_to_exitcode(status),
+        "exit_code": code,
         "wall_s": wall,
-        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
-        "peak_above_import_gb": usage.ru_maxrss * 1024 / 1e9 - baseline,
+        "peak_rss_gb": peak,
+        "peak_above_import_gb": peak - baseline,
         "targets": {"wall_s": 120.0, "peak_rss_gb": 3.0},
     }
     if result["exit_code"] == 0:
