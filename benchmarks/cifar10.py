@@ -10,9 +10,9 @@ the ONNX file in onnxruntime.
 The peer is structured channel pruning with torch-pruning (L2 magnitude, the same ratio in every
 layer, the classifier's outputs kept), pruned until its whole-model stored size is no larger than
 that of versatile ``--target-ratio`` 2 and 3. The pruned dense model is fine-tuned by vconvert's own
-fine-tuning function (``vconvert.finetune.finetune``: same loop, optimiser, schedule, BN
+fine-tuning function (``vconvert.train.finetune.finetune``: same loop, optimiser, schedule, BN
 recalibration, seed and distillation from the original network; only the loading and saving of
-``.vc.pt`` files is swapped for plain modules), exported by ``vconvert.export.export`` (what
+``.vc.pt`` files is swapped for plain modules), exported by ``vconvert.export.pipeline.export`` (what
 ``vconvert export`` calls) and evaluated by ``vconvert evaluate`` on its ONNX file.
 
 Every row records MACs (of the exported graph) and onnxruntime latency, measured side by side for
@@ -40,8 +40,6 @@ import json
 import os
 import platform
 import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,12 +54,11 @@ from unittest import mock
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+
 ARCHS = ("resnet8", "resnet20", "resnet56")  # in sample_models.resnet_cifar
-MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
+MEAN, STD = common.CIFAR_MEAN_ARG, common.CIFAR_STD_ARG  # as vconvert's --mean/--std take them
 INPUT_SHAPE = [1, 3, 32, 32]
 PUBLISHED_BASELINE = 88.57  # ../shared/models/README.md, full JPEG test set, fp32 CPU
 
@@ -107,27 +104,7 @@ QUOTED = [
 ]  # fmt: skip
 
 
-# --------------------------------------------------------------------------- running the CLI
-class Runner:
-    """Runs ``python -m vconvert ...`` and keeps every command line (with its wall time) for the record."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.commands: list[dict[str, Any]] = []
-
-    def __call__(self, *args: str) -> tuple[dict, float]:
-        """Run one vconvert command with ``--json``; return its parsed output and wall seconds."""
-        command = [sys.executable, "-m", "vconvert", *args, "--json"]
-        started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-        seconds = time.perf_counter() - started
-        shown = "vconvert " + shlex.join(args).replace(str(self.work), "$WORK") + " --json"
-        self.commands.append({"command": shown, "seconds": round(seconds, 1), "rc": completed.returncode})
-        if completed.returncode != 0:
-            raise RuntimeError(f"{shown} failed ({completed.returncode}): {completed.stderr.strip()[-1500:]}")
-        return json.loads(completed.stdout), seconds
-
-
+# --------------------------------------------------------------------------- the CLI rows
 def conv_ratios(plan: dict) -> tuple[float, float]:
     """(converted convs, all convs) dense/stored ratio of a compress plan."""
     converted = [layer for layer in plan["layers"] if layer.get("stored_bits")]
@@ -141,7 +118,7 @@ def conv_ratios(plan: dict) -> tuple[float, float]:
 # --------------------------------------------------------------------------- pruning
 def base_file(args: argparse.Namespace) -> Path:
     """The dense network to compress: ``--base``, else the pretrained ResNet-20 in ``--models``."""
-    return args.base or args.models / "resnet20_cifar10.pt"
+    return args.base or args.models / common.RESNET20_FILE
 
 
 def arch_spec(args: argparse.Namespace) -> str:
@@ -183,7 +160,7 @@ def prune(base: nn.Module, ratio: float) -> nn.Module:
 def prune_to_size(base: nn.Module, target_ratio: float) -> tuple[nn.Module, float]:
     """The least-pruned model whose whole-model stored size is ≤ base / ``target_ratio`` (bisection
     on the channel ratio), and that channel ratio."""
-    from vconvert.report import model_stored_bits
+    from vconvert.convert.report import model_stored_bits
 
     dense = model_stored_bits(base)
     low, high = 0.0, 0.95
@@ -202,10 +179,10 @@ def prune_to_size(base: nn.Module, target_ratio: float) -> tuple[nn.Module, floa
 
 @contextlib.contextmanager
 def plain_module_finetune(model: nn.Module, teacher: nn.Module, saved: dict[str, nn.Module]) -> Iterator[None]:
-    """Let ``vconvert.finetune.finetune`` train a plain (pruned) module: its ``.vc.pt`` loading returns
+    """Let ``vconvert.train.finetune.finetune`` train a plain (pruned) module: its ``.vc.pt`` loading returns
     ``model`` with ``teacher``, and its saving keeps the snapshots in ``saved`` (by path)."""
-    from vconvert import finetune as finetune_module
-    from vconvert.api import Checkpoint
+    from vconvert.io.checkpoint import Checkpoint
+    from vconvert.train import finetune as finetune_module
 
     metadata = {
         "input_shape": INPUT_SHAPE,
@@ -229,26 +206,14 @@ def parse(text: str) -> list[float]:
 # --------------------------------------------------------------------------- the run
 def machine() -> dict[str, Any]:
     """Where the numbers came from."""
-    import onnxruntime
-    import torch_pruning
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": common.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch_pruning": torch_pruning.__version__,
-        "load_average_start": list(os.getloadavg()),
+        **common.versions("python", "torch", "onnxruntime", "torch_pruning"),
+        "load_average_start": common.load_average(),
     }
 
 
@@ -256,7 +221,7 @@ def measure_latencies(
     files: dict[str, Path], seconds: float, batches: tuple[int, ...] = (1, 32)
 ) -> dict[str, dict[str, float]]:
     """Median onnxruntime latency (ms) of every ONNX file at each of ``batches``, measured interleaved."""
-    from vconvert.export import measure_latency, ort_session
+    from vconvert.export.verify import measure_latency, ort_session
 
     sessions = {name: ort_session(str(path)) for name, path in files.items()}
     result: dict[str, dict[str, float]] = {name: {} for name in files}
@@ -273,7 +238,7 @@ class Context:
 
     args: argparse.Namespace
     work: Path
-    run: Runner
+    run: common.Runner
     data: str
     epochs: int
     train_limit: int | None
@@ -284,8 +249,8 @@ class Context:
 
 def compress_setting(setting: Setting, ctx: Context) -> dict[str, Any]:
     """``vconvert compress`` for one versatile setting: its output and timing."""
-    slug = slug_of(setting.name)
-    compressed = ctx.work / f"{slug}.vc.pt"
+    name = common.slug(setting.name)
+    compressed = ctx.work / f"{name}.vc.pt"
     result, seconds = ctx.run(
         "compress", str(base_file(ctx.args)), "--arch", arch_spec(ctx.args),
         "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample",
@@ -299,8 +264,8 @@ def compress_setting(setting: Setting, ctx: Context) -> dict[str, Any]:
 
 def versatile_row(setting: Setting, compressed: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], Path]:
     """finetune → compact export → evaluate of one compressed setting: (row, ONNX path)."""
-    slug = slug_of(setting.name)
-    onnx, tuned = ctx.work / f"{slug}.onnx", ctx.work / f"{slug}.ft.vc.pt"
+    name = common.slug(setting.name)
+    onnx, tuned = ctx.work / f"{name}.onnx", ctx.work / f"{name}.ft.vc.pt"
     times = {"compress_s": compressed["seconds"]}
     result, plan = compressed["result"], compressed["result"]["plan"]
     history, times["finetune_s"] = ctx.run("finetune", str(compressed["path"]), "-o", str(tuned), *ctx.finetune_opts)
@@ -333,8 +298,8 @@ def versatile_row(setting: Setting, compressed: dict[str, Any], ctx: Context) ->
 def pruning_row(setting: Setting, target: float, ctx: Context) -> tuple[dict[str, Any], Path]:
     """Prune to ``target``, fine-tune and export in a child process (the fine-tune patches module
     globals, which threads must not share), then evaluate: (row, ONNX path)."""
-    slug = slug_of(setting.name)
-    onnx, row_file = ctx.work / f"{slug}.onnx", ctx.work / f"{slug}.row.json"
+    name = common.slug(setting.name)
+    onnx, row_file = ctx.work / f"{name}.onnx", ctx.work / f"{name}.row.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--prune-one", f"{target}", "--prune-onnx", str(onnx),
                "--prune-row", str(row_file), "--models", str(ctx.args.models), "--cifar", ctx.data,
                "--arch", ctx.args.arch, *(["--base", str(ctx.args.base)] if ctx.args.base else []),
@@ -342,7 +307,7 @@ def pruning_row(setting: Setting, target: float, ctx: Context) -> tuple[dict[str
                "--lr", str(ctx.args.lr), "--seed", str(ctx.args.seed), "--loader", ctx.args.loader]  # fmt: skip
     if ctx.train_limit:
         command += ["--train-limit", str(ctx.train_limit)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    completed, _ = common.run_captured(command, cwd=common.ROOT)
     if completed.returncode != 0:
         raise RuntimeError(f"pruning {setting.name} failed: {completed.stderr.strip()[-1500:]}")
     row = json.loads(row_file.read_text())
@@ -354,10 +319,10 @@ def pruning_row(setting: Setting, target: float, ctx: Context) -> tuple[dict[str
 
 def prune_one(args: argparse.Namespace, epochs: int, calib: int) -> None:
     """The child process of ``pruning_row``: prune, fine-tune (vconvert's loop), export; write a row."""
-    from vconvert.export import export as export_model
-    from vconvert.finetune import FinetuneConfig
-    from vconvert.finetune import finetune as run_finetune
-    from vconvert.report import model_stored_bits
+    from vconvert.convert.report import model_stored_bits
+    from vconvert.export.pipeline import export as export_model
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune as run_finetune
 
     base = load_base(args)
     times: dict[str, float] = {}
@@ -387,7 +352,7 @@ def prune_one(args: argparse.Namespace, epochs: int, calib: int) -> None:
         "channel_ratio": round(channel_ratio, 4),
         "all_conv_ratio": round(conv_bits(base) / conv_bits(tuned), 3),
         "finetune_val_top1": [round(e.val_top1, 2) for e in history],
-        "finetune_api": "vconvert.finetune.finetune (same config) on the pruned module",
+        "finetune_api": "vconvert.train.finetune.finetune (same config) on the pruned module",
         "stored_ratio": round(model_stored_bits(base) / model_stored_bits(tuned), 3),
         "stored_kib": round(model_stored_bits(tuned) / 8192, 1),
         "onnx_format": "dense (pruned)",
@@ -408,24 +373,16 @@ def finish_row(row: dict[str, Any], onnx: Path, times: dict[str, float], ctx: Co
         "epochs": ctx.epochs,
         "train_images": ctx.train_limit or 50000,
         "seed": ctx.args.seed,
-        "device": device_name(),
+        "device": common.device_name(),
         "times_s": {key: round(value, 1) for key, value in times.items()},
     })  # fmt: skip
     return row
 
 
-def slug_of(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU preset: 2,000 training images, 2 epochs")
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
+    parser.add_argument("--models", type=Path, default=common.MODELS)
     parser.add_argument(
         "--base",
         type=Path,
@@ -433,8 +390,8 @@ def main() -> None:
         "(e.g. from benchmarks/train_baseline.py)",
     )
     parser.add_argument("--arch", choices=ARCHS, default="resnet20", help="architecture of --base")
-    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
-    parser.add_argument("--shared-data", type=Path, default=Path("/work/shared/data/cifar10"))
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
+    parser.add_argument("--shared-data", type=Path, default=common.SHARED_CIFAR)
     parser.add_argument("--epochs", type=int, help="fine-tune epochs (quick 2, full 15)")
     parser.add_argument("--train-limit", type=int, help="training images (quick 2000, full all)")
     parser.add_argument("--eval-limit", type=int, help="test images for the final evaluation (quick 2000, full all)")
@@ -446,7 +403,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="settings processed at the same time")
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--settings", help="comma-separated subset of setting names (pruning needs its match)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "cifar10", help="results path stem (.json/.md/.png)")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "cifar10", help="results stem (.json/.md/.png)")
     parser.add_argument("--prune-one", type=float, help=argparse.SUPPRESS)  # child process of pruning_row
     parser.add_argument("--prune-onnx", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prune-row", type=Path, help=argparse.SUPPRESS)
@@ -459,17 +416,13 @@ def main() -> None:
     if args.prune_one:
         prune_one(args, epochs, calib)
         return
-    if not (args.cifar / "train").is_dir():
-        from benchmarks.init_quality import unpack
-
-        args.cifar.mkdir(parents=True, exist_ok=True)
-        unpack(args.shared_data, args.cifar)
+    common.ensure_cifar(args.cifar, args.shared_data)
     chosen = [s for s in SETTINGS if not args.settings or s.name in args.settings.split(",")]
     started_all = time.perf_counter()
     record: dict[str, Any] = {
         "benchmark": "cifar10",
         "complete": False,
-        "command": "python benchmarks/cifar10.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "mode": "quick" if quick else "full",
         "network": f"{'own' if args.base else 'pretrained'} CIFAR-10 {args.arch} ({base_file(args)}), "
         f"arch {arch_spec(args)}",
@@ -482,7 +435,7 @@ def main() -> None:
         "lr": args.lr,
         "seed": args.seed,
         "jobs": args.jobs,
-        "device": device_name(),
+        "device": common.device_name(),
         "machine": machine(),
         "rows": [],
     }
@@ -493,12 +446,12 @@ def main() -> None:
     def write() -> None:
         from benchmarks.cifar10_report import write_report
 
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        common.write_json(stem.with_suffix(".json"), record)
         write_report(record, stem.with_suffix(".md"), stem.with_suffix(".png"), QUOTED)
 
     with tempfile.TemporaryDirectory(prefix="vconvert-cifar10-") as folder:
         work = Path(folder)
-        run = Runner(work)
+        run = common.Runner(work)
         record["commands"] = run.commands
         data = str(args.cifar)
         finetune_opts = ["--data", data, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
@@ -510,8 +463,8 @@ def main() -> None:
                       ["--data", data] + (["--limit", str(eval_limit)] if eval_limit else []))  # fmt: skip
 
         # the dense baseline, exported and evaluated the same way as every row
-        from vconvert.export import export as export_model
-        from vconvert.report import model_stored_bits
+        from vconvert.convert.report import model_stored_bits
+        from vconvert.export.pipeline import export as export_model
 
         base = load_base(args)
         preprocessing = {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]}
@@ -570,7 +523,7 @@ def main() -> None:
     record["wall_s"] = round(time.perf_counter() - started_all, 1)
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     record["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)  # this process and every CLI run
-    record["machine"]["load_average_end"] = list(os.getloadavg())
+    record["machine"]["load_average_end"] = common.load_average()
     record["complete"] = True
     write()
     print(stem.with_suffix(".md").read_text())

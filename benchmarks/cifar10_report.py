@@ -7,12 +7,16 @@ re-renders cifar10.md and cifar10.png from the JSON (also a partial one).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
 COLOURS = {"versatile": (31, 119, 180), "pruning": (214, 39, 40), "baseline": (90, 90, 90)}
 
@@ -225,8 +229,8 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
         "",
         "Pruning rows: `torch_pruning.pruner.MagnitudePruner` with `MagnitudeImportance(p=2)`, one channel "
         "ratio for every layer (bisection to the smallest ratio whose stored size is ≤ the versatile row's), "
-        "`fc` outputs kept; fine-tuned by `vconvert.finetune.finetune` with the same `FinetuneConfig` as the "
-        "CLI rows (teacher: the original network), exported by `vconvert.export.export`, evaluated with "
+        "`fc` outputs kept; fine-tuned by `vconvert.train.finetune.finetune` with the same `FinetuneConfig` as the "
+        "CLI rows (teacher: the original network), exported by `vconvert.export.pipeline.export`, evaluated with "
         "`vconvert evaluate`. `$WORK` is a temporary folder (nothing trained is kept).",
         "",
         "| command | wall s |",
@@ -236,13 +240,18 @@ def write_report(record: dict[str, Any], md_path: Path, png_path: Path, quoted: 
     for row in record["rows"]:
         if row["method"] == "pruning":
             lines.append(f"\n{row['setting']}: {row['pruning']}.")
-    md_path.write_text("\n".join(lines) + "\n")
+    common.write_markdown(md_path, lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Re-render a cifar10.py result's .md and .png from its JSON.")
+    parser.add_argument("source", type=Path, nargs="?", default=common.RESULTS / "cifar10.json", help="results JSON")
+    source = parser.parse_args().source
+    from benchmarks.cifar10 import QUOTED
+
+    data = json.loads(source.read_text())
+    write_report(data, source.with_suffix(".md"), source.with_suffix(".png"), QUOTED)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.cifar10 import QUOTED
-
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cifar10.json")
-    data = json.loads(source.read_text())
-    write_report(data, source.with_suffix(".md"), source.with_suffix(".png"), QUOTED)
+    main()

@@ -14,38 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def run_child(command: list[str], folder: Path) -> tuple[int, float, float, str, str]:
-    """Run ``command`` (output to files, not pipes: a report can be large); return (exit code, its own peak
-    RSS in GB, wall seconds, stdout, stderr)."""
-    out_path, err_path = folder / "stdout.txt", folder / "stderr.txt"
-    with out_path.open("w") as out, err_path.open("w") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    return code, usage.ru_maxrss * 1024 / 1e9, wall, out_path.read_text(), err_path.read_text()
-
-
-def run_measured(command: list[str], folder: Path) -> tuple[float, float, str]:
-    """Run ``command``; return (its own peak RSS in GB, wall seconds, stdout). Exits on failure."""
-    code, peak, wall, stdout, stderr = run_child(command, folder)
-    if code != 0:
-        sys.exit(f"{' '.join(command[:4])} failed: {stderr.strip()}")
-    return peak, wall, stdout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
 
 def main() -> None:
@@ -54,33 +30,20 @@ def main() -> None:
     parser.add_argument("--input-shape", default="1,3,224,224")
     args = parser.parse_args()
 
-    module_name, function = args.arch.split(":")
-    builder = getattr(__import__(module_name, fromlist=[function]), function)
+    builder = common.import_object(args.arch)
     with tempfile.TemporaryDirectory() as folder:
         weights, output = Path(folder) / "model.pt", Path(folder) / "model.vc.pt"
         torch.manual_seed(0)
         torch.save(builder().state_dict(), weights)
-        command = [
-            sys.executable,
-            "-m",
-            "vconvert",
-            "compress",
-            str(weights),
-            "--arch",
-            args.arch,
-            "--input-shape",
-            args.input_shape,
-            "-o",
-            str(output),
-            "--json",
-        ]
-        baseline_gb, _, _ = run_measured([sys.executable, "-c", "import torchvision, vconvert.cli"], Path(folder))
-        peak_gb, wall, stdout = run_measured(command, Path(folder))
+        command = common.vconvert_command("compress", str(weights), "--arch", args.arch, "--input-shape",
+                                          args.input_shape, "-o", str(output), "--json")  # fmt: skip
+        baseline_gb = common.import_baseline_gb("torchvision, vconvert.cli", Path(folder))
+        peak_gb, wall, stdout = common.run_measured(command, Path(folder))
         report = json.loads(stdout)
         result = {
             "benchmark": "compress_speed",
-            "command": f"python benchmarks/compress_speed.py --arch {args.arch} --input-shape {args.input_shape}",
-            "cli": " ".join(["vconvert", *command[3:]]),
+            "command": common.command_line(__file__, ["--arch", args.arch, "--input-shape", args.input_shape]),
+            "cli": common.shown(command),
             "arch": args.arch,
             "wall_s": wall,
             "peak_rss_gb": peak_gb,
@@ -92,12 +55,10 @@ def main() -> None:
             "checkpoint_mb": output.stat().st_size / 1e6,
             "converted_layers": sum(1 for layer in report["plan"]["layers"] if layer["decision"] == "converted"),
             "summary": report["summary"],
-            "cpus": os.cpu_count(),
-            "machine": platform.platform(),
-            "torch": torch.__version__,
+            **common.host(),
+            **common.versions("torch"),
         }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compress_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.RESULTS / "compress_speed.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -24,24 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import onnx
-import onnxruntime
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.compress_speed import run_child, run_measured
-from vconvert.api import save
-from vconvert.convert import compress
-from vconvert.io import BaseSpec
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from vconvert.convert.compress import compress
+from vconvert.io.checkpoint import save
+from vconvert.io.metadata import CheckpointMetadata
+from vconvert.io.untrusted import BaseSpec
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--quantize", choices=("none", "int8"), default="none")
-    parser.add_argument("--calib-data", default=str(Path.home() / ".cache/vconvert/cifar10"))
+    parser.add_argument("--calib-data", default=str(common.CIFAR_CACHE))
     parser.add_argument("--calib-images", type=int, default=512)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -58,40 +53,33 @@ def main() -> None:
     converted, plan = compress(teacher, torch.randn(*shape), init="naive")
     results: dict = {
         "benchmark": "export_speed",
-        "command": f"python benchmarks/export_speed.py --arch {args.arch} --size {args.size}",
+        "command": common.command_line(__file__, ["--arch", args.arch, "--size", str(args.size)]),
         "arch": args.arch,
         "input_shape": shape,
         "stored_size_ratio": plan.ratio,
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        **common.host(),
+        "versions": common.versions("torch", "onnx", "onnxruntime", "python"),
     }
     with tempfile.TemporaryDirectory() as folder:
         folder_path = Path(folder)
         checkpoint = folder_path / "model.vc.pt"
         spec = BaseSpec(arch=f"torchvision.models:{args.arch}", arch_kwargs={})
-        save(checkpoint, converted, plan, spec, teacher, {"input_shape": shape})
-        baseline, _, _ = run_measured([sys.executable, "-c", "import torch, onnxruntime, vconvert.cli"], folder_path)
+        save(checkpoint, converted, plan, spec, teacher, CheckpointMetadata(input_shape=shape))
+        baseline = common.import_baseline_gb("torch, onnxruntime, vconvert.cli", folder_path)
         results["import_baseline_rss_gb"] = baseline
         if args.quantize == "int8":
             results["command"] += f" --quantize int8 --calib-data {args.calib_data} --calib-images {args.calib_images}"
             results["int8_compact"] = _int8_export(checkpoint, folder_path, args, baseline)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / f"export_speed_{args.arch}_int8.json").write_text(json.dumps(results, indent=2) + "\n")
+            common.write_json(common.RESULTS / f"export_speed_{args.arch}_int8.json", results)
             print(json.dumps(results["int8_compact"], indent=2))
             return
         for name, extra in (("dense", []), ("compact", ["--compact"])):
             output = folder_path / f"{name}.onnx"
-            command = [sys.executable, "-m", "vconvert", "export", str(checkpoint), "-o", str(output), "--json", *extra]
-            peak, wall, stdout = run_measured(command, folder_path)
+            command = common.vconvert_command("export", str(checkpoint), "-o", str(output), "--json", *extra)
+            peak, wall, stdout = common.run_measured(command, folder_path)
             report = json.loads(stdout)
             results[name] = {
-                "cli": " ".join(["vconvert", *command[3:]]),
+                "cli": common.shown(command),
                 "wall_s": wall,
                 "peak_rss_gb": peak,
                 "peak_above_import_gb": peak - baseline,
@@ -128,20 +116,19 @@ def main() -> None:
                 "dense": compact_table["dense fold"]["ort_startup_ms"],
             },
         }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"export_speed_{args.arch}.json").write_text(json.dumps(results, indent=2) + "\n")
+    common.write_json(common.RESULTS / f"export_speed_{args.arch}.json", results)
     print(json.dumps(results["targets"], indent=2))
 
 
 def _int8_export(checkpoint: Path, folder: Path, args: argparse.Namespace, baseline: float) -> dict:
     """Wall time and peak RSS of the int8 compact export in a child process, checks included."""
     output = folder / "int8.onnx"
-    command = [sys.executable, "-m", "vconvert", "export", str(checkpoint), "-o", str(output), "--json",
-               "--quantize", "int8", "--compact", "--calib-data", args.calib_data, "--calib-images",
-               str(args.calib_images)]  # fmt: skip
-    code, peak, wall, stdout, stderr = run_child(command, folder)
+    command = common.vconvert_command("export", str(checkpoint), "-o", str(output), "--json", "--quantize", "int8",
+                               "--compact", "--calib-data", args.calib_data, "--calib-images",
+                               str(args.calib_images))  # fmt: skip
+    code, peak, wall, stdout, stderr = common.run_child(command, folder)
     result = {
-        "cli": " ".join(["vconvert", *command[3:]]),
+        "cli": common.shown(command),
         "exit_code": code,
         "wall_s": wall,
         "peak_rss_gb": peak,

@@ -23,23 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.compress_speed import run_measured
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="torchvision.models:resnet18")
-    parser.add_argument("--data", default=str(Path.home() / ".cache/vconvert/cifar10"))
+    parser.add_argument("--data", default=str(common.CIFAR_CACHE))
     parser.add_argument("--input-shape", default="1,3,32,32")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-limit", type=int, default=2048)
@@ -52,34 +49,34 @@ def main() -> None:
     if args.speed_grid:
         speed_grid(args)
         return
-    vconvert = [sys.executable, "-m", "vconvert"]
-    module_name, function = args.arch.split(":")
-    builder = getattr(__import__(module_name, fromlist=[function]), function)
+    builder = common.import_object(args.arch)
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         weights = work / "model.pt"
         torch.manual_seed(0)
         torch.save(builder(num_classes=10).state_dict(), weights)
-        baseline_gb, _, _ = run_measured([sys.executable, "-c", "import torchvision, vconvert.cli"], work)
+        baseline_gb = common.import_baseline_gb("torchvision, vconvert.cli", work)
         for name, extra in (("dense", ["--skip", "."]), ("versatile", [])):
             checkpoint = work / f"{name}.vc.pt"
-            run_measured([*vconvert, "compress", str(weights), "--arch", args.arch, "--arch-kwargs",
-                          '{"num_classes": 10}', "--input-shape", args.input_shape, "-o", str(checkpoint),
-                          "--json", *extra], work)  # fmt: skip
-            finetune = [*vconvert, "finetune", str(checkpoint), "-o", str(work / f"{name}.ft.vc.pt"),
-                        "--data", args.data, "--epochs", "1", "--batch-size", str(args.batch_size),
-                        "--train-limit", str(args.train_limit), "--eval-limit", "256",
-                        "--recalibrate-images", "256", "--json"]  # fmt: skip
+            compress = common.vconvert_command("compress", str(weights), "--arch", args.arch, "--arch-kwargs",
+                                               '{"num_classes": 10}', "--input-shape", args.input_shape, "-o",
+                                               str(checkpoint), "--json", *extra)  # fmt: skip
+            common.run_measured(compress, work)
+            finetune = common.vconvert_command("finetune", str(checkpoint), "-o", str(work / f"{name}.ft.vc.pt"),
+                                               "--data", args.data, "--epochs", "1", "--batch-size",
+                                               str(args.batch_size), "--train-limit", str(args.train_limit),
+                                               "--eval-limit", "256", "--recalibrate-images", "256",
+                                               "--json")  # fmt: skip
             if args.masks:
                 finetune += ["--masks", args.masks]
-            peak, wall, stdout = run_measured(finetune, work)
+            peak, wall, stdout = common.run_measured(finetune, work)
             history = json.loads(stdout)["history"]
             rows[name] = {"peak_rss_gb": peak, "peak_above_import_gb": peak - baseline_gb, "wall_s": wall,
                           "train_images_per_s": history[0]["images_per_s"]}  # fmt: skip
     result = {
         "benchmark": "finetune_cost",
-        "command": "python benchmarks/finetune_cost.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "arch": args.arch,
         "data": args.data,
         "batch_size": args.batch_size,
@@ -92,12 +89,10 @@ def main() -> None:
         / rows["versatile"]["train_images_per_s"],
         "target_peak_ratio": 1.3,
         "device": "cpu",
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.host(),
+        **common.versions("torch"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finetune_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.RESULTS / "finetune_cost.json", result)
     print(json.dumps(result, indent=2))
 
 
@@ -111,9 +106,7 @@ RULES = {  # --rules names: a mask rule, or the project rule before --project-ev
 
 def speed_grid(args: argparse.Namespace) -> None:
     """Training images/s of one versatile checkpoint for every (mask rule, batch size)."""
-    vconvert = [sys.executable, "-m", "vconvert"]
-    module_name, function = args.arch.split(":")
-    builder = getattr(__import__(module_name, fromlist=[function]), function)
+    builder = common.import_object(args.arch)
     batches = [int(batch) for batch in args.batches.split(",")]
     rules = args.rules.split(",")
     steps = 16 if args.quick else 32
@@ -123,16 +116,18 @@ def speed_grid(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         torch.save(builder(num_classes=10).state_dict(), work / "model.pt")
         checkpoint = work / "versatile.vc.pt"
-        run_measured([*vconvert, "compress", str(work / "model.pt"), "--arch", args.arch, "--arch-kwargs",
-                      '{"num_classes": 10}', "--input-shape", args.input_shape, "-o", str(checkpoint), "--json"],
-                     work)  # fmt: skip
+        compress = common.vconvert_command("compress", str(work / "model.pt"), "--arch", args.arch, "--arch-kwargs",
+                                           '{"num_classes": 10}', "--input-shape", args.input_shape, "-o",
+                                           str(checkpoint), "--json")  # fmt: skip
+        common.run_measured(compress, work)
         for batch in batches:
             for rule in rules:
-                command = [*vconvert, "finetune", str(checkpoint), "-o", str(work / f"{rule}{batch}.ft.vc.pt"),
-                           "--data", args.data, "--epochs", "1", "--batch-size", str(batch), *RULES[rule],
-                           "--train-limit", str(steps * batch), "--eval-limit", "64", "--recalibrate-images", "0",
-                           "--json"]  # fmt: skip
-                _, wall, stdout = run_measured(command, work)
+                output = work / f"{rule}{batch}.ft.vc.pt"
+                command = common.vconvert_command("finetune", str(checkpoint), "-o", str(output), "--data",
+                                                  args.data, "--epochs", "1", "--batch-size", str(batch),
+                                                  *RULES[rule], "--train-limit", str(steps * batch), "--eval-limit",
+                                                  "64", "--recalibrate-images", "0", "--json")  # fmt: skip
+                _, wall, stdout = common.run_measured(command, work)
                 speed = json.loads(stdout)["history"][0]["images_per_s"]
                 rows.append({"batch_size": batch, "masks": rule, "steps": steps, "train_images_per_s": speed,
                              "wall_s": wall})  # fmt: skip
@@ -143,21 +138,19 @@ def speed_grid(args: argparse.Namespace) -> None:
     result = {
         "benchmark": "finetune_speed_grid",
         "mode": "quick" if args.quick else "full",
-        "command": "python benchmarks/finetune_cost.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "arch": args.arch,
         "input_shape": args.input_shape,
         "rows": rows,
         "cost_per_image_over_frozen": ratios,
         "target": "project ≤ 1.3x frozen per image at batch 32",
         "device": "cpu",
-        "cpus": os.cpu_count(),
+        **common.host(),
         "threads": torch.get_num_threads(),
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.versions("torch"),
     }
-    stem = RESULTS / ("finetune_speed_grid_quick" if args.quick else "finetune_speed_grid")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = common.RESULTS / ("finetune_speed_grid_quick" if args.quick else "finetune_speed_grid")
+    common.write_json(stem.with_suffix(".json"), result)
     lines = [f"# Fine-tuning speed per mask rule and batch size ({result['mode']} mode)", "",
              f"`{result['command']}`: {args.arch} at {args.input_shape}, {steps} steps per run, "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
@@ -169,7 +162,7 @@ def speed_grid(args: argparse.Namespace) -> None:
             f"{ratios[rule][str(batch)]:.2f}x" for rule in compared
         ]
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_markdown(stem.with_suffix(".md"), lines)
     print("\n".join(lines))
 
 

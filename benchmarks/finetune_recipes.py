@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from mask_learning import compressed_start, vconvert
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from benchmarks.mask_learning import compressed_start
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_TOP1 = 88.57  # ../shared/models/README.md: the pretrained ResNet-20 on the 10,000 JPEG test images
 FROZEN = ["--masks", "frozen"]  # the default mask rule until session 6: the older recipes keep it
 RECIPES = {
@@ -57,8 +55,8 @@ assert not any("," in name for name in RECIPES), "--recipes is comma-separated: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
-    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--secondary", type=int, default=2, help="secondary filters per primary (learned mode)")
@@ -71,7 +69,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="vconvert finetune --precision")
     parser.add_argument("--loader", default="auto", help="vconvert finetune --loader")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (a GPU takes several)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "finetune_recipes", help="results path stem")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "finetune_recipes", help="results path stem")
     args = parser.parse_args()
     names = args.recipes.split(",")
     unknown = [name for name in names if name not in RECIPES]
@@ -104,19 +102,16 @@ def main() -> None:
 
 def run_recipe(args: argparse.Namespace, work: Path, compressed: Path, name: str, seed: int) -> dict:
     """Fine-tune, export and evaluate one recipe with one seed."""
-    stem = work / f"{''.join(c if c.isalnum() else '_' for c in name)}_seed{seed}"
+    stem = work / f"{common.slug(name)}_seed{seed}"
     tuned, onnx = stem.with_suffix(".vc.pt"), stem.with_suffix(".onnx")
     options = ["--data", str(args.cifar), "--epochs", str(args.epochs), "--eval-limit", "2000",
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
                "--recalibrate-images", "0", "--loader", args.loader, "--precision", args.precision]  # fmt: skip
     if args.train_limit:
         options += ["--train-limit", str(args.train_limit)]
-    started = time.perf_counter()
-    history = json.loads(vconvert("finetune", str(compressed), "-o", str(tuned), *options, *RECIPES[name], "--json"))
-    finetune_s = time.perf_counter() - started
-    vconvert("export", str(tuned), "-o", str(onnx), "--compact", "--no-compare")
-    result = json.loads(vconvert("evaluate", str(onnx), "--data", str(args.cifar), "--limit", str(args.eval_limit),
-                                 "--json"))  # fmt: skip
+    history, finetune_s = common.vconvert_json("finetune", str(compressed), "-o", str(tuned), *options, *RECIPES[name])
+    common.vconvert("export", str(tuned), "-o", str(onnx), "--compact", "--no-compare")
+    result, _ = common.vconvert_json("evaluate", str(onnx), "--data", str(args.cifar), "--limit", str(args.eval_limit))
     return {
         "recipe": name,
         "options": " ".join(RECIPES[name]),
@@ -132,7 +127,7 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
     """(Re)write the JSON and Markdown results with the runs measured so far."""
     result = {
         "benchmark": "finetune_recipes",
-        "command": "python benchmarks/finetune_recipes.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "network": f"pretrained CIFAR-10 ResNet-20 ({BASELINE_TOP1}%), learned s={args.secondary} (--init "
         f"{args.init}), every 3x3 conv but the stem",
         "start_top1_after_compress_and_bn_recalibration": start_top1,
@@ -144,14 +139,11 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
         "jobs": args.jobs,
         "eval_images": args.eval_limit,
         "compress_s": round(compress_s, 1),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()})",
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.device_fields(),
         "rows": rows,
         "complete": complete,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.output.with_suffix(".json"), result)
     by_recipe: dict[str, list[float]] = {}
     for row in rows:
         by_recipe.setdefault(row["recipe"], []).append(row["top1_onnx"])
@@ -162,7 +154,7 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
         f"{result['network']}; {args.epochs} epochs on {result['train_images']} training images, batch "
         f"{args.batch_size}, lr {args.lr}, precision {args.precision}; start (compress + BN recal) {start_top1:.2f}%; "
         f"top-1 of the exported ONNX file in onnxruntime on {args.eval_limit} test images. {result['device']}, "
-        f"torch {torch.__version__}, {platform.platform()}.",
+        f"torch {result['torch']}, {result['machine']}.",
         "",
         "| recipe | options | seed | top-1 (ONNX) | Δ vs dense 88.57 | FT val top-1 per epoch (2,000 images) | s |",
         "|---|---|---|---|---|---|---|",
@@ -177,7 +169,7 @@ def write_results(args: argparse.Namespace, start_top1: float, compress_s: float
         "",
         "Differences under ~0.3 point between single runs are within seed-to-seed noise.",
     ]
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_markdown(args.output.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

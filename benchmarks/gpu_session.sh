@@ -24,7 +24,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cache=$HOME/.cache/vconvert/cifar10
 mkdir -p "$cache" "$out"
-python3 -c "from pathlib import Path; from benchmarks.init_quality import unpack; unpack(Path('$data'), Path('$cache'))"
+python3 -c "from pathlib import Path; from benchmarks.common import unpack; unpack(Path('$data'), Path('$cache'))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, torchvision, onnxruntime; print(torch.__version__, torchvision.__version__, onnxruntime.__version__)"
 

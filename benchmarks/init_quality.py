@@ -19,20 +19,19 @@ import copy
 import json
 import platform
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sample_models.resnet_cifar import resnet20
-from vconvert.calibrate import recalibrate_batchnorm
-from vconvert.fit import initialise_from_weight, relative_error
-from vconvert.layers import VersatileConv2d
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from vconvert.convert.calibrate import recalibrate_batchnorm
+from vconvert.fit.initialise import from_conv, initialise_from_weight, relative_error
+from vconvert.nn.versatile import VersatileConv2d
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN, STD = common.CIFAR_MEAN, common.CIFAR_STD
 CALIBRATION_IMAGES = 2000
 PLAIN = {"spatial_correlation": 0.0}  # the fit under the plain Frobenius error (no spatial prior)
 VARIANTS = [  # label, layer options, init method, extra keywords of initialise_from_weight
@@ -45,17 +44,6 @@ VARIANTS = [  # label, layer options, init method, extra keywords of initialise_
     ("spatial (nested masks), fit", {"mode": "spatial"}, "fit", {}),
     ("learned s=2 shared masks, fit", {"mode": "learned", "secondary": 2, "mask_sharing": "shared"}, "fit", {}),
 ]
-
-
-def unpack(data: Path, cache: Path) -> None:
-    """Unpack the train/test archives into ``cache`` unless that was done before."""
-    for split in ("train", "test"):
-        marker = cache / f".{split}-unpacked"
-        if marker.exists():
-            continue
-        with tarfile.open(data / f"cifar10-{split}.tar.gz") as archive:
-            archive.extractall(cache, filter="data")
-        marker.touch()
 
 
 def decoded(cache: Path, seed: int = 0) -> dict[str, Tensor]:
@@ -97,25 +85,23 @@ def convert(model: nn.Module, options: dict, method: str, fit: dict | None = Non
     """Swap every 3x3 Conv2d but the stem in place; returns per-layer errors, dense and stored bits.
 
     ``fit`` holds extra keywords of :func:`initialise_from_weight`; without them the layer is made
-    exactly as ``vconvert compress`` makes it (``VersatileConv2d.from_conv``)."""
+    exactly as ``vconvert compress`` makes it (``vconvert.fit.initialise.from_conv``)."""
     errors, dense_bits, stored_bits = [], 0, 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            qualified = f"{parent_name}.{name}" if parent_name else name
-            if type(child) is nn.Conv2d and child.kernel_size == (3, 3) and qualified != "conv1":
-                if fit:
-                    layer = VersatileConv2d.shaped_like(child, **options)
-                    initialise_from_weight(layer, child.weight, child.bias, method, **fit)
-                else:
-                    layer = VersatileConv2d.from_conv(child, init=method, **options)
-                errors.append(relative_error(layer.dense_weight().detach(), child.weight.detach()))
-                dense_bits += layer.dense_bits()
-                stored_bits += layer.stored_bits()
-                setattr(parent, name, layer)
+    for name, child in list(model.named_modules()):
+        if type(child) is nn.Conv2d and child.kernel_size == (3, 3) and name != "conv1":
+            if fit:
+                layer = VersatileConv2d.shaped_like(child, **options)
+                initialise_from_weight(layer, child.weight, child.bias, method, **fit)
+            else:
+                layer = from_conv(child, init=method, **options)
+            errors.append(relative_error(layer.dense_weight().detach(), child.weight.detach()))
+            dense_bits += layer.dense_bits()
+            stored_bits += layer.stored_bits()
+            model.set_submodule(name, layer)
     return errors, dense_bits, stored_bits
 
 
-def render_markdown(meta: dict, rows: list[dict]) -> str:
+def render_markdown(meta: dict, rows: list[dict]) -> list[str]:
     """The results table for people, with the prototype's numbers (METHOD.md §6) for reference."""
     lines = [
         "# Data-free initialisation quality (ResNet-20, CIFAR-10)",
@@ -144,23 +130,22 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
         "its own 87.74% model), 83.76% after BN recalibration; s=4: 70.84%. Naive init s=2: error 0.986 there.",
         "Seconds are wall times on a machine shared with other jobs: upper bounds.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/cifar10"))
-    parser.add_argument("--cache", type=Path, default=Path("~/.cache/vconvert/cifar10").expanduser())
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--data", type=Path, default=common.SHARED_CIFAR)
+    parser.add_argument("--cache", type=Path, default=common.CIFAR_CACHE)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    unpack(args.data, args.cache)
+    common.unpack(args.data, args.cache)
     data = decoded(args.cache)
     calibration = normalise(data["calibration_images"])
-    base = resnet20()
-    base.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True), strict=True)
+    base = common.pretrained_resnet20(args.models)
 
     rows = []
     for label, options, method, fit in VARIANTS:
@@ -190,20 +175,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    command = "python benchmarks/init_quality.py " + " ".join(sys.argv[1:])
     meta = {
-        "command": command.strip(),
+        "command": common.command_line(__file__).strip(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, "
         f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **common.versions("python", "torch"),
         "model": "ResNet-20 (sample_models.resnet_cifar:resnet20), resnet20_cifar10.pt, dense 88.57% reported",
         "converted": "every 3x3 Conv2d except the stem conv1 (18 layers)",
         "data": "CIFAR-10 JPEG test split (10,000 images); BN recalibration on 2,000 random training images",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "init_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "init_quality.md").write_text(render_markdown(meta, rows))
+    common.write_json(common.RESULTS / "init_quality.json", {"meta": meta, "rows": rows})
+    common.write_markdown(common.RESULTS / "init_quality.md", render_markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 RULES = [
     ("frozen", ["--masks", "frozen"]),  # no "+ ortho" row: the penalty depends on the masks alone
     ("tpami", ["--masks", "tpami", "--mask-lr", "0.05", "--ortho-weight", "0"]),
@@ -44,31 +40,25 @@ RULES = [
 ]
 
 
-def vconvert(*args: str) -> str:
-    completed = subprocess.run([sys.executable, "-m", "vconvert", *args], capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        sys.exit(f"vconvert {args[0]} failed: {completed.stderr.strip()[-2000:]}")
-    return completed.stdout
-
-
 def compressed_start(args: argparse.Namespace, work: Path, *options: str) -> tuple[Path, float, dict]:
     """Compress the pretrained ResNet-20 (every 3x3 conv but the stem, BN recalibration on ``args.cifar``,
     extra compress ``options``) into ``work``; its path, the seconds it took, and its evaluation."""
     compressed = work / "resnet20.vc.pt"
-    started = time.perf_counter()
-    vconvert("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", "sample_models.resnet_cifar:resnet20",
-             "--input-shape", "1,3,32,32", "--skip", "downsample", "--mean", MEAN, "--std", STD,
-             "--calib-data", str(args.cifar), *options, "-o", str(compressed), "--json")  # fmt: skip
-    seconds = time.perf_counter() - started
-    evaluation = json.loads(vconvert("evaluate", str(compressed), "--data", str(args.cifar),
-                                     "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+    _, seconds = common.vconvert_json("compress", str(args.models / common.RESNET20_FILE), "--arch",
+                                      "sample_models.resnet_cifar:resnet20", "--input-shape", "1,3,32,32",
+                                      "--skip", "downsample", "--mean", common.CIFAR_MEAN_ARG, "--std",
+                                      common.CIFAR_STD_ARG, "--calib-data", str(args.cifar), *options, "-o",
+                                      str(compressed))  # fmt: skip
+    evaluation, _ = common.vconvert_json(
+        "evaluate", str(compressed), "--data", str(args.cifar), "--limit", str(args.eval_limit)
+    )
     return compressed, seconds, evaluation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
-    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-limit", type=int, default=8000, help="training images (0: all)")
     parser.add_argument("--eval-limit", type=int, default=10000)
@@ -78,7 +68,7 @@ def main() -> None:
     parser.add_argument("--loader", default="auto", help="vconvert finetune --loader")
     parser.add_argument("--jobs", type=int, default=1, help="rules fine-tuned at the same time")
     parser.add_argument("--rules", default=",".join(name for name, _ in RULES), help="comma-separated subset")
-    parser.add_argument("--output", type=Path, default=RESULTS / "mask_learning", help="results path stem")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "mask_learning", help="results path stem")
     args = parser.parse_args()
     if not (args.cifar / "train").is_dir():
         sys.exit(
@@ -94,17 +84,16 @@ def main() -> None:
 
         def run_rule(rule: tuple[str, list[str]]) -> dict:
             name, options = rule
-            output = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.vc.pt"
-            common = ["--data", str(args.cifar), "--epochs", str(args.epochs), "--eval-limit", "2000",
+            output = work / f"{common.slug(name)}.vc.pt"
+            budget = ["--data", str(args.cifar), "--epochs", str(args.epochs), "--eval-limit", "2000",
                       "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
                       "--recalibrate-images", "0", "--loader", args.loader]  # fmt: skip
             if args.train_limit:
-                common += ["--train-limit", str(args.train_limit)]
-            started = time.perf_counter()
-            history = json.loads(vconvert("finetune", str(compressed), "-o", str(output), *common, *options, "--json"))
-            seconds = time.perf_counter() - started
-            result = json.loads(vconvert("evaluate", str(output), "--data", str(args.cifar),
-                                         "--limit", str(args.eval_limit), "--json"))  # fmt: skip
+                budget += ["--train-limit", str(args.train_limit)]
+            history, seconds = common.vconvert_json("finetune", str(compressed), "-o", str(output), *budget, *options)
+            result, _ = common.vconvert_json(
+                "evaluate", str(output), "--data", str(args.cifar), "--limit", str(args.eval_limit)
+            )
             row = {
                 "rule": name,
                 "options": " ".join(options),
@@ -127,7 +116,7 @@ def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float,
     """(Re)write the JSON and Markdown results with the rows measured so far."""
     result = {
         "benchmark": "mask_learning",
-        "command": "python benchmarks/mask_learning.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "network": "pretrained CIFAR-10 ResNet-20 (../shared/models, 88.57%), learned s=2, every 3x3 conv but the stem",
         "start_top1_after_compress_and_bn_recalibration": start_eval["top1"],
         "epochs": args.epochs,
@@ -139,16 +128,11 @@ def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float,
         "eval_images": start_eval["images"],
         "seed": args.seed,
         "compress_s": round(compress_s, 1),
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.device_fields(),
         "rows": rows,
         "complete": len(rows) == len(args.rules.split(",")),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.output.with_suffix(".json"), result)
     full = args.epochs >= 15 and not args.train_limit
     lines = [
         f"# Mask-update rules in fine-tuning ({'full budget' if full else 'reduced run'}, {result['device']})",
@@ -158,7 +142,7 @@ def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float,
         f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
         f"evaluated on {result['eval_images']} test images; start (compress + BN recal): "
         f"{result['start_top1_after_compress_and_bn_recalibration']:.2f}%. "
-        f"{result['device']}, torch {torch.__version__}.",
+        f"{result['device']}, torch {result['torch']}.",
         "",
         "| rule | options | top-1 | mask bits flipped per epoch | fine-tune s |",
         "|---|---|---|---|---|",
@@ -171,7 +155,7 @@ def write_results(args: argparse.Namespace, start_eval: dict, compress_s: float,
         "",
         "One seed: differences under ~0.5 point are within run-to-run noise (METHOD.md §6).",
     ]
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_markdown(args.output.with_suffix(".md"), lines)
     print("\n".join(lines))
 
 

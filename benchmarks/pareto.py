@@ -4,7 +4,7 @@ On the pretrained CIFAR-10 ResNet-20 (../shared/models, 88.57% on the 10,000 JPE
 builds every artifact, evaluates each ONNX file with ``vconvert evaluate`` on the same test images and
 measures onnxruntime latency at batch 1 and 64 for all files side by side at the end:
 
-- dense fp32 (``vconvert.export.export`` of the base model);
+- dense fp32 (``vconvert.export.pipeline.export`` of the base model);
 - dense + INT8 PTQ: onnxruntime's ``quantize_static`` on that file (QDQ, per-channel symmetric int8
   weights, uint8 activations, 512 calibration images): the first thing a user would try;
 - dense W4: 4-bit weight-only quantization of every Conv/Gemm weight (int4 ``DequantizeLinear``,
@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +42,9 @@ import numpy as np
 import onnx
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.cifar10 import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from benchmarks.cifar10 import (
     INPUT_SHAPE,
     MEAN,
     PUBLISHED_BASELINE,
@@ -60,7 +55,6 @@ from benchmarks.cifar10 import (  # noqa: E402
     prune_to_size,
 )
 
-RESULTS = ROOT / "benchmarks" / "results"
 ARCH = "sample_models.resnet_cifar:resnet20"
 CALIBRATION_IMAGES = 512
 
@@ -102,27 +96,7 @@ ROWS = [
 ]
 
 
-# --------------------------------------------------------------------------- commands
-class Runner:
-    """Runs ``python -m vconvert ...`` and keeps every command line (with its wall time) for the record."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.commands: list[dict[str, Any]] = []
-
-    def __call__(self, *args: str, parse_json: bool = True) -> Any:
-        command = [sys.executable, "-m", "vconvert", *args, *(["--json"] if parse_json else [])]
-        shown = "vconvert " + shlex.join(command[3:]).replace(str(self.work), "$WORK")
-        print(f"$ {shown}", flush=True)
-        started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-        seconds = round(time.perf_counter() - started, 1)
-        self.commands.append({"command": shown, "seconds": seconds, "rc": completed.returncode})
-        if completed.returncode != 0:
-            raise RuntimeError(f"{shown} failed ({completed.returncode}): {completed.stderr.strip()[-1500:]}")
-        return json.loads(completed.stdout) if parse_json else completed.stdout
-
-
+# --------------------------------------------------------------------------- the budget
 @dataclass
 class Budget:
     """The fine-tuning budget every trained row shares."""
@@ -143,7 +117,7 @@ class Budget:
 
 def calibration_images(data: Path, count: int) -> torch.Tensor:
     """``count`` training images, preprocessed as the model expects (the same set for every artifact)."""
-    from vconvert.data import calibration_batches
+    from vconvert.data.datasets import calibration_batches
 
     return torch.cat(list(calibration_batches(data / "train", tuple(INPUT_SHAPE[2:]), parse(MEAN), parse(STD),
                                               batch_size=128, limit=count)))  # fmt: skip
@@ -154,7 +128,7 @@ def trained_file(work: Path, key: str) -> Path:
     return work / (f"{key}.ft.vc.pt" if "compress" in TRAININGS[key] else f"{key}.fp32.onnx")
 
 
-def train(key: str, budget: Budget, args: argparse.Namespace, run: Runner) -> dict[str, Any]:
+def train(key: str, budget: Budget, args: argparse.Namespace, run: common.Runner) -> dict[str, Any]:
     """Compress + fine-tune (versatile) or prune + fine-tune + export fp32 (pruning) unless the work folder
     already holds the result of the same options; returns what the record keeps about it."""
     work: Path = args.work
@@ -167,10 +141,10 @@ def train(key: str, budget: Budget, args: argparse.Namespace, run: Runner) -> di
     started = time.perf_counter()
     if "compress" in TRAININGS[key]:
         compressed = work / f"{key}.vc.pt"
-        result = run("compress", str(args.models / "resnet20_cifar10.pt"), "--arch", ARCH, "--input-shape",
+        result, _ = run("compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape",
                      ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample", "--mean", MEAN, "--std", STD,
                      "--calib-data", str(args.cifar), *TRAININGS[key]["compress"], "-o", str(compressed))  # fmt: skip
-        history = run("finetune", str(compressed), "-o", str(output), *budget.finetune_options(str(args.cifar)))
+        history, _ = run("finetune", str(compressed), "-o", str(output), *budget.finetune_options(str(args.cifar)))
         plan = result["plan"]
         info = {"stored_ratio": round(plan["model_dense_bits"] / plan["model_stored_bits"], 3),
                 "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]]}  # fmt: skip
@@ -183,15 +157,12 @@ def train(key: str, budget: Budget, args: argparse.Namespace, run: Runner) -> di
 
 def prune_and_finetune(target: float, budget: Budget, args: argparse.Namespace, output: Path) -> dict[str, Any]:
     """torch-pruning to ``target``x stored size, vconvert's fine-tuning loop on the plain module, fp32 ONNX."""
-    from sample_models.resnet_cifar import resnet20
-    from vconvert.export import export as export_model
-    from vconvert.finetune import FinetuneConfig
-    from vconvert.finetune import finetune as run_finetune
-    from vconvert.report import model_stored_bits
+    from vconvert.convert.report import model_stored_bits
+    from vconvert.export.pipeline import export as export_model
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune as run_finetune
 
-    base = resnet20()
-    base.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
-    base.eval()
+    base = common.pretrained_resnet20(args.models)
     pruned, channel_ratio = prune_to_size(base, target)
     config = FinetuneConfig(
         data=str(args.cifar), epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
@@ -296,8 +267,7 @@ def macs_of(path: Path) -> int:
 
 def write(record: dict[str, Any], stem: Path) -> None:
     """The JSON, the Markdown table and the plot (top-1 against file size, Pareto front drawn)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    common.write_json(stem.with_suffix(".json"), record)
     rows = [row for row in record["rows"] if "top1" in row]
     lines = [
         f"# Accuracy against ONNX file size, CIFAR-10 ResNet-20 ({record['mode']} run"
@@ -323,7 +293,7 @@ def write(record: dict[str, Any], stem: Path) -> None:
     for failed in record.get("failed", []):
         reason = failed["error"].split("error: ")[-1]
         lines += ["", f"- {failed['artifact']}: no file; the export refused it: `{reason}`"]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_markdown(stem.with_suffix(".md"), lines)
     if rows:
         _plot(rows, stem.with_suffix(".png"), record)
 
@@ -391,9 +361,9 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 training images, 2 epochs (CPU, ~15 min)")
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
-    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
-    parser.add_argument("--shared-data", type=Path, default=Path("/work/shared/data/cifar10"))
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
+    parser.add_argument("--shared-data", type=Path, default=common.SHARED_CIFAR)
     parser.add_argument("--work", type=Path, help="folder for compressed/fine-tuned files (reused when options match)")
     parser.add_argument("--rows", help="comma-separated subset of row names")
     parser.add_argument("--epochs", type=int)
@@ -411,13 +381,9 @@ def main() -> None:
     budget = Budget(args.epochs or (2 if quick else 15), args.train_limit or (2000 if quick else None),
                     args.batch_size, args.lr, args.precision, args.seed)  # fmt: skip
     eval_limit = args.eval_limit or 10000  # the whole test set in both modes: int8 vs fp32 gaps are tenths
-    stem = args.output or RESULTS / ("pareto_cifar10_quick" if quick else "pareto_cifar10")
+    stem = args.output or common.RESULTS / ("pareto_cifar10_quick" if quick else "pareto_cifar10")
     chosen = [row for row in ROWS if not args.rows or row.name in args.rows.split(",") or row.method == "dense"]
-    if not (args.cifar / "train").is_dir():
-        from benchmarks.init_quality import unpack
-
-        args.cifar.mkdir(parents=True, exist_ok=True)
-        unpack(args.shared_data, args.cifar)
+    common.ensure_cifar(args.cifar, args.shared_data)
     with tempfile.TemporaryDirectory(prefix="vconvert-pareto-") as scratch:
         args.work = args.work or Path(scratch)
         args.work.mkdir(parents=True, exist_ok=True)
@@ -426,16 +392,14 @@ def main() -> None:
 
 def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Path, chosen: list[Row],
             quick: bool) -> None:  # fmt: skip
-    import onnxruntime
-
     started = time.perf_counter()
     work: Path = args.work
-    run = Runner(work)
+    run = common.Runner(work, echo=True)
     record: dict[str, Any] = {
         "benchmark": "pareto_cifar10",
         "mode": "quick" if quick else "full",
         "complete": False,
-        "command": "python benchmarks/pareto.py " + shlex.join(sys.argv[1:]),
+        "command": common.command_line(__file__, quote=True),
         "network": f"pretrained CIFAR-10 ResNet-20 ({PUBLISHED_BASELINE}% published), arch {ARCH}",
         "epochs": budget.epochs,
         "train_images": budget.train_limit or 50000,
@@ -445,11 +409,9 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         "lr": budget.lr,
         "precision": budget.precision,
         "seed": budget.seed,
-        "device": f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                    "load_average_start": list(os.getloadavg())},
+        "device": common.device_name(),
+        "machine": {"platform": platform.platform(), **common.versions("python", "torch", "onnxruntime", "onnx"),
+                    "load_average_start": common.load_average()},
         "commands": run.commands,
         "trainings": {},
         "rows": [],
@@ -459,17 +421,15 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         write(record, stem)
     if args.train_only:
         return
-    from sample_models.resnet_cifar import resnet20
-    from vconvert.export import export as export_model
+    from vconvert.export.pipeline import export as export_model
 
-    base = resnet20()
-    base.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
+    base = common.pretrained_resnet20(args.models)
     fp32 = work / "dense.fp32.onnx"
-    export_model(base.eval(), fp32, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata())
+    export_model(base, fp32, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata())
     images = calibration_images(args.cifar, CALIBRATION_IMAGES)
     files: dict[str, Path] = {}
     for row in chosen:
-        path = work / ("".join(c if c.isalnum() else "_" for c in row.name) + ".onnx")
+        path = work / f"{common.slug(row.name)}.onnx"
         clock = time.perf_counter()
         source = fp32 if row.train is None else trained_file(work, row.train)
         if row.method == "versatile":
@@ -487,7 +447,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         else:
             path = source
         build_s = round(time.perf_counter() - clock, 1)
-        evaluation = run("evaluate", str(path), "--data", str(args.cifar), "--limit", str(eval_limit))
+        evaluation, _ = run("evaluate", str(path), "--data", str(args.cifar), "--limit", str(eval_limit))
         files[row.name] = path
         record["rows"].append({
             "artifact": row.name, "method": row.method, "bits": row.bits, "file_bytes": path.stat().st_size,
@@ -507,7 +467,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         row["latency_b64_ratio"] = round(row["latency_b64_ms"] / timing["dense fp32"]["b64"], 3)
     record["verdicts"] = verdicts(record["rows"])
     record["wall_s"] = round(time.perf_counter() - started, 1)
-    record["machine"]["load_average_end"] = list(os.getloadavg())
+    record["machine"]["load_average_end"] = common.load_average()
     record["complete"] = True
     write(record, stem)
     print(stem.with_suffix(".md").read_text())

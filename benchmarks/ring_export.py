@@ -2,7 +2,7 @@
 
 A spatial versatile conv with d x d kernels has s = ceil(d/2) nested masks; secondary j only uses the
 centred (d-2j) x (d-2j) window. The dense fold runs every output as a d x d conv; the ring form
-(:class:`vconvert.ring_export.RingConv2d`, what ``--ring`` exports) runs one cropped conv per slot,
+(:class:`vconvert.export.ring.RingConv2d`, what ``--ring`` exports) runs one cropped conv per slot,
 concatenates them and restores channel order with one Gather: 5/9 of the MACs for d = 3.
 
 1. Layers: the 3x3 conv shapes of resnet18/50 at 224x224 (batch 1), each as a dense fold and as a
@@ -20,24 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import onnxruntime
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vconvert import VersatileConv2d
-from vconvert.convert import compress
-from vconvert.export import count_macs, export, measure_latency, ort_session, to_onnx
-from vconvert.ring_export import RingConv2d
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from vconvert.convert.compress import compress
+from vconvert.convert.report import count_macs
+from vconvert.export.onnx_file import to_onnx
+from vconvert.export.pipeline import export
+from vconvert.export.ring import RingConv2d
+from vconvert.export.verify import measure_latency, ort_session
+from vconvert.fit.initialise import from_conv
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # (channels, feature map) of the 3x3 convs of resnet18 and resnet50 (bottleneck middles) at 224x224
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
@@ -46,7 +46,7 @@ def layer_row(channels: int, size: int, seconds: float) -> dict:
     """One 3x3 spatial layer: dense fold vs RingConv2d, exported and timed side by side."""
     torch.manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    layer = VersatileConv2d.from_conv(conv, init="naive", mode="spatial").eval()
+    layer = from_conv(conv, init="naive", mode="spatial").eval()
     dense = layer.fold().eval()
     ring = RingConv2d(dense, layer.secondary_index % layer.spatial_masks).eval()
     x = torch.randn(1, channels, size, size)
@@ -103,17 +103,15 @@ def main() -> None:
             print(json.dumps(models[-1]))
     result = {
         "benchmark": "ring_export",
-        "command": f"python benchmarks/ring_export.py --seconds {args.seconds} --models {args.models}",
+        "command": common.command_line(__file__, ["--seconds", str(args.seconds), "--models", args.models]),
         "layers": layers,
         "sum_layers_ring_over_dense": sum(r["latency_ms"]["ring"] for r in layers)
         / sum(r["latency_ms"]["dense"] for r in layers),
         "models": models,
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        **common.host(),
+        "versions": common.versions("torch", "onnxruntime"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ring_export.json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.RESULTS / "ring_export.json", result)
     print(json.dumps({"sum_layers_ring_over_dense": result["sum_layers_ring_over_dense"]}))
 
 

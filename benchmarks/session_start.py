@@ -12,9 +12,7 @@ Target (issue 17): a compact int8 file starts ≤ 100 ms later than the dense in
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +20,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
 
 def session_start_ms(path: Path, threads: int) -> float:
@@ -58,16 +57,14 @@ def main() -> None:
     result = {
         "benchmark": "session_start",
         "mode": "quick" if args.quick else "full",
-        "command": "python benchmarks/session_start.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "rounds": rounds,
         "threads": args.threads,
         "rows": rows,
-        "onnxruntime": ort.__version__,
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
+        **common.versions("onnxruntime"),
+        **common.host(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.RESULTS / f"{args.output}.json", result)
     for row in rows:
         print(f"{row['file']:45s} {row['median_ms']:8.1f} ms  ({row['minus_reference_ms']:+.1f} ms)")
 

@@ -18,35 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import onnxruntime
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 from benchmarks.train_step import make_versatile, time_steps
 from sample_models.resnet_cifar import resnet20
-from vconvert.export import export, measure_latency, ort_session
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cli(*args: str) -> tuple[dict, float]:
-    """Run ``vconvert ARGS --json``; (parsed output, wall seconds)."""
-    started = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", "vconvert", *args, "--json"], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if completed.returncode != 0:
-        sys.exit(f"vconvert {args[0]} failed: {completed.stderr.strip()[-1500:]}")
-    return json.loads(completed.stdout), seconds
+from vconvert.export.pipeline import export
+from vconvert.export.verify import measure_latency, ort_session
 
 
 def train_step_ratio(rounds: int, batch: int = 128) -> dict:
@@ -73,10 +58,12 @@ def arch_row(arch: str, folder: Path, latency_seconds: float) -> dict:
     torch.save(original.state_dict(), weights)
     export(original, original_onnx, input_shape=[1, 3, 224, 224], measure=False)
     compressed = folder / f"{arch}.vc.pt"
-    plan, compress_s = cli("compress", str(weights), "--arch", f"torchvision.models:{arch}", "-o", str(compressed))
+    plan, compress_s = common.vconvert_json(
+        "compress", str(weights), "--arch", f"torchvision.models:{arch}", "-o", str(compressed)
+    )
     files = {"original": original_onnx, "dense": folder / f"{arch}.dense.onnx", "compact": folder / f"{arch}.c.onnx"}
-    _, dense_s = cli("export", str(compressed), "-o", str(files["dense"]))
-    _, compact_s = cli("export", str(compressed), "-o", str(files["compact"]), "--compact")
+    _, dense_s = common.vconvert_json("export", str(compressed), "-o", str(files["dense"]))
+    _, compact_s = common.vconvert_json("export", str(compressed), "-o", str(files["compact"]), "--compact")
     sessions = {name: ort_session(str(path)) for name, path in files.items()}
     latency: dict[str, dict[str, float]] = {}
     for batch in (1, 32):
@@ -107,15 +94,14 @@ def main() -> None:
     args = parser.parse_args()
     result: dict = {
         "benchmark": "speed",
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
+        "command": common.command_line(__file__),
+        **common.host(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        "load_average_start": list(os.getloadavg()),
+        "versions": common.versions("torch", "onnxruntime"),
+        "load_average_start": common.load_average(),
         "train_step_cpu": train_step_ratio(args.rounds),
     }
-    gpu = RESULTS / "train_step_cuda.json"
+    gpu = common.RESULTS / "train_step_cuda.json"
     if gpu.exists():
         recorded = json.loads(gpu.read_text())
         result["train_step_gpu"] = {
@@ -126,9 +112,8 @@ def main() -> None:
         }
     with tempfile.TemporaryDirectory() as folder:
         result["archs"] = [arch_row(arch, Path(folder), args.latency_seconds) for arch in args.archs.split(",")]
-    result["load_average_end"] = list(os.getloadavg())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["load_average_end"] = common.load_average()
+    common.write_json(common.RESULTS / "speed.json", result)
     print(json.dumps(result, indent=2))
 
 

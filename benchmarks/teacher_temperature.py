@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from init_quality import MEAN, STD
 from torchvision import datasets, transforms
 
-from sample_models.resnet_cifar import resnet20
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 
 
 def softness(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, float]:
@@ -41,17 +39,15 @@ def softness(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("/work/shared/models"))
-    parser.add_argument("--cifar", type=Path, default=Path.home() / ".cache/vconvert/cifar10")
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--temperatures", default="1,2,4")
-    parser.add_argument("--output", type=Path, default=RESULTS / "teacher_temperature.json")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "teacher_temperature.json")
     args = parser.parse_args()
 
-    teacher = resnet20()
-    teacher.load_state_dict(torch.load(args.models / "resnet20_cifar10.pt", weights_only=True))
-    teacher.eval()
-    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    teacher = common.pretrained_resnet20(args.models)
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(common.CIFAR_MEAN, common.CIFAR_STD)])
     images = datasets.ImageFolder(str(args.cifar / "train"), preprocess)
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: args.images].tolist()
     inputs = torch.stack([images[i][0] for i in chosen])
@@ -60,14 +56,14 @@ def main() -> None:
         logits = teacher(inputs)
     rows = [softness(logits, labels, float(t)) for t in args.temperatures.split(",")]
     record = {
-        "command": "python benchmarks/teacher_temperature.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "teacher": "pretrained CIFAR-10 ResNet-20 (88.57%, trained with label smoothing 0.1)",
         "images": f"{args.images} training images (seed 0), no augmentation",
         "teacher_train_top1": round(100.0 * (logits.argmax(dim=1) == labels).float().mean().item(), 2),
         "uniform_entropy_nats": round(math.log(logits.shape[1]), 4),
         "rows": rows,
     }
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
+    common.write_json(args.output, record)
     print(json.dumps(record, indent=2))
 
 

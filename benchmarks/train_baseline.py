@@ -2,8 +2,8 @@
 running the CIFAR-10 table on the project's own baselines (`benchmarks/cifar10.py --base FILE --arch A`).
 
 Recipe: SGD + Nesterov (momentum 0.9), linear warm-up then cosine, weight decay on conv and linear
-weights only (vconvert.finetune.parameter_groups), label smoothing, random crop (pad 4, reflect) +
-horizontal flip; the whole split held on the device (vconvert.device_data), channels_last and bf16
+weights only (vconvert.train.finetune.parameter_groups), label smoothing, random crop (pad 4, reflect) +
+horizontal flip; the whole split held on the device (vconvert.data.device), channels_last and bf16
 autocast on CUDA. Meant for a GPU: on 2 CPU cores an epoch of ResNet-20 takes minutes, so there use
 ``--train-limit`` and few epochs to check it runs.
 
@@ -19,10 +19,8 @@ never committed); the recipe, per-epoch losses and the final top-1 on the test s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,13 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `sample_models` importable
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+from vconvert.train.finetune import parameter_groups, warmup_cosine
 
-from vconvert.finetune import parameter_groups, warmup_cosine  # noqa: E402
-
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN, STD = common.CIFAR_MEAN, common.CIFAR_STD
 ARCHS = ("resnet8", "resnet20", "resnet56")
 CACHE = Path.home() / ".cache" / "vconvert"
 
@@ -73,14 +69,14 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--train-limit", type=int, default=0, help="training images (0: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cifar", type=Path, default=CACHE / "cifar10", help="unpacked CIFAR-10 (train/, test/)")
-    parser.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE, help="unpacked CIFAR-10 (train/, test/)")
+    parser.add_argument("--shared-data", type=Path, default=common.SHARED_CIFAR)
     parser.add_argument("--output", type=Path, help="state_dict path (default ~/.cache/vconvert/baselines/)")
     parser.add_argument("--results", type=Path, help="results JSON (default benchmarks/results/baseline_ARCH.json)")
     args = parser.parse_args()
     output = args.output or CACHE / "baselines" / f"{args.arch}_cifar10.pt"
-    results = args.results or ROOT / "benchmarks" / "results" / f"baseline_{args.arch}.json"
-    if inside(output, ROOT):
+    results = args.results or common.RESULTS / f"baseline_{args.arch}.json"
+    if inside(output, common.ROOT):
         sys.exit(f"--output {output} is inside the repository; trained models are kept outside it.")
     if args.epochs < 1 or args.batch_size < 1:
         sys.exit("--epochs and --batch-size must be at least 1.")
@@ -88,14 +84,10 @@ def main() -> None:
     from rich.progress import Progress
 
     from sample_models import resnet_cifar
-    from vconvert.data import open_split
-    from vconvert.device_data import DeviceImageSet
+    from vconvert.data.datasets import open_split
+    from vconvert.data.device import DeviceImageSet
 
-    if not (args.cifar / "train").is_dir():
-        from benchmarks.init_quality import unpack
-
-        args.cifar.mkdir(parents=True, exist_ok=True)
-        unpack(args.shared_data, args.cifar)
+    common.ensure_cifar(args.cifar, args.shared_data)
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -162,22 +154,19 @@ def main() -> None:
     os.replace(partial, output)
     record = {
         "benchmark": "train_baseline",
-        "command": "python benchmarks/train_baseline.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line(__file__),
         "arch": f"sample_models.resnet_cifar:{args.arch}",
         "recipe": {"epochs": epochs, **{key: getattr(args, key) for key in
                    ("batch_size", "lr", "warmup_epochs", "weight_decay", "label_smoothing", "seed", "seconds")}},
         "train_images": len(train),
         "test_images": len(test),
         "top1_test": round(top1, 2),
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.device_fields(),
         "wall_s": round(time.perf_counter() - started, 1),
         "model_file": str(output),
         "history": history,
     }  # fmt: skip
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(record, indent=2) + "\n")
+    common.write_json(results, record)
     print(f"{args.arch}: top-1 {top1:.2f}% on {len(test)} test images; model {output}, results {results}")
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,19 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
 from sample_models.resnet_cifar import resnet20
-from vconvert import VersatileConv2d, versatile_layers
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from vconvert import versatile_layers
+from vconvert.fit.initialise import from_conv
 
 
 def make_versatile(model: nn.Module, **options) -> nn.Module:
     """Swap every 3x3 Conv2d except the stem for a VersatileConv2d initialised from it."""
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            qualified = f"{parent_name}.{name}" if parent_name else name
-            if type(child) is nn.Conv2d and child.kernel_size == (3, 3) and qualified != "conv1":
-                setattr(parent, name, VersatileConv2d.from_conv(child, **options))
+    for name, child in list(model.named_modules()):
+        if type(child) is nn.Conv2d and child.kernel_size == (3, 3) and name != "conv1":
+            model.set_submodule(name, from_conv(child, **options))
     return model
 
 
@@ -81,20 +80,17 @@ def main() -> None:
         times["versatile"].append(time_steps(versatile, batch, labels, args.steps))
 
     median = {name: statistics.median(values) for name, values in times.items()}
+    options = ["--device", args.device, "--batch", str(args.batch), "--rounds", str(args.rounds), "--steps",
+               str(args.steps), "--mode", args.mode, "--secondary", str(args.secondary)]  # fmt: skip
     result = {
         "benchmark": "train_step",
-        "command": f"python benchmarks/train_step.py --device {args.device} --batch {args.batch} "
-        f"--rounds {args.rounds} --steps {args.steps} --mode {args.mode} --secondary {args.secondary}",
+        "command": common.command_line(__file__, options),
         "network": "CIFAR ResNet-20 (sample_models.resnet_cifar:resnet20), 32x32 inputs",
         "converted_layers": converted,
         "mode": args.mode,
         "secondary": args.secondary,
         "batch": args.batch,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        **common.device_fields(device),
         "dense_step_s": median["dense"],
         "versatile_step_s": median["versatile"],
         "ratio_versatile_over_dense": median["versatile"] / median["dense"],
@@ -102,9 +98,8 @@ def main() -> None:
         "rounds": args.rounds,
         "steps_per_round": args.steps,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "train_step.json" if device.type == "cpu" else f"train_step_{device.type}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.RESULTS / name, result)
     print(json.dumps(result, indent=2))
 
 

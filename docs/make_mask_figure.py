@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from vconvert.api import load_checkpoint
-from vconvert.layers import group_members
+from vconvert.io.checkpoint import load_checkpoint
+from vconvert.nn.versatile import group_members
 
 
 def mask_image(masks: torch.Tensor, members: torch.Tensor, rows: int, channels: int, cell: int = 6) -> Image.Image:

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from sample_models.resnet_cifar import resnet8, resnet20, resnet56
 from sample_models.vgg_small import vgg_small
-from vconvert.data import SeededSamples, open_split
-from vconvert.finetune import evaluate_model, warmup_cosine
-from vconvert.io import atomic_save, atomic_write_bytes
+from vconvert.data.datasets import SeededSamples, open_split
+from vconvert.evaluate import evaluate_model
+from vconvert.io.files import atomic_save, atomic_write_bytes
+from vconvert.train.finetune import warmup_cosine
 
 ARCHS = {"resnet8": resnet8, "resnet20": resnet20, "resnet56": resnet56, "vgg_small": vgg_small}
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vconvert.io.metadata import CheckpointMetadata
+
 
 def error_message(result) -> str:
     """The one-sentence error of a refused command: the last line of its stderr and the only one starting
@@ -40,7 +42,7 @@ def write_user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: st
 def finetune_cut(source: Path, output: Path, config) -> None:
     """Fine-tune ``source`` into ``output`` with ``config``, stopped by an exception after the first
     epoch's checkpoint (which holds the state to resume from)."""
-    from vconvert.finetune import finetune
+    from vconvert.train.finetune import finetune
 
     class Stop(Exception):
         pass
@@ -54,7 +56,87 @@ def finetune_cut(source: Path, output: Path, config) -> None:
 
 def finetune_cut_and_resumed(source: Path, output: Path, config) -> None:
     """:func:`finetune_cut`, then the run finished with ``resume=True``."""
-    from vconvert.finetune import finetune
+    from vconvert.train.finetune import finetune
 
     finetune_cut(source, output, config)
     finetune(source, output, config, resume=True)
+
+
+def invoke(*args):
+    """Run the vconvert CLI in-process with string arguments."""
+    from typer.testing import CliRunner
+
+    from vconvert.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+RESNET8_ARCH = "sample_models.resnet_cifar:resnet8"
+
+
+QUICK = {
+    "data": "digits",
+    "epochs": 2,
+    "batch_size": 64,
+    "train_limit": 256,
+    "eval_limit": 96,
+    "workers": 0,
+    "recalibrate_images": 128,
+}
+
+
+def converted_checkpoint(path: Path, in_channels: int = 1, num_classes: int = 10) -> Path:
+    """resnet8 (random weights) compressed with the defaults and saved as a .vc.pt at ``path``."""
+    import torch
+
+    from sample_models.resnet_cifar import resnet8
+    from vconvert import compress, save
+    from vconvert.io.untrusted import BaseSpec
+
+    torch.manual_seed(0)
+    teacher = resnet8(num_classes=num_classes, in_channels=in_channels).eval()
+    model, plan = compress(teacher, torch.randn(2, in_channels, 32, 32))
+    base = BaseSpec(
+        arch="sample_models.resnet_cifar:resnet8",
+        arch_kwargs={"in_channels": in_channels, "num_classes": num_classes},
+        pickled=None,
+        source="test",
+    )
+    save(path, model, plan, base, teacher, CheckpointMetadata(input_shape=[1, in_channels, 32, 32]))
+    return path
+
+
+def assert_one_sentence_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output + result.stderr
+    message = error_message(result)
+    assert message.startswith("error:") and "Traceback" not in result.output + result.stderr
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def compress_resnet8(folder: Path, *options: str) -> Path:
+    """resnet8 (random weights) saved and compressed by the CLI at 2x3x32x32, naive init."""
+    import torch
+
+    from sample_models.resnet_cifar import resnet8
+
+    torch.manual_seed(0)
+    weights = folder / "resnet8.pt"
+    torch.save(resnet8().state_dict(), weights)
+    output = folder / "resnet8.vc.pt"
+    result = invoke(
+        "compress",
+        weights,
+        "--arch",
+        RESNET8_ARCH,
+        "--input-shape",
+        "2,3,32,32",
+        "-o",
+        output,
+        "--init",
+        "naive",
+        *options,
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    return output

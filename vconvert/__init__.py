@@ -1,16 +1,27 @@
-"""vconvert: turn the convolutions of a pretrained CNN into versatile convolutions."""
+"""vconvert: turn the convolutions of a pretrained CNN into versatile convolutions.
+
+The flat API, one name per stage: :func:`compress` (a model in, a converted model and its plan out),
+:func:`finetune` (a ``.vc.pt`` in, fine-tuned ``.vc.pt`` files out), :func:`export_checkpoint` (a ``.vc.pt``
+in, a verified ONNX file out), :func:`evaluate_file`; :func:`load_model` reads a model file safely and
+:func:`save` / :func:`load_checkpoint` write and read ``.vc.pt`` files. The stages live in the subpackages
+``nn`` (the layer), ``fit``, ``convert``, ``train``, ``data``, ``export``, ``io`` and ``cli``
+(docs/LAYOUT.md).
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from vconvert.api import Checkpoint, load, load_checkpoint, save
-from vconvert.convert import ConversionPlan, compress
-from vconvert.layers import (
-    VersatileConv2d,
-    clip_mask_proxies_,
-    fold_model,
-    orthogonality_loss,
-    versatile_layers,
-)
+from vconvert.convert.compress import compress
+from vconvert.convert.plan import ConversionPlan
+from vconvert.errors import BadInputError, CheckFailedError, UntrustedCodeError, VConvertError, VConvertWarning
+from vconvert.evaluate import evaluate_file
+from vconvert.export.checkpoint import export_checkpoint
+from vconvert.fit.initialise import from_conv
+from vconvert.io.checkpoint import Checkpoint, load, load_checkpoint, save
+from vconvert.io.metadata import CheckpointMetadata
+from vconvert.io.untrusted import BaseSpec, load_model
+from vconvert.nn.versatile import VersatileConv2d, clip_mask_proxies_, fold_model, orthogonality_loss, versatile_layers
+from vconvert.train.config import FinetuneConfig
+from vconvert.train.finetune import finetune
 
 try:
     __version__ = version("vconvert")
@@ -18,15 +29,28 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BadInputError",
+    "BaseSpec",
+    "CheckFailedError",
     "Checkpoint",
+    "CheckpointMetadata",
     "ConversionPlan",
+    "FinetuneConfig",
+    "UntrustedCodeError",
+    "VConvertError",
+    "VConvertWarning",
     "VersatileConv2d",
     "__version__",
     "clip_mask_proxies_",
     "compress",
+    "evaluate_file",
+    "export_checkpoint",
+    "finetune",
     "fold_model",
+    "from_conv",
     "load",
     "load_checkpoint",
+    "load_model",
     "orthogonality_loss",
     "save",
     "versatile_layers",

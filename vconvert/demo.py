@@ -56,14 +56,18 @@ def run_demo(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> DemoResult:
     """Run the pipeline into ``workdir`` and measure both models on their exported ONNX files."""
-    from vconvert.api import load_checkpoint, save
-    from vconvert.convert import compress
+    from vconvert.convert.compress import compress
+    from vconvert.convert.report import count_macs, model_stored_bits
     from vconvert.evaluate import evaluate_file
-    from vconvert.export import compare, count_macs, export, export_checkpoint
-    from vconvert.finetune import FinetuneConfig, finetune
-    from vconvert.io import load_model
-    from vconvert.layers import fold_model
-    from vconvert.report import model_stored_bits
+    from vconvert.export.checkpoint import export_checkpoint
+    from vconvert.export.pipeline import export
+    from vconvert.export.verify import compare
+    from vconvert.io.checkpoint import load_checkpoint, save
+    from vconvert.io.metadata import CheckpointMetadata
+    from vconvert.io.untrusted import load_model
+    from vconvert.nn.versatile import fold_model
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +81,8 @@ def run_demo(
     original, base = load_model(weights, arch=record["arch"], arch_kwargs=record["arch_kwargs"])
     converted, plan = compress(original, torch.randn(*shape))
     preprocessing = {"mean": spec["mean"], "std": spec["std"], "input_size": spec["input_size"]}
-    save(
-        files["resnet20.vc.pt"], converted, plan, base, original, {"input_shape": shape, "preprocessing": preprocessing}
-    )
+    metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
+    save(files["resnet20.vc.pt"], converted, plan, base, original, metadata)
     stages["compress"] = time.perf_counter() - started
     say(
         f"1/4 compress: {len(plan.converted)} of {len(plan.layers)} convs made versatile (learned masks, s=2), "

@@ -32,3 +32,13 @@ class CheckFailedError(VConvertError):
 
 class MissingCalibrationError(BadInputError):
     """Int8 quantization was asked for without calibration images (none given, none recorded)."""
+
+
+def first_line(error: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters
+    with "..." so that it fits in a one-sentence error."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    return line[: limit - 3] + "..."

@@ -9,25 +9,52 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vconvert.data import (
+from vconvert.data.datasets import (
     DIGITS,
     DataSpec,
+    batch_loader,
     check_class_count,
     choose_data,
     default_image_size,
     describe_input,
+    limited,
     log,
     normalisation_origin,
     open_split,
 )
-from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning
-from vconvert.finetune import _limited, evaluate_model, topk_correct
+from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning, first_line
 from vconvert.validate import check_input_shape, check_preprocessing
 
 ONNX_PREPROCESSING_KEY = "vconvert.preprocessing"
 ONNX_INPUT_SHAPE_KEY = "vconvert.input_shape"
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device, batch: int = 256, workers: int = 2):
+    """(top-1 %, top-5 %, images) of ``model`` on ``dataset``."""
+    return evaluate_batches(model, batch_loader(dataset, batch, workers), device)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, device: torch.device) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, images) of ``model`` on (images, labels) ``batches``."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in batches:
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        correct1 += topk_correct(logits, labels, 1)
+        correct5 += topk_correct(logits, labels, 5)
+        total += len(labels)
+    return 100.0 * correct1 / max(1, total), 100.0 * correct5 / max(1, total), total
 
 
 class ClassNamesWarning(VConvertWarning):
@@ -45,11 +72,6 @@ class Evaluation:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:160]
 
 
 def _metadata_value(props: dict[str, str], keys: tuple[str, ...], path: Path) -> tuple[str, object]:
@@ -94,7 +116,7 @@ def _onnx_session(path: Path):
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own types for graphs it cannot load
-        raise BadInputError(f"onnxruntime cannot load {path} ({_first_line(error)}).") from None
+        raise BadInputError(f"onnxruntime cannot load {path} ({first_line(error)}).") from None
 
 
 def _onnx_input_shape(
@@ -119,7 +141,7 @@ def _onnx_input_shape(
     if fixed[2] and fixed[3]:
         size_from = "the ONNX graph's fixed input size"
     elif asked:
-        size_from = "--input-shape"
+        size_from = "`input_shape`"
     elif recorded or (preprocessing or {}).get("input_size"):
         size_from = f"the input shape {path.name} records"
     else:
@@ -140,7 +162,7 @@ def _onnx_input_shape(
 
 def _default_size_origin(data: str) -> str:
     size = "x".join(map(str, default_image_size(data)))
-    return f"digits' own {size}" if data == DIGITS else f"the default for folders, {size}; --input-shape sets it"
+    return f"digits' own {size}" if data == DIGITS else f"the default for folders, {size}; `input_shape` sets it"
 
 
 def _split(
@@ -158,12 +180,11 @@ def _split(
         augment=False,
         size_from=size_from,
     )
-    return _limited(dataset, limit, 0), spec
+    return limited(dataset, limit, 0), spec
 
 
-def _check_recorded_classes(metadata: dict, spec: DataSpec, path: Path) -> None:
+def _check_recorded_classes(recorded: list[str] | None, spec: DataSpec, path: Path) -> None:
     """Warn when a checkpoint records class names and the data's class folders are named otherwise."""
-    recorded = (metadata.get("data") or {}).get("classes") if isinstance(metadata.get("data"), dict) else None
     if isinstance(recorded, list) and len(recorded) == len(spec.classes) and recorded != spec.classes:
         shown = ", ".join(map(str, recorded[:3])) + (", ..." if len(recorded) > 3 else "")
         warnings.warn(
@@ -193,7 +214,7 @@ def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int, classes: i
             logits = torch.from_numpy(session.run(None, {declared.name: images.numpy()})[0])[: len(labels)]
         except Exception as error:  # onnxruntime raises its own types
             raise BadInputError(
-                f"onnxruntime cannot run {path} on images of shape {list(images.shape)} ({_first_line(error)})."
+                f"onnxruntime cannot run {path} on images of shape {list(images.shape)} ({first_line(error)})."
             ) from None
         if logits.ndim != 2 or len(logits) != len(labels) or not logits.is_floating_point():
             raise BadInputError(f"{path} gives outputs of shape {list(logits.shape)}, not (batch, classes) scores.")
@@ -238,28 +259,28 @@ def evaluate_file(
         log.info(describe_input(spec, size_from, normalisation_from, data_from))
         top1, top5, images = _evaluate_onnx(session, path, dataset, batch, len(spec.classes))
         return Evaluation(str(path), "onnx", data, images, top1, top5)
-    from vconvert.api import is_checkpoint, load_checkpoint
+    from vconvert.io.checkpoint import is_checkpoint, load_checkpoint
 
-    metadata: dict = {}
+    recorded_classes = None
     if is_checkpoint(path):
         checkpoint = load_checkpoint(path, trust=trust)
-        metadata = checkpoint.metadata or {}
-        data, data_from = choose_data(data, metadata, path)
+        data, data_from = choose_data(data, checkpoint.metadata.recorded_data(), path)
         model, kind = checkpoint.model, "vconvert checkpoint"
-        preprocessing = metadata.get("preprocessing") or {}
-        size_from = "--input-shape" if input_shape else f"the input shape {path.name} records"
-        input_shape = input_shape or metadata.get("input_shape") or checkpoint.plan.input_shape
+        preprocessing = checkpoint.metadata.preprocessing or {}
+        recorded_classes = (checkpoint.metadata.data or {}).get("classes")
+        size_from = "`input_shape`" if input_shape else f"the input shape {path.name} records"
+        input_shape = input_shape or checkpoint.metadata.input_shape
     else:
-        from vconvert.io import load_model
+        from vconvert.io.untrusted import load_model
 
         model, _ = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
         data, data_from = choose_data(data, None, path)
         kind, preprocessing = "model", {}
-        size_from = "--input-shape" if input_shape else _default_size_origin(data)
+        size_from = "`input_shape`" if input_shape else _default_size_origin(data)
     dataset, spec = _split(data, preprocessing, input_shape, limit, size_from)
     normalisation_from = normalisation_origin(False, bool(preprocessing.get("mean")), path, data)
     log.info(describe_input(spec, size_from, normalisation_from, data_from))
-    _check_recorded_classes(metadata, spec, path)
+    _check_recorded_classes(recorded_classes, spec, path)
     image, _ = dataset[0]
     try:
         with torch.no_grad():
@@ -268,6 +289,6 @@ def evaluate_file(
         top1, top5, images = evaluate_model(model, dataset, torch.device("cpu"), batch=batch, workers=workers)
     except RuntimeError as error:  # the model's own forward refuses the images
         raise BadInputError(
-            f"The model of {path} rejects the evaluation images ({_first_line(error)}): give the input shape it takes."
+            f"The model of {path} rejects the evaluation images ({first_line(error)}): give the input shape it takes."
         ) from error
     return Evaluation(str(path), kind, data, images, top1, top5)

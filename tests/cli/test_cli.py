@@ -1,0 +1,156 @@
+"""The command line: its entry points (console script, ``python -m vconvert``) print the package's version, every
+option the README shows exists on the command it is shown with, and each command's ``--help`` lists exactly
+the options its function declares."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import vconvert
+from vconvert.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+GROUP = typer.main.get_command(app)
+COMMANDS = sorted(GROUP.commands)
+OPTION = re.compile(r"--?[A-Za-z][\w-]*")
+# Options the README gives to other programs than vconvert: torchrun's, and the benchmark scripts' (checked below
+# against the scripts' own argument parsers).
+NOT_VCONVERT = {"--nproc_per_node": None, "--quick": "benchmarks/cifar10.py", "--base": "benchmarks/cifar10.py",
+                "--work": "benchmarks/pareto.py"}  # fmt: skip
+# The command each row of the README's "Options that matter" table is about, keyed by the row's first option.
+TABLE_COMMAND = {
+    "--mode": "compress",
+    "--secondary": "compress",
+    "--target-ratio": "compress",
+    "--skip": "compress",
+    "--masks": "finetune",
+    "--loader": "finetune",
+    "--distill": "finetune",
+    "--precision": "finetune",
+    "--ema": "finetune",
+    "--label-smoothing": "finetune",
+    "--feature-distill": "finetune",
+    "--compact": "export",
+    "--quantize": "export",
+    "--calib-data": "export",
+    "--ring": "export",
+}
+
+
+def _declared(command) -> set[str]:
+    """Every option name (long, short, the --no- of a flag) a click command declares, --help included."""
+    names = {"--help"}
+    for param in command.params:
+        if param.param_type_name == "option":
+            names |= {*param.opts, *param.secondary_opts}
+    return names
+
+
+def _help(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _listed_options(help_text: str) -> set[str]:
+    """The option names in the first column of ``--help``'s option panels (not those its help texts mention)."""
+    assert "Options ─" in help_text, help_text
+    names: set[str] = set()
+    for line in help_text.splitlines():
+        row = re.match(r"│\s{1,4}(?:\*\s+)?(-{1,2}[A-Za-z][\w-]*(?:\s+-{1,2}[A-Za-z][\w-]*)*)", line)
+        if row:
+            names |= set(row.group(1).split())
+    return names
+
+
+def _readme_invocations() -> list[tuple[str, list[str]]]:
+    """(command, option names) of every vconvert invocation the README shows: each line of its bash blocks,
+    and each inline code span that starts with ``vconvert <command>`` or ``<command> --option``."""
+    texts = [line.split("  #")[0] for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
+             for line in block.splitlines()]  # fmt: skip
+    texts += re.findall(r"(?<!`)`([^`]+)`(?!`)", README)
+    invocations = []
+    for text in texts:
+        words = text.split()
+        if "vconvert" in words and words.index("vconvert") + 1 < len(words):
+            words = words[words.index("vconvert") + 1 :]
+        elif not (len(words) > 1 and words[0] in COMMANDS and words[1].startswith("-")):
+            continue
+        if words[0] in COMMANDS or not words[0].startswith("-"):
+            invocations.append((words[0], [word for word in words[1:] if OPTION.fullmatch(word)]))
+    return invocations
+
+
+def test_version_flag_prints_package_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    installed = importlib.metadata.version("vconvert")
+    assert result.output == f"vconvert {installed}\n" and vconvert.__version__ == installed
+    declared = re.search(r'^\[project\]$.*?^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert declared and installed == declared.group(1), "the installed metadata is pyproject.toml's (reinstall)"
+
+
+@pytest.mark.parametrize("how", ["python -m vconvert", "console script"])
+def test_entry_points_print_the_version(how: str) -> None:
+    program = [sys.executable, "-m", "vconvert"] if how == "python -m vconvert" else [
+        str(Path(sys.executable).parent / "vconvert")]  # fmt: skip
+    completed = subprocess.run([*program, "--version"], capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == f"vconvert {vconvert.__version__}\n" and not completed.stderr
+
+
+def test_help_lists_exactly_the_commands_and_the_group_options() -> None:
+    text = _help()
+    listed = {row.group(1) for line in text.splitlines() if (row := re.match(r"│ ([a-z][\w-]*)\s", line))}
+    assert listed == set(COMMANDS) and {"compress", "inspect", "finetune", "export", "evaluate"} <= listed
+    assert _listed_options(text) == _declared(GROUP) == {"--version", "--help"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_lists_exactly_the_options_its_function_declares(command: str) -> None:
+    click_command = GROUP.commands[command]
+    function = inspect.signature(click_command.callback).parameters
+    assert [param.name for param in click_command.params] == list(function), "one CLI parameter per argument"
+    assert not any(getattr(param, "hidden", False) for param in click_command.params)
+    assert _listed_options(_help(command)) == _declared(click_command)
+
+
+def test_every_option_a_readme_command_shows_exists_on_that_command() -> None:
+    invocations = _readme_invocations()
+    shown = {command for command, _ in invocations}
+    assert {"compress", "inspect", "finetune", "export", "evaluate"} <= shown, shown
+    for command, options in invocations:
+        assert command in COMMANDS, f"the README runs `vconvert {command}`, which does not exist"
+        missing = set(options) - _declared(GROUP.commands[command])
+        assert not missing, f"the README gives `vconvert {command}` {sorted(missing)}, which it does not declare"
+
+
+def test_every_option_of_the_readme_table_exists_on_its_command() -> None:
+    section = README.split("## Options that matter")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `-")]
+    firsts = [re.search(r"--[\w-]+", row).group(0) for row in rows]
+    assert firsts == list(TABLE_COMMAND), "a row was added or moved: say which command it is about in TABLE_COMMAND"
+    for first, row in zip(firsts, rows, strict=True):
+        command = TABLE_COMMAND[first]
+        missing = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", row)) - _declared(GROUP.commands[command])
+        assert not missing, f"the README's table gives `vconvert {command}` {sorted(missing)}"
+
+
+def test_every_option_the_readme_names_is_a_vconvert_option() -> None:
+    everywhere = set().union(_declared(GROUP), *(_declared(GROUP.commands[command]) for command in COMMANDS))
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", README))
+    assert named - everywhere <= set(NOT_VCONVERT), sorted(named - everywhere - set(NOT_VCONVERT))
+    for option, script in NOT_VCONVERT.items():
+        assert option not in everywhere, f"{option} is a vconvert option now"
+        if script:
+            assert f'"{option}"' in (ROOT / script).read_text(), f"{script} has no {option} option"

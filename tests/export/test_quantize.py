@@ -1,0 +1,330 @@
+"""INT8 export: the integer algebra of versatile convs, the QDQ files in onnxruntime, and `export --quantize`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import assert_one_sentence_error, compress_resnet8, invoke
+from onnx import TensorProto, helper
+from torch import nn
+
+from sample_models.resnet_cifar import resnet8
+from vconvert import VersatileConv2d, compress
+from vconvert.demo import sample_model_files
+from vconvert.errors import CheckFailedError
+from vconvert.evaluate import evaluate_file
+from vconvert.export.compact import encode_layer
+from vconvert.export.fold import prepare_for_export
+from vconvert.export.pipeline import export
+from vconvert.export.quantize import decode_int8_layer, encode_int8_layer, int8_layer_subgraph, quantize_primaries
+from vconvert.fit.initialise import from_conv
+from vconvert.nn.versatile import materialise_weight
+
+MODES = {
+    "learned-s2": {"mode": "learned", "secondary": 2},
+    "learned-s4": {"mode": "learned", "secondary": 4},
+    "spatial": {"mode": "spatial"},
+    "channel-s2": {"mode": "channel", "secondary": 2},
+    "spatial+channel": {"mode": "spatial+channel", "secondary": 2},
+    "shared-no-scale": {"mode": "learned", "secondary": 3, "mask_sharing": "shared", "scale": False},
+}
+
+
+# --------------------------------------------------------------------------- pure algebra
+def test_quantize_primaries_uses_one_symmetric_scale_per_primary() -> None:
+    primary = np.array([[[[0.5, -1.27]]], [[[0.0, 0.0]]], [[[2.54, 0.01]]]], dtype=np.float32)
+    quantized, scale = quantize_primaries(primary)
+    assert quantized.dtype == np.int8 and np.allclose(scale, [0.01, 1.0, 0.02])
+    assert quantized.reshape(3, 2).tolist() == [[50, -127], [0, 0], [127, 0]]
+
+
+def _layer(options: dict) -> tuple[VersatileConv2d, torch.Tensor]:
+    """A 12→24 5x5 versatile layer with random masks and scales of both signs, and a BN factor with a zero."""
+    torch.manual_seed(0)
+    layer = from_conv(nn.Conv2d(12, 24, 5, padding=2), init="naive", **options).eval()
+    with torch.no_grad():
+        if layer.mask_proxy is not None:
+            layer.mask_proxy.uniform_()
+        if layer.scale is not None:
+            layer.scale.mul_(torch.where(torch.rand(24) < 0.3, -1.0, 1.0))
+    bn_scale = torch.rand(24) + 0.5
+    bn_scale[5] = 0.0  # a zero factor: that secondary filter must become zero
+    return layer, bn_scale
+
+
+@pytest.mark.parametrize("options", MODES.values(), ids=MODES.keys())
+def test_int8_encoding_decodes_to_sign_mask_times_int8_primary(options: dict) -> None:
+    layer, bn_scale = _layer(options)
+    encoded = encode_int8_layer(encode_layer(layer, bn_scale))
+
+    # the reference, written from the definition: Wq_o = sign(a_o) · M_o ∘ Pq_p(o), s_o = |a_o| · t_p(o)
+    with torch.no_grad():
+        primary = layer.primary.double()
+        t = primary.abs().flatten(1).amax(1) / 127
+        pq = (primary / t.view(-1, 1, 1, 1)).round().clamp(-127, 127)
+        alpha = (layer.scale.double() if layer.scale is not None else torch.ones(24, dtype=torch.float64)) * bn_scale
+        mask = layer.output_mask()
+        expected = materialise_weight(pq, layer.primary_index, mask, alpha.sign(), layer.channel_offset, 12)
+    assert np.array_equal(decode_int8_layer(encoded), expected.to(torch.int8).numpy())
+    scale = (alpha.abs() * t[layer.primary_index]).float().numpy()
+    keep = alpha.numpy() != 0
+    assert np.allclose(encoded.weight_scale[keep], scale[keep], rtol=1e-6) and (encoded.weight_scale > 0).all()
+    assert not decode_int8_layer(encoded)[5].any()
+    # what the compact file stores is smaller than the dense int8 weight
+    assert encoded.nbytes() < 0.8 * expected.numel()
+
+
+@pytest.mark.parametrize("options", [MODES["learned-s2"], MODES["spatial+channel"]], ids=["learned", "spatial+channel"])
+def test_int8_subgraph_computes_the_reference_decoder_in_onnxruntime(options: dict) -> None:
+    layer, bn_scale = _layer(options)
+    encoded = encode_int8_layer(encode_layer(layer, bn_scale))
+    nodes, inits = int8_layer_subgraph(encoded, "weight", "vq0")
+    shape = list(decode_int8_layer(encoded).shape)
+    graph = helper.make_graph(nodes, "rebuild", [], [helper.make_tensor_value_info("weight", TensorProto.INT8, shape)])
+    graph.initializer.extend(inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    ops = {node.op_type for node in model.graph.node}
+    assert {"BitShift", "BitwiseAnd", "Gather", "Neg"} <= ops and encoded.negated and "DequantizeLinear" not in ops
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {})
+    assert got.dtype == np.int8 and np.array_equal(got, decode_int8_layer(encoded))
+
+
+# --------------------------------------------------------------------------- int8 files in onnxruntime
+def _converted_resnet8(options: dict) -> tuple[nn.Module, int]:
+    """resnet8 with perturbed BatchNorm (so folded biases are not zero), converted with ``options``."""
+    torch.manual_seed(0)
+    base = resnet8().eval()
+    for module in base.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.normal_(0, 0.1)
+    model, plan = compress(base, torch.randn(1, 3, 32, 32), init="naive", **options)
+    return model.eval(), len(plan.converted)
+
+
+def _calibration(batches: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(batches)]
+
+
+def _optimized_ops(path: Path, folder: Path) -> list[str]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("mode", ["learned-s2", "learned-s4", "spatial", "channel-s2"])
+def test_compact_int8_runs_every_converted_conv_as_qlinearconv(mode: str, tmp_path: Path) -> None:
+    model, converted = _converted_resnet8(MODES[mode])
+    output = tmp_path / "int8.onnx"
+    report = export(
+        model, output, input_shape=[1, 3, 32, 32], compact=True, quantize="int8", calibration=_calibration(),
+        measure=False, min_agreement=0.0,
+    )  # fmt: skip
+    info = report.quantization
+    assert info["compact_equals_dense"] and info["converted_convs"] == converted
+    assert info["converted_as_qlinear"] == converted and info["float_conv"] == 0
+
+    # independently, from the file on disk: every conv (the converted ones and the stem) runs as QLinearConv
+    (tmp_path / "ort").mkdir()
+    ops = _optimized_ops(output, tmp_path / "ort")
+    convs = sum(isinstance(m, nn.Conv2d | VersatileConv2d) for m in model.modules())
+    assert ops.count("QLinearConv") == convs == info["qlinear_conv"] and "Conv" not in ops
+    stored = onnx.load(str(output))
+    rebuild = {"ScatterElements"} if mode == "channel-s2" else {"BitShift", "BitwiseAnd"}  # channel: no masks
+    assert rebuild | {"Gather", "QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in stored.graph.node}
+    props = {p.key: p.value for p in stored.metadata_props}
+    assert props["vconvert.format"] == "compact" and json.loads(props["vconvert.quantization"])["type"] == "int8"
+    rows = {row["model"]: row for row in report.table}
+    assert rows["exported"]["file_bytes"] < rows["int8 dense"]["file_bytes"] < rows["dense fold"]["file_bytes"] / 2.5
+    assert rows["exported"]["bits_per_weight"] < 7 < rows["int8 dense"]["bits_per_weight"] < 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "ort"]
+
+
+def _int8_files(model: torch.nn.Module, folder: Path, variants: list[dict], **common) -> list[Path]:
+    """One int8 export of ``model`` per variant (export keyword arguments), same calibration, no checks."""
+    calibration = _calibration()
+    files = []
+    for index, variant in enumerate(variants):
+        files.append(folder / f"int8_{index}.onnx")
+        export(
+            model, files[-1], input_shape=[1, 3, 32, 32], quantize="int8", calibration=calibration, measure=False,
+            min_agreement=0.0, **{**common, **variant},
+        )  # fmt: skip
+    return files
+
+
+def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp_path: Path) -> None:
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    files = _int8_files(model, tmp_path, [{"compact": False}, {"compact": True}], short_names=False)
+    files = {False: files[0], True: files[1]}
+    dense = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(files[False])).graph.initializer}
+    folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
+    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, VersatileConv2d)):
+        encoded = encode_int8_layer(encode_layer(layer, fold.bn_scales[name]))
+        assert np.array_equal(dense[f"{name}.weight_quantized"], decode_int8_layer(encoded)), name
+        assert np.array_equal(dense[f"{name}.weight_scale"], encoded.weight_scale), name
+        # the int32 bias is requantized for these scales: step = input scale · s_o, within half a step
+        step = dense[f"{name}.bias_quantized_scale"]
+        assert np.allclose(step / encoded.weight_scale, (step / encoded.weight_scale)[0], rtol=1e-6), name
+        bias = folded.get_submodule(name).bias.detach().numpy()
+        assert np.all(np.abs(dense[f"{name}.bias_quantized"] * step.astype(np.float64) - bias) <= 0.5001 * step), name
+    sessions = [ort.InferenceSession(str(files[c]), providers=["CPUExecutionProvider"]) for c in (False, True)]
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 32, 32).numpy()
+        first, second = (s.run(None, {"input": x})[0] for s in sessions)
+        assert np.array_equal(first, second)
+
+
+def test_agreement_below_90_percent_fails_and_writes_nothing(tmp_path: Path) -> None:
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    calibration = _calibration(batches=4)
+    good = export(
+        model, tmp_path / "good.onnx", input_shape=[1, 3, 32, 32], quantize="int8", calibration=calibration,
+        measure=False, min_agreement=0.0,
+    )  # fmt: skip
+    assert good.quantization["top1_agreement"] >= 0.8
+    # one outlier image in the calibration set stretches every activation range ~1000x: the int8 model
+    # then sees the ordinary images as almost constant and its top-1 collapses
+    calibration[0][0] *= 1000.0
+    output = tmp_path / "broken.onnx"
+    with pytest.raises(CheckFailedError, match=r"top-1 class on only .* of 64 calibration images") as caught:
+        export(model, output, input_shape=[1, 3, 32, 32], quantize="int8", calibration=calibration, measure=False)
+    assert "\n" not in str(caught.value) and "nothing was written" in str(caught.value)
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+
+
+# --------------------------------------------------------------------------- the CLI on the shipped sample
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped ResNet-20 (digits), compressed with the default fit; it records its preprocessing."""
+    folder = tmp_path_factory.mktemp("digits")
+    weights, record = sample_model_files()
+    output = folder / "resnet20.vc.pt"
+    spec = record["data"]
+    result = invoke(
+        "compress", weights, "--arch", record["arch"], "--arch-kwargs", json.dumps(record["arch_kwargs"]),
+        "--input-shape", "1,1,32,32", "--mean", str(spec["mean"][0]), "--std", str(spec["std"][0]), "-o", output,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    return output
+
+
+def test_cli_int8_compact_export_then_evaluate(digits_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "resnet20.int8.onnx"
+    result = invoke(
+        "export", digits_checkpoint, "-o", output, "--quantize", "int8", "--compact", "--calib-data", "digits",
+        "--calib-images", "96", "--json", "--no-compare",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    info = report["quantization"]
+    assert info["converted_as_qlinear"] == info["converted_convs"] == 20 and info["qlinear_conv"] == 21
+    assert info["top1_agreement"] >= 0.9 and info["agreement_images"] == 96 and "digits" in info["calibration"]
+    assert report["metadata"]["vconvert.quantization"]["type"] == "int8"
+    assert [p.name for p in tmp_path.iterdir()] == [output.name]
+
+    int8 = evaluate_file(output, "digits")
+    fp32 = evaluate_file(digits_checkpoint, "digits")
+    assert int8.kind == "onnx" and int8.images == 360 and abs(int8.top1 - fp32.top1) <= 2.0, (int8, fp32)
+    shown = invoke("evaluate", output, "--data", "digits", "--limit", "40")
+    assert shown.exit_code == 0 and "top-1" in shown.output, shown.output + shown.stderr
+
+
+def test_cli_int8_table_reports_bits_size_and_latency(digits_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "resnet20.int8.onnx"
+    result = invoke("export", digits_checkpoint, "-o", output, "--quantize", "int8", "--calib-images", "32",
+                    "--calib-data", "digits", "--no-compare")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    text = " ".join(result.output.split())
+    for fragment in ("bits per weight", "int8 (dense)", "smaller than the fp32 dense file", "latency", "QLinearConv"):
+        assert fragment in text, text
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet8 converted from the CLI: it records ImageNet preprocessing and no image data."""
+    return compress_resnet8(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown-value", "with-ring", "no-calibration-data", "missing-folder", "empty-folder", "unreadable-folder"]
+)
+def test_bad_quantize_requests_exit_2_and_write_nothing(case: str, checkpoint: Path, tmp_path: Path) -> None:
+    data = tmp_path / "images"
+    data.mkdir()
+    if case == "unreadable-folder":
+        (data / "cat").mkdir()
+        (data / "cat" / "0.png").write_text("not an image")
+    output = tmp_path / "out.onnx"
+    args, fragments = {
+        "unknown-value": (["--quantize", "int4"], ["--quantize must be one of none, int8", "'int4'"]),
+        "with-ring": (["--quantize", "int8", "--ring"], ["--ring cannot be combined with --quantize"]),
+        "no-calibration-data": (["--quantize", "int8"], ["needs calibration images", "--calib-data"]),
+        "missing-folder": (["--quantize", "int8", "--calib-data", tmp_path / "nope"], ["does not exist"]),
+        "empty-folder": (["--quantize", "int8", "--calib-data", data], ["holds no image files"]),
+        "unreadable-folder": (["--quantize", "int8", "--calib-data", data], ["None of the 1 image files"]),
+    }[case]
+    result = invoke("export", checkpoint, "-o", output, *args)
+    assert_one_sentence_error(result, 2, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_library_messages_name_no_cli_flag(checkpoint: Path, tmp_path: Path) -> None:
+    from vconvert.errors import BadInputError, MissingCalibrationError
+    from vconvert.export.checkpoint import export_checkpoint
+
+    with pytest.raises(MissingCalibrationError) as missing:
+        export_checkpoint(checkpoint, tmp_path / "m.onnx", quantize="int8")
+    with pytest.raises(BadInputError) as unknown:
+        export_checkpoint(checkpoint, tmp_path / "m.onnx", quantize="int4")
+    for error in (missing.value, unknown.value):
+        assert "--" not in str(error), error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("side", "batch"), [(32, 32), (64, 32), (112, 16), (160, 7), (224, 4), (512, 1)])
+def test_calibration_batches_shrink_for_large_images(side: int, batch: int) -> None:
+    from vconvert.export.quantize import calibration_batch_size
+
+    assert calibration_batch_size([1, 3, side, side]) == batch
+
+
+def test_digits_calibration_images_follow_the_recorded_preprocessing() -> None:
+    from vconvert.export.quantize import calibration_images
+
+    batches, note = calibration_images(
+        "digits", [1, 1, 32, 32], {"mean": [0.5], "std": [0.25]}, limit=40, batch_size=16
+    )
+    assert [len(b) for b in batches] == [16, 16, 8] and note == "40 digits training images"
+    images = torch.cat(batches)
+    assert images.shape == (40, 1, 32, 32) and images.min() >= -2.0 - 1e-6 and images.max() <= 2.0 + 1e-6
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-int8", "compact-int8"])
+def test_short_names_change_bytes_not_outputs(compact: bool, tmp_path: Path) -> None:
+    """The shipped int8 file names its values with short ids: smaller, and exactly the same computation."""
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    files = _int8_files(model, tmp_path, [{"short_names": False}, {"short_names": True}], compact=compact)
+    files = {False: files[0], True: files[1]}
+    graph = onnx.load(str(files[True])).graph
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    assert max(len(name) for name in names - {"input", "output"}) <= 3
+    assert all(not node.name for node in graph.node)
+    assert files[True].stat().st_size < 0.92 * files[False].stat().st_size
+    sessions = [ort.InferenceSession(str(files[s]), providers=["CPUExecutionProvider"]) for s in (False, True)]
+    x = torch.randn(5, 3, 32, 32).numpy()
+    first, second = (session.run(None, {"input": x})[0] for session in sessions)
+    assert np.array_equal(first, second)

@@ -1,0 +1,175 @@
+"""``vconvert compress``: a model file in, a ``.vc.pt`` out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from vconvert.cli.common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ChannelStrideOpt,
+    ChannelWindowOpt,
+    ConvertFirstOpt,
+    DebugOpt,
+    FileArg,
+    JsonOpt,
+    MaskSharingOpt,
+    MinParamsOpt,
+    ModeOpt,
+    SecondaryOpt,
+    SkipOpt,
+    TargetRatioOpt,
+    TrustOpt,
+    console,
+    explained_errors,
+    fitting_progress,
+    parse_kwargs,
+    parse_preprocessing,
+    parse_shape,
+    progress_bar,
+)
+from vconvert.data.datasets import describe_input, log
+from vconvert.errors import BadInputError
+from vconvert.io.metadata import CheckpointMetadata
+
+
+def load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trust: bool):
+    from vconvert.io.untrusted import load_model
+
+    return load_model(file, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust)
+
+
+def plan_summary(plan) -> str:
+    converted = plan.converted
+    errors = [layer.fit_error for layer in converted if layer.fit_error is not None]
+    mean_error = f", mean fit error {sum(errors) / len(errors):.3f}" if errors else ""
+    conv_dense = sum(layer.dense_bits for layer in converted)
+    conv_stored = sum(layer.stored_bits for layer in converted)
+    conv_ratio = f", converted convs {conv_dense / conv_stored:.2f}x" if conv_stored else ""
+    return (
+        f"converted {len(converted)} of {len(plan.layers)} convs{conv_ratio}; whole model "
+        f"{plan.model_dense_bits / 8192:,.1f} KiB → {plan.model_stored_bits / 8192:,.1f} KiB "
+        f"({plan.ratio:.2f}x){mean_error}"
+    )
+
+
+DEFAULT_INPUT_SHAPE = "1,3,224,224"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@explained_errors
+def compress(
+    file: FileArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write the .vc.pt (default: FILE's stem + .vc.pt).")
+    ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="N,C,H,W of the images the model takes, e.g. 1,3,32,32: traced with, recorded in the .vc.pt and "
+            "used by finetune, evaluate and export. Default 1,3,224,224.",
+        ),
+    ] = None,
+    mode: ModeOpt = "learned",
+    secondary: SecondaryOpt = 2,
+    channel_window: ChannelWindowOpt = None,
+    channel_stride: ChannelStrideOpt = 1,
+    mask_sharing: MaskSharingOpt = "per-filter",
+    scale: Annotated[
+        bool, typer.Option("--scale/--no-scale", help="Learn a scale per secondary filter.", metavar="")
+    ] = True,
+    target_ratio: TargetRatioOpt = None,
+    convert_first: ConvertFirstOpt = False,
+    min_params: MinParamsOpt = 0,
+    skip: SkipOpt = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            "--init",
+            help="fit (data-free least squares under a smooth-input prior; best accuracy before fine-tuning) | "
+            "fit-plain (least squares on the weights alone; lowest weight error; for s=2 the better start when "
+            "fine-tuning follows, see README) | naive.",
+        ),
+    ] = "fit",
+    calib_data: Annotated[
+        Path | None, typer.Option("--calib-data", help="Image folder to recalibrate BatchNorm statistics on.")
+    ] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Images used for BN recalibration.")] = 2000,
+    mean: Annotated[
+        str | None, typer.Option("--mean", help="Per-channel input mean, e.g. 0.485,0.456,0.406 (ImageNet's for RGB).")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option("--std", help="Per-channel input std, e.g. 0.229,0.224,0.225 (ImageNet's for RGB).")
+    ] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""
+    from vconvert.convert.compress import compress as compress_model
+    from vconvert.io.checkpoint import save
+    from vconvert.io.files import check_writable
+
+    shape = parse_shape(input_shape or DEFAULT_INPUT_SHAPE)
+    output = output or file.with_name(file.name.split(".")[0] + ".vc.pt")
+    if output.resolve() == file.resolve():
+        raise BadInputError(f"The output {output} would overwrite the input model; choose another -o.")
+    check_writable(output)
+    preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
+    model, base = load_input_model(file, arch, arch_kwargs, trust)
+    example = torch.randn(*shape)
+    with progress_bar() as progress:
+        converted, plan = compress_model(
+            model,
+            example,
+            mode=mode,
+            secondary=secondary,
+            channel_window=channel_window,
+            channel_stride=channel_stride,
+            mask_sharing=mask_sharing,
+            scale=scale,
+            target_ratio=target_ratio,
+            convert_first=convert_first,
+            min_params=min_params,
+            skip=skip or [],
+            init=init,
+            progress=fitting_progress(progress, "fitting"),
+        )
+    metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
+    size_from = "--input-shape" if input_shape else f"the default {DEFAULT_INPUT_SHAPE}; --input-shape sets it"
+    origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"
+    log.info(describe_input(None, size_from, origin, shape=shape, preprocessing=preprocessing))
+    if calib_data is not None:
+        from vconvert.convert.calibrate import recalibrate_batchnorm
+        from vconvert.data.datasets import calibration_batches
+
+        batches = calibration_batches(
+            calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images,
+            size_from=size_from,
+        )  # fmt: skip
+        used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
+        metadata.bn_recalibration = {"data": str(calib_data), "images": used}
+    save(output, converted, plan, base, model, metadata)
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}, indent=2))
+        return
+    from vconvert.convert.report import layer_table
+
+    console.print(layer_table(plan.table_rows(), title=f"vconvert compress {file.name}"))
+    if plan.traced_with != "fx":
+        console.print(f"[yellow]note:[/] {plan.trace_note}")
+    if plan.choice_note:
+        console.print(plan.choice_note)
+    if calib_data is not None:
+        console.print(f"BatchNorm statistics recalibrated on {metadata.bn_recalibration['images']} images.")
+    console.print(f"{plan_summary(plan)}\nwrote {output}")

@@ -1,0 +1,52 @@
+"""``vconvert evaluate``: top-1/top-5 of a ``.vc.pt``, an ONNX file or a plain model on labelled images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vconvert.cli.common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DataOpt,
+    DebugOpt,
+    JsonOpt,
+    TrustOpt,
+    console,
+    explained_errors,
+    parse_kwargs,
+    parse_shape,
+)
+
+
+@explained_errors
+def evaluate(
+    file: Annotated[Path, typer.Argument(help="A .vc.pt, an .onnx (run in onnxruntime) or a plain model file.")],
+    data: DataOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust: TrustOpt = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate on only N images.")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="N,C,H,W when the file records none.")
+    ] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Top-1/top-5 of a model file on the evaluation split, measured on the artifact itself."""
+    from vconvert.evaluate import evaluate_file
+
+    result = evaluate_file(
+        file, data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust, limit=limit,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(
+            f"{file.name} ({result.kind}) on {result.data}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
+            f"({result.images} images)"
+        )

@@ -1,0 +1,70 @@
+"""BatchNorm recalibration: re-estimate running statistics of a converted network on unlabeled images.
+
+A converted conv approximates the original one, so the statistics the following BatchNorm layers
+learned no longer match its outputs (docs/ALGEBRA.md §11). Averaging the batch statistics over a
+few thousand training images, with no labels and no gradient, restores most of the accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+
+_PROGRESS_AFTER_S = 2.0
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model`` that tracks running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_images: int = 2000) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them on up to ``max_images`` images.
+
+    Runs ``model`` in train mode (cumulative averaging, ``momentum=None``) under ``torch.no_grad``;
+    the original momenta and training flags of all modules are restored afterwards, even on error.
+    ``batches`` yields image tensors (or tuples whose first item is the images). Returns the number
+    of images used. Shows a progress bar when it runs for more than a few seconds.
+    """
+    norms = batchnorm_layers(model)
+    if not norms:
+        return 0
+    flags = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    used = 0
+    progress: Progress | None = None
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        start = time.perf_counter()
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = images[: max_images - used]
+            if images.shape[0] == 0:
+                break
+            model(images.to(device))
+            used += images.shape[0]
+            if progress is None and time.perf_counter() - start > _PROGRESS_AFTER_S:
+                progress = Progress(transient=True)
+                task = progress.add_task("BatchNorm recalibration", total=max_images)
+                progress.start()
+            if progress is not None:
+                progress.update(task, completed=used)
+            if used >= max_images:
+                break
+    finally:
+        if progress is not None:
+            progress.stop()
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in flags.items():
+            module.train(training)
+    return used

@@ -1,0 +1,1 @@
+"""Data-free initialisation of versatile layers from pretrained dense weights (docs/FIT.md)."""

@@ -1,0 +1,95 @@
+"""The metadata of a ``.vc.pt``: what compress, fine-tuning and export hand to the next stage besides the
+weights (docs/FORMAT.md §6), as one typed record that :func:`vconvert.save` requires and
+:func:`vconvert.load_checkpoint` validates field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vconvert.data.datasets import DIGITS, DataSpec
+from vconvert.errors import BadInputError
+from vconvert.validate import check_fields, check_input_shape, check_int, check_mapping, check_preprocessing, check_str
+
+
+@dataclass
+class CheckpointMetadata:
+    """What a ``.vc.pt`` records besides its weights.
+
+    ``input_shape`` (N, C, H, W) is the size every later stage feeds the model unless told otherwise;
+    ``preprocessing`` ({"mean", "std", "input_size"}) how images are normalised; ``bn_recalibration``
+    ({"data", "images"}) the folder compress re-estimated BatchNorm statistics on; ``data``
+    (:meth:`DataSpec.to_dict`) the data a fine-tuning run read; ``finetune`` ({"config", "epochs_done",
+    "complete", "val_top1", "val_top5"}) that run's record; ``finetune_state`` the state to resume it from
+    (the run's last file only; kept as read, checked when a run resumes from it); ``saved_at`` when :func:`vconvert.save` wrote the file. Keys written by a
+    later version are kept, unread, in ``extra``.
+    """
+
+    input_shape: list[int]
+    preprocessing: dict | None = None
+    bn_recalibration: dict | None = None
+    data: dict | None = None
+    finetune: dict | None = None
+    finetune_state: Any = None  # as read: checked in full only when a run resumes from it
+    saved_at: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the file (fields that are None are left out)."""
+        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "extra"}
+        return {**self.extra, **{key: value for key, value in values.items() if value is not None}}
+
+    def carried(self) -> CheckpointMetadata:
+        """What a fine-tuning run carries from its source into the files it writes: all but the source's own
+        resume state and save time."""
+        return replace(self, finetune_state=None, saved_at=None)
+
+    def recorded_data(self) -> str | None:
+        """The data this file records (its fine-tuning data, else its BatchNorm recalibration folder) when
+        that is ``digits`` or a folder that still exists here; else None."""
+        candidates = ((self.data or {}).get("source"), (self.bn_recalibration or {}).get("data"))
+        for candidate in candidates:
+            if isinstance(candidate, str) and (candidate == DIGITS or Path(candidate).expanduser().is_dir()):
+                return candidate
+        return None
+
+    @classmethod
+    def from_dict(cls, value: object, where: str, channels: int, default_shape: list[int]) -> CheckpointMetadata:
+        """Checked metadata read from a file: ``input_shape`` (N,C,H,W within bounds, C = ``channels``, the
+        model's input channels; ``default_shape``, the shape compress traced with, for files that record
+        none), ``preprocessing`` (a mean and std per channel), ``bn_recalibration`` and ``data`` exactly as
+        vconvert writes them; the other fields as plain mappings or strings."""
+        metadata = dict(check_mapping(value, where))
+        shape = metadata.pop("input_shape", None)
+        shape = check_input_shape(shape if shape is not None else default_shape, f"{where}'s input_shape")
+        if shape[1] != channels:
+            raise BadInputError(
+                f"{where}'s input_shape {shape} has {shape[1]} channels but the model was traced with {channels}: "
+                "the file is damaged."
+            )
+        preprocessing = metadata.pop("preprocessing", None)
+        if preprocessing is not None:
+            preprocessing = check_preprocessing(preprocessing, f"{where}'s preprocessing", channels)
+        recalibration = metadata.pop("bn_recalibration", None)
+        if recalibration is not None:
+            recalibration = check_fields(recalibration, f"{where}'s bn_recalibration", ("data", "images"))
+            check_str(recalibration["data"], f"{where}'s bn_recalibration data")
+            check_int(recalibration["images"], f"{where}'s bn_recalibration images")
+        data = metadata.pop("data", None)
+        if data is not None:
+            data = check_fields(data, f"{where}'s data", tuple(item.name for item in fields(DataSpec)))
+            check_str(data["source"], f"{where}'s data source")
+            check_preprocessing({key: data[key] for key in ("mean", "std", "input_size")}, f"{where}'s data", channels)
+            check_int(data["channels"], f"{where}'s data channels", channels, channels)
+            if not isinstance(data["classes"], list) or not all(isinstance(name, str) for name in data["classes"]):
+                raise BadInputError(f"{where}'s data classes must be a list of names: the file is damaged.")
+        finetune = metadata.pop("finetune", None)
+        if finetune is not None:
+            finetune = check_mapping(finetune, f"{where}'s finetune")
+        state = metadata.pop("finetune_state", None)  # a damaged one stops `resume` only, not inspect or export
+        saved_at = metadata.pop("saved_at", None)
+        if saved_at is not None:
+            check_str(saved_at, f"{where}'s saved_at")
+        return cls(shape, preprocessing, recalibration, data, finetune, state, saved_at, metadata)

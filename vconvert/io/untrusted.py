@@ -1,0 +1,694 @@
+"""Loading model files safely: every file vconvert reads is untrusted input.
+
+The loading policy (docs/FORMAT.md §9):
+
+- ``--arch package.module:function`` typed by the user is always allowed; the file is then a
+  state_dict, read with ``torch.load(weights_only=True)`` and loaded with ``strict=True``.
+- A pickled ``nn.Module`` whose classes all come from known model libraries (torch.nn, torchvision,
+  timm, sample_models) is read with ``weights_only=True`` and exactly those classes allowlisted.
+  The classes a file needs are listed *before* anything is imported, and a module outside the
+  allowlist is never imported to resolve a name.
+- Anything else would run code from the file: it loads only with ``trust=True`` (``--trust``).
+- An arch string read back from a file is code to call: without ``trust=True`` it may only be a
+  registered model builder (torchvision's and timm's ``list_models()``, the shipped samples'
+  ``MODEL_BUILDERS``, the samples found by their installed location) with plain JSON keyword
+  arguments that name no file, URL or pretrained weights. A package prefix is not a boundary.
+- A ``.vc.pt`` checkpoint holds plain data and tensors only, so it loads with ``weights_only=True``
+  (:mod:`vconvert.io.format`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import importlib.util
+import io
+import os
+import pickle
+import pickletools
+import re
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from vconvert.errors import BadInputError, UntrustedCodeError, first_line
+
+# Module prefixes whose classes a pickled model may use without --trust: any class from the model
+# libraries, only nn.Module subclasses from torch itself (no torch.fx GraphModule, no functions).
+MODEL_LIBRARIES = ("torchvision.models", "torchvision.ops", "timm", "sample_models")
+TORCH_MODULE_PREFIXES = ("torch.nn", "torch.ao.nn")
+SAMPLES_PACKAGE = "sample_models"
+# Keyword arguments of a model builder that load weights from a file or the network: never from a file.
+FILE_ARCH_REFUSED_KWARGS = frozenset(
+    {
+        "weights",
+        "weights_backbone",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_strict",
+        "checkpoint_path",
+        "cache_dir",
+        "file",
+        "url",
+        "model_dir",
+    }
+)
+# Harmless non-model globals that torch.save(model) pickles contain (e.g. norm_layer=partial(...)).
+_HARMLESS_GLOBALS: dict[str, Any] = {
+    "functools.partial": functools.partial,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.slice": slice,
+    "builtins.range": range,
+    "collections.OrderedDict": collections.OrderedDict,
+}
+_KNOWN_LIBRARIES_TEXT = "torch.nn, torchvision, timm, sample_models"
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+_MODULE_KEYS = ("model", "module", "net")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The first pickle of a legacy-format torch.save file (after the protocol byte).
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+_ARCH_PATTERN = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?::[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)?$")
+
+
+# --------------------------------------------------------------------------- base model spec
+@dataclass
+class BaseSpec:
+    """How to rebuild the user's original model (stored in a ``.vc.pt`` as plain data).
+
+    Exactly one of ``arch`` ("package.module:function", called with ``arch_kwargs``) and
+    ``pickled`` (the bytes of the original ``torch.save(model)`` file) is set.
+    """
+
+    arch: str | None
+    arch_kwargs: dict = field(default_factory=dict)
+    pickled: bytes | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, dict, bytes, None) for a checkpoint that loads with ``weights_only=True``."""
+        return {
+            "arch": self.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "pickled": self.pickled,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BaseSpec:
+        """Inverse of :meth:`to_dict`; a malformed spec (a damaged checkpoint) is a BadInputError."""
+        if not isinstance(data, Mapping):
+            raise BadInputError("The checkpoint's base-model spec is not a mapping: re-create the checkpoint.")
+        arch, kwargs, pickled = data.get("arch"), data.get("arch_kwargs", {}), data.get("pickled")
+        source = data.get("source", "")
+        valid = (
+            (arch is None or isinstance(arch, str))
+            and isinstance(kwargs, dict)
+            and all(isinstance(key, str) for key in kwargs)
+            and (pickled is None or isinstance(pickled, bytes))
+            and isinstance(source, str)
+            and (arch is None) != (pickled is None)
+        )
+        if not valid:
+            raise BadInputError(
+                "The checkpoint's base-model spec is malformed (it needs either an arch string or the pickled "
+                "base model): re-create the checkpoint with vconvert compress."
+            )
+        return cls(arch=arch, arch_kwargs=dict(kwargs), pickled=pickled, source=source)
+
+
+# --------------------------------------------------------------------------- arch strings
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether dotted ``name`` is one of ``prefixes`` or inside one of them (component-wise)."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _split_arch(spec: str, label: str = "`arch`") -> tuple[str, str]:
+    """ "pkg.mod:fn" or "pkg.mod.fn" -> ("pkg.mod", "fn"); ``label`` names the arch in messages."""
+    spec = spec.strip()
+    if not _ARCH_PATTERN.match(spec) or ("." not in spec and ":" not in spec):
+        raise BadInputError(
+            f"{label} {spec!r} is not of the form package.module:function (e.g. torchvision.models:resnet18)."
+        )
+    if ":" in spec:
+        module_name, attribute = spec.split(":", 1)
+    else:
+        module_name, attribute = spec.rsplit(".", 1)
+    return module_name, attribute
+
+
+def shipped_samples_folder() -> Path:
+    """Where the sample models shipped with vconvert are installed (the folder next to the package)."""
+    return Path(__file__).resolve().parents[2] / SAMPLES_PACKAGE
+
+
+def _is_shipped_samples() -> bool:
+    """Whether ``import sample_models`` gives the shipped samples, not a folder of that name elsewhere on sys.path.
+
+    Decided without running the package: ``find_spec`` of a top-level name only searches sys.path.
+    """
+    expected = shipped_samples_folder() / "__init__.py"
+    loaded = sys.modules.get(SAMPLES_PACKAGE)
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+    else:
+        try:
+            found = importlib.util.find_spec(SAMPLES_PACKAGE)
+        except (ImportError, ValueError):
+            return False
+        origin = found.origin if found is not None else None
+    return origin is not None and Path(origin).resolve() == expected
+
+
+def _import_under_trusted(module_name: str) -> ModuleType | None:
+    """Import ``module_name`` if it is inside torchvision.models, timm or the shipped samples, else None."""
+    if _under(module_name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
+        return None
+    if not _under(module_name, ("torchvision.models", "timm", SAMPLES_PACKAGE)):
+        return None
+    try:
+        return importlib.import_module(module_name)
+    except Exception:
+        return None
+
+
+def _registered_name(module_name: str, attribute: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The registry name of the model builder an arch string read from a file names, or None.
+
+    Registered builders: torchvision's ``list_models()``, timm's ``list_models()`` and
+    :data:`sample_models.MODEL_BUILDERS` of the shipped samples; also ``get_model`` /
+    ``create_model`` when their name argument is registered. Identity, not the name, decides: the
+    resolved object must be the very function the registry holds.
+    """
+    if attribute.startswith("_") or "." in attribute:
+        return None
+    module = _import_under_trusted(module_name)
+    obj = getattr(module, attribute, None) if module is not None else None
+    if obj is None:
+        return None
+    if _under(module_name, ("torchvision.models",)):
+        import torchvision.models as tv_models
+
+        if obj is tv_models.get_model:
+            name = kwargs.get("name")
+            return name if isinstance(name, str) and name in tv_models.list_models() else None
+        return next((n for n in tv_models.list_models() if tv_models.get_model_builder(n) is obj), None)
+    if _under(module_name, ("timm",)):
+        import timm
+
+        if obj is timm.create_model:
+            name = kwargs.get("model_name")
+            return name if isinstance(name, str) and timm.is_model(name) else None
+        name = getattr(obj, "__name__", "")
+        return name if timm.is_model(name) and timm.models.model_entrypoint(name) is obj else None
+    samples = importlib.import_module(SAMPLES_PACKAGE)
+    for entry in getattr(samples, "MODEL_BUILDERS", ()):
+        sub, _, function = entry.partition(":")
+        builder = getattr(importlib.import_module(f"{SAMPLES_PACKAGE}.{sub}"), function)
+        if builder is obj:
+            return f"{SAMPLES_PACKAGE}.{entry}"
+    return None
+
+
+def _looks_like_path(value: str) -> bool:
+    """A string that could name a file or a URL: it has a separator, a home or drive prefix, or exists here."""
+    if any(mark in value for mark in ("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value):
+        return True
+    try:
+        return value in (".", "..") or os.path.lexists(value)
+    except (OSError, ValueError):
+        return True
+
+
+def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
+    """Why keyword arguments read from a file are not plain, offline JSON data (None if they are)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return None
+    if isinstance(value, str):
+        return f"{where or 'a value'} = {value!r} looks like a path or URL" if _looks_like_path(value) else None
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _file_kwargs_problem(v, f"{where}[{i}]"))), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'a key'} is not a string"
+            if key in FILE_ARCH_REFUSED_KWARGS:
+                return f"{key!r} loads weights or reaches the network"
+            if problem := _file_kwargs_problem(item, f"{where}.{key}" if where else key):
+                return problem
+        return None
+    return f"{where or 'a value'} is a {type(value).__name__}, not JSON data"
+
+
+def _untrusted_arch(spec: str, where: str, why: str) -> UntrustedCodeError:
+    return UntrustedCodeError(
+        f"The architecture {spec!r}{where} {why}, so building it would run code chosen by that file: pass `trust=True` "
+        "if you trust the file (you do if you compressed it yourself with that `arch`)."
+    )
+
+
+def resolve_arch(
+    spec: str,
+    *,
+    trust: bool,
+    typed_by_user: bool,
+    origin: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Callable[..., nn.Module]:
+    """Turn "package.module:function" (or "package.module.function") into the callable it names.
+
+    An arch the user typed (``typed_by_user``) or one from a trusted file is any importable callable.
+    An arch read back from a file without ``trust`` may only be a registered model builder
+    (:func:`_registered_name`) called with ``kwargs`` that are plain JSON data naming no file, URL or
+    pretrained weights (:data:`FILE_ARCH_REFUSED_KWARGS`); else :class:`UntrustedCodeError`, and no
+    module outside torchvision.models, timm and the shipped samples is imported. ``origin`` names
+    that file in messages. Import failures, a missing attribute or an object that is not callable
+    raise :class:`BadInputError`.
+    """
+    where = f" recorded in {origin}" if origin else ""
+    label = "`arch`" if typed_by_user else "The arch"
+    module_name, attribute = _split_arch(spec, label)
+    if not typed_by_user and not trust:
+        if _registered_name(module_name, attribute, kwargs or {}) is None:
+            raise _untrusted_arch(
+                spec, where, "is not a registered model builder of torchvision, timm or vconvert's sample models"
+            )
+        if problem := _file_kwargs_problem(dict(kwargs or {})):
+            raise _untrusted_arch(spec, where, f"comes with arguments that are not plain offline data ({problem})")
+    try:
+        module = _import_from_here_too(module_name)
+    except Exception as error:
+        raise BadInputError(
+            f"{label} {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling, that "
+            "the package is installed, or run vconvert in the folder that holds the module."
+        ) from error
+    obj: Any = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise BadInputError(
+                f"{label} {spec!r}{where}: module {module_name!r} has no attribute {attribute!r}; "
+                "check the function name."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise BadInputError(
+            f"{label} {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
+        )
+    return obj
+
+
+def _import_from_here_too(module_name: str) -> ModuleType:
+    """Import ``module_name``; a top-level module that is not installed is also looked up in the working
+    directory, as ``python -m`` and other Python command-line tools do (only for archs the user chose)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        if error.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
+
+
+def _normalise_arch(spec: str) -> str:
+    """Canonical "package.module:function" form of an arch string."""
+    module_name, attribute = _split_arch(spec)
+    return f"{module_name}:{attribute}"
+
+
+def _build_arch(
+    spec: str, kwargs: Mapping[str, Any], *, trust: bool, typed_by_user: bool, origin: str | None
+) -> nn.Module:
+    """Resolve ``spec`` and call it with ``kwargs``; the result must be an nn.Module."""
+    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+        raise BadInputError("`arch_kwargs` must be a JSON object with string keys, e.g. '{\"num_classes\": 10}'.")
+    builder = resolve_arch(spec, trust=trust, typed_by_user=typed_by_user, origin=origin, kwargs=kwargs)
+    try:
+        model = builder(**kwargs)
+    except Exception as error:
+        raise BadInputError(
+            f"Building `arch` {spec!r} with `arch_kwargs` {dict(kwargs)!r} failed ({type(error).__name__}: "
+            f"{error}): check the arguments the function accepts."
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise BadInputError(
+            f"`arch` {spec!r} returned a {type(model).__name__}, not an nn.Module: name a model builder."
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- reading torch files
+def _check_input_file(path: str | Path, what: str = "Model file") -> Path:
+    """The path as a Path if it is an existing, non-empty regular file, else BadInputError."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{what} {str(path)!r} does not exist: check the path.")
+    if path.is_dir():
+        raise BadInputError(f"{what} {str(path)!r} is a directory, not a file: give the path of the file itself.")
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise BadInputError(
+            f"{what} {str(path)!r} cannot be read ({error.strerror}): check its permissions."
+        ) from error
+    if size == 0:
+        raise BadInputError(f"{what} {str(path)!r} is empty: it was probably not written completely, save it again.")
+    if not os.access(path, os.R_OK):
+        raise BadInputError(f"{what} {str(path)!r} is not readable: check its permissions.")
+    return path
+
+
+@contextlib.contextmanager
+def _opened(source: Path | bytes) -> Iterator[BinaryIO]:
+    """A binary stream over a file or over bytes held in memory."""
+    if isinstance(source, bytes):
+        yield io.BytesIO(source)
+    else:
+        with open(source, "rb") as stream:
+            yield stream
+
+
+def _file_kind(source: Path | bytes, label: str) -> str:
+    """The file's format: "zip" (torch.save) or "legacy" (pre-1.6 torch.save); BadInputError for anything else."""
+    with _opened(source) as stream:
+        head = stream.read(len(_LEGACY_MAGIC))
+        stream.seek(0)
+        if head.startswith(b"PK"):
+            try:
+                with zipfile.ZipFile(stream) as archive:
+                    names = archive.namelist()
+            except (zipfile.BadZipFile, OSError, ValueError) as error:
+                raise BadInputError(
+                    f"{label} is truncated or corrupt (its zip archive cannot be opened): copy or save it again."
+                ) from error
+            if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+                raise BadInputError(
+                    f"{label} is a TorchScript archive, not a torch.save file: give the eager model's state_dict with "
+                    "`arch` package.module:function instead."
+                )
+            if not any(name.endswith("/data.pkl") for name in names):
+                raise BadInputError(f"{label} is a zip file but not a PyTorch file written by torch.save.")
+            return "zip"
+    if head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC[2:]:  # the pre-1.6 torch.save format
+        return "legacy"
+    raise BadInputError(f"{label} is not a PyTorch file (torch.save writes a zip archive): check the path.")
+
+
+def _torch_default_safe_globals() -> set[str]:
+    """Names torch's weights_only unpickler allows by default (private API; empty, hence stricter, if gone)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        names = set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:
+        return set()
+    return names | {name.replace("builtins.", "__builtin__.", 1) for name in names if name.startswith("builtins.")}
+
+
+def _legacy_globals(source: Path | bytes) -> list[str]:
+    """Globals named by a legacy-format torch.save file, found by scanning its opcodes (nothing runs).
+
+    That format is four pickles in a row (magic number, protocol, system info, the object) followed by
+    raw storages. A STACK_GLOBAL whose operands cannot be followed is reported as "<unknown>".
+    """
+    found: list[str] = []
+    with _opened(source) as stream:
+        for _ in range(4):
+            memo: dict[int, Any] = {}
+            strings: list[Any] = []
+            last: Any = None
+            for opcode, arg, _position in pickletools.genops(stream):
+                name, pushed = opcode.name, None
+                if name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL":
+                    if len(strings) >= 2 and isinstance(strings[-2], str) and isinstance(strings[-1], str):
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    else:
+                        found.append("<unknown>")
+                elif isinstance(arg, str) and ("UNICODE" in name or name.endswith("STRING")):
+                    pushed = arg
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = last
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = last
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed = memo.get(int(arg))
+                if pushed is not None:
+                    strings.append(pushed)
+                if name not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    last = pushed
+    safe = _torch_default_safe_globals()
+    return [name for name in found if name not in safe]
+
+
+def _resolve_global(name: str) -> Any | None:
+    """The object a pickled global names, if it is allowlisted; None if it is not (nothing imported then).
+
+    Allowed: any class from :data:`MODEL_LIBRARIES`, nn.Module subclasses under
+    :data:`TORCH_MODULE_PREFIXES`, and a few harmless builtins. Only modules under those prefixes are
+    ever imported, and the object's own ``__module__.__qualname__`` must equal ``name``.
+    """
+    if name in _HARMLESS_GLOBALS:
+        return _HARMLESS_GLOBALS[name]
+    if _under(name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
+        return None
+    prefixes = MODEL_LIBRARIES + TORCH_MODULE_PREFIXES
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        if not _under(module_name, prefixes):
+            continue
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, type) or f"{obj.__module__}.{obj.__qualname__}" != name:
+            return None
+        if _under(obj.__module__, TORCH_MODULE_PREFIXES) and not issubclass(obj, nn.Module):
+            return None
+        return obj
+    return None
+
+
+def _untrusted_message(label: str, names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{label} is a pickle that uses {shown}, which is not from a known model library ({_KNOWN_LIBRARIES_TEXT}), "
+        "so loading it would run code from the file: pass `trust=True` if you trust the file, or save "
+        "model.state_dict() instead and pass `arch` package.module:function."
+    )
+
+
+def _load_torch_file(source: Path | bytes, label: str, *, trust: bool) -> Any:
+    """Read a torch.save file under the allowlist / trust policy and return the unpickled object."""
+    kind = _file_kind(source, label)
+    try:
+        if kind == "zip":
+            with _opened(source) as stream:
+                needed = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
+        else:
+            needed = _legacy_globals(source)
+    except Exception as error:
+        raise BadInputError(f"{label} is truncated or corrupt ({first_line(error)}): copy or save it again.") from error
+    allowed: list[tuple[Any, str]] = []
+    refused: list[str] = []
+    for name in dict.fromkeys(needed):
+        obj = _resolve_global(name)
+        if obj is None:
+            refused.append(name)
+        else:
+            allowed.append((obj, name))
+    if kind == "legacy" and allowed and not trust:  # its modules carry source code weights_only cannot read
+        raise UntrustedCodeError(
+            f"{label} is a pickled model in the pre-1.6 torch.save format, which cannot be loaded without running "
+            "code from the file: pass `trust=True` if you trust the file, or save model.state_dict() and pass `arch` "
+            "package.module:function."
+        )
+    if refused and not trust:
+        raise UntrustedCodeError(_untrusted_message(label, refused))
+    try:
+        with _opened(source) as stream:
+            if refused or (kind == "legacy" and allowed):  # trusted: a full unpickle, may run code from the file
+                return torch.load(stream, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(stream, map_location="cpu", weights_only=True)
+    except (ImportError, AttributeError) as error:
+        raise BadInputError(
+            f"{label} needs code that cannot be imported here ({first_line(error)}): install the package that defines "
+            "the model, or save model.state_dict() and pass `arch` package.module:function."
+        ) from error
+    except Exception as error:
+        raise BadInputError(
+            f"{label} could not be read ({type(error).__name__}: {first_line(error)}): it may be truncated or corrupt, "
+            "save it again."
+        ) from error
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A mapping of str keys to tensors (``_extra_state`` entries may hold anything)."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if not all(isinstance(key, str) for key in obj):
+        return False
+    return all(isinstance(value, Tensor) or key.endswith("_extra_state") for key, value in obj.items())
+
+
+def _strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop a "module." (DataParallel/DDP) or "_orig_mod." (torch.compile) prefix shared by every key."""
+    state = dict(state)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if state and all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix) :]: value for key, value in state.items()}
+                changed = True
+    return state
+
+
+def extract_state_dict(obj: Any) -> dict[str, Any] | None:
+    """The state_dict inside what a file held, or None if there is none.
+
+    Accepts a bare state_dict, a module, the wrappers ``{"state_dict": ...}``, ``{"model": ...}``,
+    ``{"model_state_dict": ...}`` (also nested once more), and strips "module." / "_orig_mod." prefixes.
+    """
+    for _ in range(3):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if _is_state_dict(obj):
+            return _strip_wrapper_prefixes(obj)
+        if not isinstance(obj, Mapping):
+            return None
+        inner = next((obj[key] for key in _STATE_DICT_KEYS if key in obj), None)
+        if inner is None:
+            return None
+        obj = inner
+    return None
+
+
+def _extract_module(obj: Any) -> nn.Module | None:
+    """The nn.Module a file held: the object itself or ``{"model": module, ...}``."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in _MODULE_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+    return None
+
+
+def _describe(obj: Any) -> str:
+    return f"a {type(obj).__module__}.{type(obj).__qualname__}" if not isinstance(obj, Mapping) else "a dict"
+
+
+def _load_state_dict_strict(model: nn.Module, state: Mapping[str, Any], label: str, arch: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-sentence error naming a few mismatched keys."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mis_shaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state
+        and isinstance(state[key], Tensor)
+        and isinstance(expected[key], Tensor)
+        and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", mis_shaped)):
+        if items:
+            more = f", +{len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{len(items)} {title}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise BadInputError(
+            f"The state_dict in {label} does not match `arch` {arch} ({'; '.join(problems)}): check `arch` and "
+            "`arch_kwargs` (e.g. num_classes)."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as error:
+        raise BadInputError(
+            f"The state_dict in {label} does not load into `arch` {arch} ({first_line(error)}): check `arch` and "
+            "`arch_kwargs`."
+        ) from error
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    trust: bool = False,
+) -> tuple[nn.Module, BaseSpec]:
+    """Load the user's model (in eval mode) and the spec to rebuild it.
+
+    With ``arch`` the network is built by that (user-typed, so always allowed) function and the file is
+    a state_dict (common wrappers and "module." prefixes accepted), loaded with ``strict=True``.
+    Without ``arch`` the file is a pickled nn.Module (``torch.save(model)``): classes from known model
+    libraries load with ``weights_only=True``; anything else needs ``trust=True``.
+    """
+    path = _check_input_file(path)
+    label = f"Model file {str(path)!r}"
+    if arch is not None:
+        kwargs = dict(arch_kwargs or {})
+        model = _build_arch(arch, kwargs, trust=trust, typed_by_user=True, origin=None)
+        obj = _load_torch_file(path, label, trust=trust)
+        state = extract_state_dict(obj)
+        if state is None:
+            raise BadInputError(f"{label} holds {_describe(obj)}, not a state_dict or model, so `arch` cannot use it.")
+        _load_state_dict_strict(model, state, label, arch)
+        spec = BaseSpec(arch=_normalise_arch(arch), arch_kwargs=kwargs, pickled=None, source=str(path))
+        return model.eval(), spec
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadInputError(f"{label} cannot be read ({error.strerror}): check its permissions.") from error
+    obj = _load_torch_file(data, label, trust=trust)
+    model = _extract_module(obj)
+    if model is None:
+        if extract_state_dict(obj) is not None:
+            raise BadInputError(
+                f"{label} holds a state_dict (weights only), not a model: pass `arch` package.module:function "
+                "(e.g. torchvision.models:resnet18) to say which network to build."
+            )
+        raise BadInputError(f"{label} holds {_describe(obj)}, not a PyTorch model (nn.Module) or a state_dict.")
+    return model.eval(), BaseSpec(arch=None, arch_kwargs={}, pickled=data, source=str(path))
+
+
+def build_base(spec: BaseSpec, *, trust: bool = False, origin: str | None = None) -> nn.Module:
+    """Rebuild the original architecture from a spec read back from a checkpoint (eval mode).
+
+    The arch string, being read from a file, must be a registered model builder with plain offline
+    arguments (or ``trust``); a pickled base is unpickled under the same allowlist / ``trust`` policy as
+    :func:`load_model`. ``origin`` names the file in messages (default: where the spec says the base
+    came from). Weights are whatever the constructor or pickle gives; the caller loads its state_dict.
+    """
+    origin = origin or spec.source or "the checkpoint"
+    if spec.arch is not None:
+        model = _build_arch(spec.arch, spec.arch_kwargs, trust=trust, typed_by_user=False, origin=origin)
+        return model.eval()
+    if spec.pickled is None:
+        raise BadInputError("The checkpoint's base-model spec has neither an arch nor a pickled model: re-create it.")
+    label = f"The pickled base model stored in the checkpoint (from {origin!r})"
+    obj = _load_torch_file(spec.pickled, label, trust=trust)
+    model = _extract_module(obj)
+    if model is None:
+        raise BadInputError(f"{label} holds {_describe(obj)}, not an nn.Module: re-create the checkpoint.")
+    return model.eval()

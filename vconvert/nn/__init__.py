@@ -1,0 +1,1 @@
+"""The versatile layer and the pure algebra it is built from (docs/ALGEBRA.md)."""

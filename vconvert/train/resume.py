@@ -1,0 +1,193 @@
+"""Each epoch's checkpoints and what an interrupted run resumes from: the last epoch's file carries the
+optimiser, scheduler, mask-rule, RNG and (with EMA) live-weight state, checked field by field when read back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vconvert.data.datasets import (
+    DataSpec,
+)
+from vconvert.errors import BadInputError
+from vconvert.io.checkpoint import Checkpoint, save
+from vconvert.io.files import atomic_write_bytes
+from vconvert.io.metadata import CheckpointMetadata
+from vconvert.train.config import EpochMetrics, FinetuneConfig
+from vconvert.train.ema import WeightAverage
+from vconvert.train.masks import (
+    MaskLearner,
+    canonicalise_masks_,
+    drop_latent_weights_,
+)
+from vconvert.validate import check_fields, check_float, check_int, check_like, check_mapping
+
+
+# --------------------------------------------------------------------------- the run
+def _output_paths(output: Path) -> tuple[Path, Path, Path]:
+    stem = output.name[: -len(".vc.pt")] if output.name.endswith(".vc.pt") else output.stem
+    return output, output.with_name(f"{stem}.best.vc.pt"), output.with_name(f"{stem}.metrics.jsonl")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and isinstance(cuda, list) and len(cuda) == torch.cuda.device_count():
+        if all(isinstance(item, torch.Tensor) and item.dtype == torch.uint8 for item in cuda):
+            torch.cuda.set_rng_state_all(cuda)  # the same devices: the run continues exactly
+
+
+RESUME_FIELDS = ("config", "optimiser", "scheduler", "masks", "mask_proxies", "rng", "epoch", "history", "best_top1",
+                 "base_metadata")  # fmt: skip
+
+
+def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoint, path: Path) -> dict:
+    """The resume state of a checkpoint, its plain fields checked (the parts that mirror this run's
+    optimiser, scheduler, masks and weights are checked against them when they exist)."""
+    where = f"`resume`: {path}'s fine-tuning state"
+    averaged = ("live_weights", "ema") if config.ema else ()
+    state = check_fields(value, where, RESUME_FIELDS + averaged)
+    if state["config"] != asdict(config):
+        raise BadInputError(f"`resume`: the options differ from those of the run that wrote {path}.")
+    epoch = check_int(state["epoch"], f"{where} epoch", 1, config.epochs)
+    check_float(state["best_top1"], f"{where} best_top1")
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch:
+        raise BadInputError(f"{where} history must list the {epoch} epochs done: the file is damaged.")
+    names = tuple(item.name for item in fields(EpochMetrics))
+    for index, entry in enumerate(history):
+        entry = check_fields(entry, f"{where} history[{index}]", names)
+        check_int(entry["epoch"], f"{where} history[{index}] epoch")
+        check_int(entry["mask_flips"], f"{where} history[{index}] mask_flips")
+        for name in names[1:-1]:
+            check_float(entry[name], f"{where} history[{index}] {name}", finite=False)
+        check_mapping(entry["extra"], f"{where} history[{index}] extra")
+    check_fields(state["rng"], f"{where} rng", ("torch",), ("cuda",))
+    channels = source.plan.input_shape[1]
+    default_shape = source.plan.input_shape
+    state["base_metadata"] = CheckpointMetadata.from_dict(
+        state["base_metadata"], f"{where} base_metadata", channels, default_shape
+    ).carried()
+    return state
+
+
+def _check_optimiser_state(optimiser: torch.optim.Optimizer, value: object, where: str) -> None:
+    """The optimiser's saved state: its parameter groups like this run's, and each per-parameter tensor
+    (momentum) of its parameter's shape and dtype."""
+    saved = check_fields(value, where, ("state", "param_groups"))
+    check_like(optimiser.state_dict()["param_groups"], saved["param_groups"], f"{where} param_groups")
+    parameters = [parameter for group in optimiser.param_groups for parameter in group["params"]]
+    entries = saved["state"]
+    if not isinstance(entries, dict) or not all(isinstance(k, int) and 0 <= k < len(parameters) for k in entries):
+        raise BadInputError(f"{where} state must map parameter numbers to their state: the file is damaged.")
+    for index, entry in entries.items():
+        for key, item in check_mapping(entry, f"{where} state[{index}]").items():
+            if isinstance(item, torch.Tensor):  # momentum of the parameter's shape, or a scalar (a step count)
+                template = parameters[index].detach() if item.ndim else torch.zeros((), dtype=item.dtype)
+            else:
+                template = None if item is None else 0.0
+            check_like(template, item, f"{where} state[{index}][{key!r}]")
+
+
+def _average_state(student: nn.Module, average: WeightAverage | None) -> dict:
+    """With an EMA, the resume state keeps the live weights and the average (the file's model is the average)."""
+    if average is None:
+        return {}
+    live = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+    return {"live_weights": live, "ema": average.state_dict()}
+
+
+def restore_training_state(
+    state: dict,
+    last_path: Path,
+    student: nn.Module,
+    masks: MaskLearner,
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[list[EpochMetrics], float, int]:
+    """Put a checked resume state (:func:`_check_resume_state`) back into this run's optimiser, schedule,
+    mask rule, weights and RNG; returns (history, best top-1, epochs done)."""
+    where = f"`resume`: {last_path}'s fine-tuning state"
+    _check_optimiser_state(optimiser, state["optimiser"], f"{where} optimiser")
+    check_like(scheduler.state_dict(), state["scheduler"], f"{where} scheduler")
+    check_like(masks.state_dict(), state["masks"], f"{where} masks")
+    proxies = {name: layer.mask_proxy.detach() for name, layer in masks.layers}
+    check_like(proxies, state["mask_proxies"], f"{where} mask_proxies")
+    check_like(torch.get_rng_state(), state["rng"]["torch"], f"{where} rng")
+    if "live_weights" in state:
+        check_like(student.state_dict(), state["live_weights"], f"{where} live_weights")
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    masks.load_state_dict(state["masks"])
+    with torch.no_grad():
+        if "live_weights" in state:  # with an EMA the file holds the average, the state the weights
+            student.load_state_dict(state["live_weights"])
+        for name, proxy in state["mask_proxies"].items():
+            student.get_submodule(name).mask_proxy.copy_(proxy)
+    _restore_rng(state["rng"])
+    return [EpochMetrics(**entry) for entry in state["history"]], state["best_top1"], state["epoch"]
+
+
+@dataclass
+class EpochFiles:
+    """The files a run writes after each epoch: the last checkpoint (with resume state), the best one when
+    validation improved, and the metrics lines."""
+
+    last_path: Path
+    best_path: Path
+    metrics_path: Path
+    source: Checkpoint
+    spec: DataSpec
+    config: FinetuneConfig
+    base_metadata: CheckpointMetadata  # what the run carries from its source (CheckpointMetadata.carried)
+
+    def write(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        metrics: EpochMetrics,
+        history: list[EpochMetrics],
+        best_top1: float,
+        training: dict,
+    ) -> None:
+        """Write this epoch's files (``training``: the optimiser, schedule, mask and RNG state)."""
+        snapshot, teacher = (
+            copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
+        )
+        canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
+        drop_latent_weights_(snapshot)  # the project rule's training state travels in the resume state
+        config, spec, source = self.config, self.spec, self.source
+        record = {
+            "config": asdict(config),
+            "epochs_done": metrics.epoch,
+            "complete": metrics.epoch == config.epochs,
+            "val_top1": metrics.val_top1,
+            "val_top5": metrics.val_top5,
+        }
+        preprocessing = {"mean": spec.mean, "std": spec.std, "input_size": spec.input_size}
+        metadata = replace(self.base_metadata, data=spec.to_dict(), preprocessing=preprocessing, finetune=record)
+        state = {
+            **training,
+            "config": asdict(config),
+            "history": [asdict(entry) for entry in history],
+            "best_top1": max(best_top1, metrics.val_top1),
+            "base_metadata": self.base_metadata.to_dict(),
+        }
+        if metrics.val_top1 > best_top1:
+            save(self.best_path, snapshot, source.plan, source.base, teacher, metadata)
+        save(self.last_path, snapshot, source.plan, source.base, teacher, replace(metadata, finetune_state=state))
+        lines = "".join(json.dumps(asdict(entry)) + "\n" for entry in history)
+        atomic_write_bytes(lines.encode(), self.metrics_path)
