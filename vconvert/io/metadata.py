@@ -23,8 +23,8 @@ class CheckpointMetadata:
     ({"data", "images"}) the folder compress re-estimated BatchNorm statistics on; ``data``
     (:meth:`DataSpec.to_dict`) the data a fine-tuning run read; ``finetune`` ({"config", "epochs_done",
     "complete", "val_top1", "val_top5"}) that run's record; ``finetune_state`` the state to resume it from
-    (the run's last file only; kept as read, checked when a run resumes from it); ``saved_at`` when :func:`vconvert.save` wrote the file. Keys written by a
-    later version are kept, unread, in ``extra``.
+    (the run's last file only; kept as read, checked when a run resumes from it); ``saved_at`` when
+    :func:`vconvert.save` wrote the file. Keys written by a later version are kept, unread, in ``extra``.
     """
 
     input_shape: list[int]
