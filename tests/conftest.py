@@ -140,3 +140,19 @@ def compress_resnet8(folder: Path, *options: str) -> Path:
     )
     assert result.exit_code == 0, result.output + result.stderr
     return output
+
+
+def noise_image_folder(root: Path, size: tuple[int, int] = (32, 32)) -> Path:
+    """``root`` with train/ and val/, each two classes (a, b) of three random RGB images of ``size`` (W, H)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(3):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import noise_image_folder
 
 from vconvert.export.checkpoint import load_verification_images
 from vconvert.io.metadata import CheckpointMetadata
@@ -14,20 +13,9 @@ from vconvert.io.metadata import CheckpointMetadata
 PREPROCESSING = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "input_size": [32, 32]}
 
 
-def _folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for index in range(3):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / label / f"{index}.png")
-    return root
-
-
 @pytest.mark.parametrize("recorded_as", ["finetune-data", "bn-recalibration", "nothing"])
 def test_verification_images_come_from_the_folder_the_checkpoint_records(tmp_path: Path, recorded_as: str) -> None:
-    root = str(_folder(tmp_path / "images"))
+    root = str(noise_image_folder(tmp_path / "images"))
     data = {"source": root, "input_size": [32, 32], "channels": 3, "classes": ["a", "b"],
             "mean": PREPROCESSING["mean"], "std": PREPROCESSING["std"]}  # fmt: skip
     metadata = CheckpointMetadata(input_shape=[1, 3, 32, 32], preprocessing=PREPROCESSING)
