@@ -182,12 +182,14 @@ def plain_module_finetune(model: nn.Module, teacher: nn.Module, saved: dict[str,
     """Let ``vconvert.train.finetune.finetune`` train a plain (pruned) module: its ``.vc.pt`` loading returns
     ``model`` with ``teacher``, and its saving keeps the snapshots in ``saved`` (by path)."""
     from vconvert.io.checkpoint import Checkpoint
+    from vconvert.io.metadata import CheckpointMetadata
     from vconvert.train import finetune as finetune_module
+    from vconvert.train import resume as resume_module
 
-    metadata = {
-        "input_shape": INPUT_SHAPE,
-        "preprocessing": {"mean": parse(MEAN), "std": parse(STD), "input_size": INPUT_SHAPE[2:]},
-    }
+    metadata = CheckpointMetadata(
+        input_shape=list(INPUT_SHAPE),
+        preprocessing={"mean": parse(MEAN), "std": parse(STD), "input_size": list(INPUT_SHAPE[2:])},
+    )
 
     def load(_path: Any, trust: bool = False) -> Checkpoint:
         return Checkpoint(model, teacher, plan=None, base=None, metadata=metadata)  # type: ignore[arg-type]
@@ -195,7 +197,7 @@ def plain_module_finetune(model: nn.Module, teacher: nn.Module, saved: dict[str,
     def save(path: Any, snapshot: nn.Module, *_args: Any, **_kwargs: Any) -> None:
         saved[str(path)] = snapshot
 
-    with mock.patch.object(finetune_module, "load_checkpoint", load), mock.patch.object(finetune_module, "save", save):
+    with mock.patch.object(finetune_module, "load_checkpoint", load), mock.patch.object(resume_module, "save", save):
         yield
 
 

@@ -12,7 +12,15 @@ measures onnxruntime latency at batch 1 and 64 for all files side by side at the
 - torch-pruning at 2x and 3x whole-model stored size, fine-tuned with the same budget, data, seed and
   distillation as vconvert (vconvert's own loop on the plain module), exported fp32, then INT8 PTQ;
 - vconvert learned s=2 and s=4 (``compress`` defaults + ``finetune`` defaults), exported
-  ``--compact`` (fp32) and ``--quantize int8 --compact``; s=4 also with ``--mask-sharing shared``.
+  ``--compact`` (fp32) and ``--quantize int8 --compact``; s=4 also with ``--mask-sharing shared``;
+- the same fine-tuned at 4 bits (``finetune --weight-bits 4``), exported ``--quantize int8 --compact``
+  (4-bit primaries, two per byte, widened to int8 in the graph);
+- quantization-aware peers with the same budget, loop, distillation and quantizer (one step per output
+  channel): the dense network fine-tuned with 4-bit and with 3-bit weights, and torch-pruning 3x fine-tuned
+  at 4 bits, each exported as int8 QDQ with 4-bit storage (3-bit values in 4-bit nibbles). Their convs are
+  the ones vconvert converts (all but the stem and the downsampling 1x1s), run as one-filter-per-primary
+  versatile convs (mode channel, one secondary: a dense conv with a per-output scale), so the quantizer,
+  the export and its checks are vconvert's own.
 
     python benchmarks/pareto.py --quick                 # 2,000 training images, 2 epochs, 10,000 test images
     python benchmarks/pareto.py [--work DIR]            # 50,000 images, 15 epochs, 10,000 test images (hours on CPU)
@@ -64,7 +72,7 @@ class Row:
     """One artifact of the table."""
 
     name: str
-    method: str  # dense | int8-ptq | w4 | pruning | versatile
+    method: str  # dense | int8-ptq | w4 | pruning | qat | versatile
     bits: int
     train: str | None = None  # the fine-tuned model it comes from (key of TRAININGS), None: the base
     export: list[str] = field(default_factory=list)  # vconvert export options (versatile rows)
@@ -78,6 +86,15 @@ TRAININGS: dict[str, dict[str, Any]] = {  # trained in this order: the rows the 
     "prune2": {"prune": 2.0},
     "prune3": {"prune": 3.0},
     "s4-shared": {"compress": ["--mode", "learned", "--secondary", "4", "--mask-sharing", "shared"]},
+    "s2-w4": {"compress": ["--mode", "learned", "--secondary", "2"], "finetune": ["--weight-bits", "4"]},
+    "s4-w4": {"compress": ["--mode", "learned", "--secondary", "4"], "finetune": ["--weight-bits", "4"]},
+    "dense-w4": {"quantize": 4},
+    "prune3-w4": {"prune": 3.0, "quantize": 4},
+    "dense-w3": {"quantize": 3},  # the library takes 3 bits (the CLI offers 4 and 8)
+    "s4-shared-w4": {
+        "compress": ["--mode", "learned", "--secondary", "4", "--mask-sharing", "shared"],
+        "finetune": ["--weight-bits", "4"],
+    },
 }
 INT8 = ["--quantize", "int8", "--compact"]
 ROWS = [
@@ -93,6 +110,12 @@ ROWS = [
     Row("torch-pruning 2x + INT8 PTQ", "pruning", 8, "prune2", int8=True),
     Row("torch-pruning 3x fp32", "pruning", 32, "prune3"),
     Row("torch-pruning 3x + INT8 PTQ", "pruning", 8, "prune3", int8=True),
+    Row("vconvert s=2 4-bit + int8 compact", "versatile", 4, "s2-w4", INT8),
+    Row("vconvert s=4 4-bit + int8 compact", "versatile", 4, "s4-w4", INT8),
+    Row("vconvert s=4 shared masks 4-bit + int8 compact", "versatile", 4, "s4-shared-w4", INT8),
+    Row("dense QAT 4-bit + int8 (4-bit storage)", "qat", 4, "dense-w4"),
+    Row("dense QAT 3-bit + int8 (4-bit storage)", "qat", 3, "dense-w3"),
+    Row("torch-pruning 3x + QAT 4-bit + int8", "pruning", 4, "prune3-w4"),
 ]
 
 
@@ -125,7 +148,12 @@ def calibration_images(data: Path, count: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 def trained_file(work: Path, key: str) -> Path:
-    return work / (f"{key}.ft.vc.pt" if "compress" in TRAININGS[key] else f"{key}.fp32.onnx")
+    """The fine-tuned .vc.pt (vconvert rows), the fine-tuned module (quantization-aware peers: exported when
+    measured) or the fp32 ONNX file (pruning peers)."""
+    recipe = TRAININGS[key]
+    if "compress" in recipe:
+        return work / f"{key}.ft.vc.pt"
+    return work / (f"{key}.qat.pt" if "quantize" in recipe else f"{key}.fp32.onnx")
 
 
 def train(key: str, budget: Budget, args: argparse.Namespace, run: common.Runner) -> dict[str, Any]:
@@ -144,10 +172,13 @@ def train(key: str, budget: Budget, args: argparse.Namespace, run: common.Runner
         result, _ = run("compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape",
                      ",".join(map(str, INPUT_SHAPE)), "--skip", "downsample", "--mean", MEAN, "--std", STD,
                      "--calib-data", str(args.cifar), *TRAININGS[key]["compress"], "-o", str(compressed))  # fmt: skip
-        history, _ = run("finetune", str(compressed), "-o", str(output), *budget.finetune_options(str(args.cifar)))
+        history, _ = run("finetune", str(compressed), "-o", str(output), *budget.finetune_options(str(args.cifar)),
+                         *TRAININGS[key].get("finetune", []))  # fmt: skip
         plan = result["plan"]
         info = {"stored_ratio": round(plan["model_dense_bits"] / plan["model_stored_bits"], 3),
                 "finetune_val_top1": [round(e["val_top1"], 2) for e in history["history"]]}  # fmt: skip
+    elif "quantize" in TRAININGS[key]:
+        info = quantization_aware_peer(TRAININGS[key], budget, args, output)
     else:
         info = prune_and_finetune(TRAININGS[key]["prune"], budget, args, output)
     info["train_s"] = round(time.perf_counter() - started, 1)
@@ -155,31 +186,82 @@ def train(key: str, budget: Budget, args: argparse.Namespace, run: common.Runner
     return info
 
 
+def _finetune_module(model: torch.nn.Module, teacher: torch.nn.Module, budget: Budget, args: argparse.Namespace,
+                     weight_bits: int | None = None) -> tuple[torch.nn.Module, list]:  # fmt: skip
+    """vconvert's fine-tuning loop (the budget every row shares) on a module that is no ``.vc.pt``."""
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune as run_finetune
+
+    config = FinetuneConfig(
+        data=str(args.cifar), epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
+        train_limit=budget.train_limit, eval_limit=2000, precision=budget.precision, mean=parse(MEAN), std=parse(STD),
+        weight_bits=weight_bits,
+    )  # fmt: skip
+    saved: dict[str, torch.nn.Module] = {}
+    with tempfile.TemporaryDirectory(prefix="vconvert-peer-") as folder:
+        target_path = Path(folder) / "peer.ft.vc.pt"
+        with plain_module_finetune(model, teacher, saved):
+            history = run_finetune(Path(folder) / "unused.vc.pt", target_path, config)
+        return saved[str(target_path)].eval(), history
+
+
 def prune_and_finetune(target: float, budget: Budget, args: argparse.Namespace, output: Path) -> dict[str, Any]:
     """torch-pruning to ``target``x stored size, vconvert's fine-tuning loop on the plain module, fp32 ONNX."""
     from vconvert.convert.report import model_stored_bits
     from vconvert.export.pipeline import export as export_model
-    from vconvert.train.config import FinetuneConfig
-    from vconvert.train.finetune import finetune as run_finetune
 
     base = common.pretrained_resnet20(args.models)
     pruned, channel_ratio = prune_to_size(base, target)
-    config = FinetuneConfig(
-        data=str(args.cifar), epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
-        train_limit=budget.train_limit, eval_limit=2000, precision=budget.precision, mean=parse(MEAN), std=parse(STD),
-    )  # fmt: skip
-    saved: dict[str, torch.nn.Module] = {}
-    with tempfile.TemporaryDirectory(prefix="vconvert-prune-") as folder:
-        target_path = Path(folder) / "pruned.ft.vc.pt"
-        with plain_module_finetune(pruned, copy.deepcopy(base), saved):
-            history = run_finetune(Path(folder) / "unused.vc.pt", target_path, config)
-        tuned = saved[str(target_path)].eval()
+    tuned, history = _finetune_module(pruned, copy.deepcopy(base), budget, args)
     export_model(tuned, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata())
     return {
         "pruning": f"torch-pruning {channel_ratio:.4f} of the channels of every layer (L2 magnitude)",
         "stored_ratio": round(model_stored_bits(base) / model_stored_bits(tuned), 3),
         "finetune_val_top1": [round(e.val_top1, 2) for e in history],
     }
+
+
+def quantizable_convs(model: torch.nn.Module) -> list[str]:
+    """The convs vconvert's rows convert (``compress --skip downsample``: all but the stem and the 1x1
+    downsampling convs), by qualified name."""
+    convs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    return [name for name in convs[1:] if "downsample" not in name]
+
+
+def as_one_filter_per_primary(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each of its :func:`quantizable_convs` as a versatile conv with one secondary per primary
+    (mode channel: a dense conv with a per-output scale), computing the same function, so that vconvert's
+    quantizer (one step per primary filter = per output channel) and int8 export apply to the dense network."""
+    from vconvert import from_conv
+
+    for name in quantizable_convs(model):
+        model.set_submodule(name, from_conv(model.get_submodule(name), mode="channel", secondary=1))
+    return model
+
+
+def quantization_aware_peer(recipe: dict[str, Any], budget: Budget, args: argparse.Namespace,
+                            output: Path) -> dict[str, Any]:  # fmt: skip
+    """The dense (or torch-pruned) network fine-tuned with ``recipe["quantize"]``-bit weights by vconvert's loop
+    and quantizer; the fine-tuned module is saved to ``output`` (exported when the rows are measured)."""
+    base = common.pretrained_resnet20(args.models)
+    start, info = copy.deepcopy(base), {}
+    if "prune" in recipe:
+        start, channel_ratio = prune_to_size(base, recipe["prune"])
+        info["pruning"] = f"torch-pruning {channel_ratio:.4f} of the channels of every layer (L2 magnitude)"
+    tuned, history = _finetune_module(as_one_filter_per_primary(start), base, budget, args, recipe["quantize"])
+    torch.save(tuned, output)
+    info["weight_bits"] = recipe["quantize"]
+    info["finetune_val_top1"] = [round(e.val_top1, 2) for e in history]
+    return info
+
+
+def export_quantization_aware(trained: Path, output: Path, images: torch.Tensor, bits: int) -> None:
+    """A quantization-aware peer exported like ``vconvert export --quantize int8 --compact`` at its bit width."""
+    from vconvert.export.pipeline import export as export_model
+
+    model = torch.load(trained, weights_only=False).eval()  # our own fine-tuned module, written by this script
+    export_model(model, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata(),
+                 quantize="int8", compact=True, weight_bits=bits, calibration=list(images.split(32)))  # fmt: skip
 
 
 def _preprocessing_metadata() -> dict[str, Any]:
@@ -313,10 +395,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, record: dict[str, Any]) -> Non
     import matplotlib.pyplot as plt
 
     colours = {"dense": "black", "int8-ptq": "tab:blue", "w4": "tab:purple", "pruning": "tab:orange",
-               "versatile": "tab:green"}  # fmt: skip
+               "versatile": "tab:green", "qat": "tab:red"}  # fmt: skip
     figure, axes = plt.subplots(figsize=(8, 5))
     for row in rows:
-        marker = "o" if row["bits"] > 8 else "s"
+        marker = "o" if row["bits"] > 8 else "s" if row["bits"] == 8 else "^"
         axes.scatter(row["file_ratio"], row["top1"], color=colours[row["method"]], marker=marker)
         axes.annotate(row["artifact"], (row["file_ratio"], row["top1"]), fontsize=7, xytext=(4, 2),
                       textcoords="offset points")  # fmt: skip
@@ -325,7 +407,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, record: dict[str, Any]) -> Non
     axes.set_xscale("log")
     axes.set_xlabel("ONNX file size / dense fp32 file (log)")
     axes.set_ylabel(f"top-1 (%), {record['eval_images']} CIFAR-10 test images")
-    axes.set_title(f"ResNet-20 CIFAR-10, {record['mode']} run: circles fp32, squares ≤ 8 bits")
+    axes.set_title(f"ResNet-20 CIFAR-10, {record['mode']} run: circles fp32, squares 8 bits, triangles ≤ 4")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -437,6 +519,13 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
                 run("export", str(source), "-o", str(path), *row.export, *(["--calib-data", str(args.cifar / "train")]
                     if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
             except RuntimeError as error:  # a refused export is a result too: recorded, the run goes on
+                record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
+                print(f"{row.name}: export refused", flush=True)
+                continue
+        elif row.method == "qat" or (row.train and "quantize" in TRAININGS[row.train]):
+            try:
+                export_quantization_aware(source, path, images, row.bits)
+            except RuntimeError as error:  # CheckFailedError or BadInputError: a refused export is a result too
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
                 print(f"{row.name}: export refused", flush=True)
                 continue

@@ -254,3 +254,11 @@ DataOpt = Annotated[
         "--calib-data folder), when it exists here.",
     ),
 ]
+
+
+def check_weight_bits(bits: int | None) -> None:
+    """The CLI offers 4- and 8-bit primaries (the library takes 2 to 8 for experiments)."""
+    from vconvert.nn.quantize import WEIGHT_BITS
+
+    if bits is not None and bits not in WEIGHT_BITS:
+        raise BadInputError(f"--weight-bits must be 4 or 8; got {bits}.")

@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vconvert.cli.common import DebugOpt, JsonOpt, TrustOpt, console, explained_errors, parse_shape, progress_bar
+from vconvert.cli.common import (
+    DebugOpt,
+    JsonOpt,
+    TrustOpt,
+    check_weight_bits,
+    console,
+    explained_errors,
+    parse_shape,
+    progress_bar,
+)
 
 
 def _table(report) -> Table:
@@ -40,7 +49,8 @@ def _int8_summary(report) -> str:
     rows = {row["model"]: row for row in report.table}
     exported, fp32 = rows["exported"], rows["dense fold"]
     text = (
-        f"int8 ({'compact' if info['compact'] else 'dense'}): {exported['bits_per_weight']:.2f} bits per weight, "
+        f"int8 ({'compact' if info['compact'] else 'dense'}, {info['weight_bits']}-bit primaries): "
+        f"{exported['bits_per_weight']:.2f} bits per weight, "
         f"file {fp32['file_bytes'] / exported['file_bytes']:.2f}x smaller than the fp32 dense file"
     )
     if exported["ort_latency_ms"] == exported["ort_latency_ms"]:  # not NaN: latency was measured
@@ -53,6 +63,8 @@ def _int8_summary(report) -> str:
     )
     if info["compact_equals_dense"]:
         text += "; compact and dense int8 outputs identical"
+    if info["weights_equal_fake_quantised"]:
+        text += "; its integers are the fine-tuned ones (dequantized weights equal the fake-quantised weights)"
     return text
 
 
@@ -125,6 +137,15 @@ def export(
         ),
     ] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images used for int8.")] = 512,
+    weight_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--weight-bits",
+            help="With --quantize int8: the primary filters as 8- or 4-bit integers (4: two per byte, widened to "
+            "int8 in the graph, still QLinearConv). Default: the width the checkpoint was fine-tuned at "
+            "(finetune --weight-bits), else 8; another width warns with the top-1 change it causes.",
+        ),
+    ] = None,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -146,6 +167,9 @@ def export(
         raise BadInputError("--calib-data is used only with --quantize int8; add it or drop --calib-data.")
     if calib_images < 1:
         raise BadInputError(f"--calib-images must be at least 1, got {calib_images}.")
+    check_weight_bits(weight_bits)
+    if weight_bits is not None and quantize != "int8":
+        raise BadInputError("--weight-bits sets the width of int8 primaries: add --quantize int8 or drop it.")
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
     with progress_bar() as progress, _calibration_hint():
@@ -164,6 +188,7 @@ def export(
             quantize=quantize,
             calib_data=calib_data,
             calib_images=calib_images,
+            weight_bits=weight_bits,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -13,6 +13,7 @@ from vconvert.cli.common import (
     DebugOpt,
     JsonOpt,
     TrustOpt,
+    check_weight_bits,
     console,
     epoch_progress,
     explained_errors,
@@ -122,6 +123,23 @@ def finetune(
             "their place; masks are never averaged. 0: off.",
         ),
     ] = 0.0,
+    weight_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--weight-bits",
+            help="Quantization-aware training: the primary filters are fake-quantised to 4 or 8 bits (symmetric, "
+            "one step per primary filter, gradients straight through); export --quantize int8 then stores them at "
+            "this width. Default: float primaries.",
+        ),
+    ] = None,
+    weight_quantizer: Annotated[
+        str,
+        typer.Option(
+            "--weight-quantizer",
+            help="With --weight-bits: lsq (each primary filter's step is learned, LSQ) | minmax (step = max|P|/Q, "
+            "recomputed at every step).",
+        ),
+    ] = "lsq",
     label_smoothing: Annotated[
         float, typer.Option("--label-smoothing", help="Label smoothing of the task cross-entropy.")
     ] = 0.0,
@@ -142,6 +160,7 @@ def finetune(
 
     if masks not in STRATEGIES:
         raise BadInputError(f"--masks must be one of {', '.join(STRATEGIES)}; got {masks!r}.")
+    check_weight_bits(weight_bits)
     if (mean is None) != (std is None):
         raise BadInputError("Pass --mean and --std together.")
     config = FinetuneConfig(
@@ -151,7 +170,8 @@ def finetune(
         temperature=temperature,
         distill_weight=distill_weight, recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment,
         train_limit=train_limit, eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
-        label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill,
+        label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill, weight_bits=weight_bits,
+        weight_quantizer=weight_quantizer,
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main

@@ -65,19 +65,21 @@ def export_checkpoint(
     calib_data: str | Path | None = None,
     calib_images: int = 512,
     min_agreement: float = 0.9,
+    weight_bits: int | None = None,
 ) -> ExportReport:
     """:func:`export` for a ``.vc.pt`` file: its model, its teacher, its preprocessing and input shape.
 
     With ``quantize="int8"`` the calibration images come from ``calib_data`` ("digits" or an image
     folder), else from the data the checkpoint records (its fine-tuning data or BN recalibration folder);
-    up to ``calib_images`` of them, preprocessed as the checkpoint records.
+    up to ``calib_images`` of them, preprocessed as the checkpoint records. ``weight_bits``: the width of the
+    int8 primaries (default: the width the checkpoint was fine-tuned at, else 8; see :func:`export`).
     """
     from vconvert.data.datasets import describe_input, log, normalisation_origin
     from vconvert.errors import MissingCalibrationError
     from vconvert.export.quantize import calibration_images, calibration_source, check_quantize
     from vconvert.io.checkpoint import NOT_FINETUNED, load_checkpoint
 
-    check_quantize(quantize, ring)
+    check_quantize(quantize, ring, weight_bits)
     output = check_writable(output)
     if Path(output).resolve() == Path(path).resolve():
         raise BadInputError(f"The output {output} would overwrite the checkpoint; choose another -o.")
@@ -123,6 +125,8 @@ def export_checkpoint(
         quantize=quantize,
         calibration=calibration,
         min_agreement=min_agreement,
+        weight_bits=weight_bits,
+        source_name=Path(path).name,
     )
     if report.quantization is not None:
         report.quantization["calibration"] = calibration_note

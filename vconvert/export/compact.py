@@ -89,9 +89,10 @@ class CompactLayer:
 
 
 def encode_layer(layer: VersatileConv2d, bn_scale: torch.Tensor | None = None) -> CompactLayer:
-    """The compact encoding of ``layer`` (as folded in eval mode), with an optional folded BN factor."""
+    """The compact encoding of ``layer`` (as folded in eval mode: fake-quantised primaries as the forward uses
+    them), with an optional folded BN factor."""
     with torch.no_grad():
-        primary = layer.primary.detach().cpu().numpy().copy()
+        primary = layer.quantized_primary().detach().cpu().numpy().copy()  # fake-quantised when it is
         index = layer.primary_index.cpu().numpy()
         mask = layer.output_mask()
         mask_bits = mask_shape = mask_row = None

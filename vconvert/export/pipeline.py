@@ -21,7 +21,9 @@ peak must stay near one model's worth above the import baseline.
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vconvert.convert.report import count_macs, model_stored_bits
-from vconvert.errors import BadInputError, CheckFailedError
+from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning
 from vconvert.export.fold import FoldResult, prepare_for_export
 from vconvert.export.onnx_file import OPSET, serialise, set_metadata, to_onnx
 from vconvert.export.verify import (
@@ -45,7 +47,7 @@ from vconvert.export.verify import (
     start_session,
 )
 from vconvert.io.files import atomic_write_bytes, check_writable
-from vconvert.nn.versatile import VersatileConv2d, fold_model, versatile_layers
+from vconvert.nn.versatile import VersatileConv2d, fold_model, versatile_layers, weight_quantization
 
 RING_WITH_COMPACT = (
     "`ring=True` cannot be combined with `compact=True` (the compact file rebuilds dense weights, not ring "
@@ -81,7 +83,7 @@ def _stored_floats(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, VersatileConv2d) and name == "mask_proxy":
+            if isinstance(module, VersatileConv2d) and name in ("mask_proxy", "primary_step"):
                 continue
             total += param.numel()
     return total
@@ -110,6 +112,53 @@ def check_ring_request(layers: Mapping[str, VersatileConv2d], compact: bool) -> 
         )
 
 
+def primary_bits(model: nn.Module, weight_bits: int | None) -> int:
+    """The width of the int8 export's primaries: ``weight_bits``, else the width the model was fine-tuned at,
+    else 8."""
+    recorded = weight_quantization(model)
+    return weight_bits or (recorded["bits"] if recorded else 8)
+
+
+class RequantizationWarning(VConvertWarning):
+    """The primaries are exported at another width than the model was fine-tuned at."""
+
+
+def requantized(model: nn.Module, bits: int) -> nn.Module:
+    """A copy of ``model`` whose primaries are the ones its forward uses, quantized min-max at ``bits``: the
+    network an int8 export at ``bits`` holds for a model not fine-tuned at that width."""
+    copy_ = copy.deepcopy(model).eval()
+    for _, layer in versatile_layers(copy_):
+        with torch.no_grad():
+            layer.primary.copy_(layer.quantized_primary())
+        layer.set_weight_bits(bits, "minmax")
+    return copy_
+
+
+def warn_requantization(model: nn.Module, bits: int, calibration: Sequence[Tensor], name: str) -> float:
+    """Warn that ``model``'s primaries will be quantized at ``bits`` without fine-tuning, with the share of
+    calibration images whose top-1 class that changes (in PyTorch); returns that share."""
+    recorded = weight_quantization(model)
+    trained = f"{recorded['bits']}-bit primaries" if recorded else "float primaries"
+    quantized = requantized(model, bits)
+    changed = total = 0
+    with torch.no_grad():
+        for batch in calibration:
+            before, after = model(batch), quantized(batch)
+            if before.ndim < 2:
+                return float("nan")
+            changed += int((before.argmax(1) != after.argmax(1)).sum())
+            total += before.argmax(1).numel()
+    share = changed / max(1, total)
+    advice = f"fine-tune it with `weight_bits` {bits} to keep its accuracy" if bits < 8 else "expect a small change"
+    warnings.warn(
+        f"{name} has {trained}, so they are quantized min-max to {bits} bits at export: that changes "
+        f"the top-1 class of {100 * share:.1f}% of the {total} calibration images; {advice}.",
+        RequantizationWarning,
+        stacklevel=3,
+    )
+    return share
+
+
 class _Steps:
     """Times each stage of an export (``timings_s``) and reports progress."""
 
@@ -133,6 +182,7 @@ def _check_request(
     ring: bool,
     quantize: str,
     calibration: Sequence[Tensor] | None,
+    weight_bits: int | None,
 ) -> dict[str, VersatileConv2d]:
     """The model's versatile layers, once the request is known to be one :func:`export` can honour."""
     from vconvert.export.quantize import check_quantize
@@ -148,7 +198,7 @@ def _check_request(
     layers = dict(versatile_layers(model))
     if ring:
         check_ring_request(layers, compact)
-    check_quantize(quantize, ring)
+    check_quantize(quantize, ring, weight_bits)
     if quantize == "int8" and not calibration:
         from vconvert.errors import MissingCalibrationError
 
@@ -328,6 +378,8 @@ def export(
     calibration: Sequence[Tensor] | None = None,
     min_agreement: float = 0.9,
     short_names: bool = True,
+    weight_bits: int | None = None,
+    source_name: str = "The model",
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``output`` and verify it in onnxruntime before writing.
 
@@ -347,11 +399,20 @@ def export(
     QLinearConv, and the int8 file must pick the fp32 file's top-1 class on at least ``min_agreement`` of
     the calibration images. Its values get short names unless ``short_names`` is False (names are a tenth
     of a small int8 file).
+
+    ``weight_bits`` (int8 only) is the width of the versatile primaries: 8, or 4 (stored two per byte and
+    widened to int8 in the graph); by default the width the model was fine-tuned at (``finetune
+    --weight-bits``), else 8. A model fine-tuned at that width keeps its integers exactly; otherwise they are
+    quantized min-max at export, with a warning that says how many calibration images change their top-1
+    class (``source_name`` names the model in it).
     """
     steps = _Steps(progress)
     output = check_writable(output)
-    layers = _check_request(model, input_shape, compact, ring, quantize, calibration)
+    layers = _check_request(model, input_shape, compact, ring, quantize, calibration, weight_bits)
     quantized = quantize == "int8"
+    bits = primary_bits(model, weight_bits) if quantized else None
+    if bits is not None and layers and any(layer.weight_bits != bits for layer in layers.values()):
+        warn_requantization(model, bits, calibration or [], source_name)
     example, inputs = _example_and_inputs(input_shape, inputs)
 
     steps.say("folding")
@@ -381,7 +442,7 @@ def export(
         int8 = quantize_export(
             dense.file_bytes, written.session, layers, dense.weights, dense.fold.bn_scales, calibration or [],
             compact=compact, inputs=inputs, metadata=dense.info, min_agreement=min_agreement,
-            short_names=short_names,
+            short_names=short_names, bits=bits or 8,
         )  # fmt: skip
         dense.file_bytes, dense.weights = None, {}
         written = _Written(int8.file_bytes, int8.session, int8.startup_ms, written.parity, int8=int8)

@@ -57,6 +57,7 @@ from vconvert.export.compact import (
 from vconvert.export.names import shorten_names
 from vconvert.export.verify import run_session
 from vconvert.io.metadata import CheckpointMetadata
+from vconvert.nn.quantize import integers, minmax_step, storage_bits
 from vconvert.nn.versatile import VersatileConv2d
 
 __all__ = [
@@ -65,34 +66,48 @@ __all__ = [
     "Int8Layer",
     "calibration_images",
     "calibration_source",
+    "check_fake_quantised",
     "check_quantize",
     "compact_int8_graph",
     "decode_int8_layer",
     "encode_int8_layer",
     "initializer_bits",
     "int8_layer_subgraph",
+    "pack_nibbles",
     "qlinear_convs",
     "quantize_export",
     "quantize_primaries",
     "set_int8_weights",
     "top1_agreement",
+    "unpack_nibbles",
 ]
 
 QUANTIZE_CHOICES = ("none", "int8")
 MIN_AGREEMENT = 0.9
-INT8_MAX = 127
 
 
 # --------------------------------------------------------------------------- pure algebra
-def quantize_primaries(primary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each primary filter as int8 with one scale: (Pq (P, ...) int8, t (P,) float64), t_p = max|P_p|/127.
+def quantize_primaries(primary: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Each primary filter as ``bits``-bit integers (held in int8) with one step: (Pq (P, ...) int8, t (P,)
+    float64), t_p = max|P_p| / Q (Q = 127 at 8 bits, 7 at 4), computed in float32 by the quantizer that
+    fine-tuning uses (:mod:`vconvert.nn.quantize`). A primary filter of zeros gets t_p = 1."""
+    weight = torch.from_numpy(np.ascontiguousarray(primary, dtype=np.float32))
+    step = minmax_step(weight, bits)
+    return integers(weight, step, bits).to(torch.int8).numpy(), step.double().numpy()
 
-    A primary filter of zeros gets t_p = 1 (any positive scale represents it exactly)."""
-    flat = primary.reshape(primary.shape[0], -1).astype(np.float64)
-    scale = np.abs(flat).max(axis=1) / INT8_MAX
-    scale = np.where(scale > 0, scale, 1.0)
-    quantized = np.clip(np.round(flat / scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return quantized.reshape(primary.shape), scale
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Integers in −8..7 as uint8 bytes, two per byte (value + 8; the first of each pair in the high nibble)."""
+    flat = (values.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.full(1, 8, dtype=np.uint8)])
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: the first ``count`` integers as int8."""
+    pairs = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:count]
+    return (pairs.astype(np.int16) - 8).astype(np.int8)
 
 
 @dataclass
@@ -108,6 +123,7 @@ class Int8Layer:
     primary_scale: np.ndarray  # (P,) float64 t_p (folded into weight_scale; not stored in the file)
     weight_scale: np.ndarray  # (N,) float32 s_o = |a_o| · t_{p(o)}
     negated: bool  # some index addresses −Pq
+    bits: int = 8  # Pq lies in −Q..Q; up to 4 bits the file stores it two per byte
 
     @property
     def out_channels(self) -> int:
@@ -118,20 +134,34 @@ class Int8Layer:
         primary = self.structure.primary
         return np.concatenate([primary, -primary]) if self.negated else primary
 
+    @property
+    def packed(self) -> bool:
+        """Whether the file stores the primaries as 4-bit nibbles."""
+        return storage_bits(self.bits) == 4
+
     def nbytes(self) -> int:
         """Bytes of all arrays the file stores for this layer."""
-        return self.structure.nbytes() + self.weight_scale.nbytes
+        primary = self.structure.primary
+        stored_primary = (primary.size + 1) // 2 if self.packed else primary.nbytes
+        return self.structure.nbytes() - primary.nbytes + stored_primary + self.weight_scale.nbytes
 
 
 def _per_output(array: np.ndarray | None, count: int) -> np.ndarray:
     return np.ones(count) if array is None else array.reshape(-1).astype(np.float64)
 
 
-def encode_int8_layer(encoded: CompactLayer) -> Int8Layer:
-    """The int8 form of a float compact encoding (:func:`vconvert.export.compact.encode_layer`)."""
+def encode_int8_layer(
+    encoded: CompactLayer, bits: int = 8, primary_integers: tuple[np.ndarray, np.ndarray] | None = None
+) -> Int8Layer:
+    """The int8 form of a float compact encoding (:func:`vconvert.export.compact.encode_layer`), its primaries
+    as ``bits``-bit integers: ``primary_integers`` (Pq, t) when given (the integers a layer fine-tuned at
+    ``bits`` was trained with), else min-max quantized from the encoded primaries."""
     count = encoded.out_channels
     factor = _per_output(encoded.scale, count) * _per_output(encoded.bn_scale, count)  # a_o
-    quantized, primary_scale = quantize_primaries(encoded.primary)
+    if primary_integers is None:
+        quantized, primary_scale = quantize_primaries(encoded.primary, bits)
+    else:
+        quantized, primary_scale = primary_integers[0].astype(np.int8), primary_integers[1].astype(np.float64)
     index = encoded.primary_index.astype(np.int64)
     weight_scale = np.where(factor != 0, np.abs(factor), 1.0) * primary_scale[index]
     if (factor == 0).any():  # that secondary filter is zero: point it at a zero primary
@@ -142,7 +172,7 @@ def encode_int8_layer(encoded: CompactLayer) -> Int8Layer:
     structure = replace(
         encoded, primary=quantized, primary_index=index.astype(smallest_index_dtype(index)), scale=None, bn_scale=None
     )
-    return Int8Layer(structure, primary_scale, weight_scale.astype(np.float32), negated)
+    return Int8Layer(structure, primary_scale, weight_scale.astype(np.float32), negated, bits)
 
 
 def decode_int8_layer(layer: Int8Layer) -> np.ndarray:
@@ -160,7 +190,7 @@ def int8_layer_subgraph(
     Layer-independent constants go into ``shared`` when given (see :class:`SubgraphBuilder`)."""
     build = SubgraphBuilder(prefix, shared)
     structure = layer.structure
-    primary = build.init("primary", structure.primary)
+    primary = _nibble_primaries(build, structure.primary) if layer.packed else build.init("primary", structure.primary)
     if layer.negated:
         primary = build.node("Concat", [primary, build.node("Neg", [primary], "negated")], "signed", axis=0)
     index = build.as_int64(structure.primary_index, "primary_index")
@@ -172,6 +202,25 @@ def int8_layer_subgraph(
     # the last Cast writes ``output`` itself: onnxruntime names the folded weight after it, as in the dense file
     build.nodes.append(onnx.helper.make_node("Cast", [weight], [output], to=TensorProto.INT8))
     return build.nodes, build.inits
+
+
+def _nibble_primaries(build: SubgraphBuilder, primary: np.ndarray) -> str:
+    """The primaries stored two per byte (:func:`pack_nibbles`) and widened back to int8 in the graph:
+    BitShift and BitwiseAnd on uint8, Cast to int32, minus 8, Cast to int8."""
+    packed = build.init("primary4", pack_nibbles(primary).reshape(-1, 1))
+    shifts = build.constant("nibble_shift", np.array([[4, 0]], dtype=np.uint8))
+    nibbles = build.node("BitShift", [packed, shifts], "nibbles_shifted", direction="RIGHT")
+    nibbles = build.node("BitwiseAnd", [nibbles, build.constant("nibble_mask", np.full((1, 1), 15, np.uint8))],
+                         "nibbles")  # fmt: skip
+    nibbles = build.node("Reshape", [nibbles, build.constant("flat", np.array([-1], dtype=np.int64))], "nibbles_flat")
+    start = build.constant("zero", np.array([0], dtype=np.int64))
+    end = build.init("primary_end", np.array([primary.size]))
+    nibbles = build.node("Cast", [build.node("Slice", [nibbles, start, end], "nibbles_used")], "nibbles_i32",
+                         to=TensorProto.INT32)  # fmt: skip
+    values = build.node("Sub", [nibbles, build.constant("nibble_offset", np.array(8, dtype=np.int32))], "primary_i32")
+    shape = build.init("primary_shape", np.array(primary.shape, dtype=np.int64))
+    values = build.node("Reshape", [values, shape], "primary_shaped")
+    return build.node("Cast", [values], "primary_i8", to=TensorProto.INT8)
 
 
 # --------------------------------------------------------------------------- the QDQ graph
@@ -305,6 +354,21 @@ def compact_int8_graph(
     del initializers
     splice_rebuilds(model.graph, {conv.weight for conv in convs.values()}, new_nodes, [*shared.values(), *new_inits])
     return stored
+
+
+def check_fake_quantised(name: str, layer: Int8Layer, folded: np.ndarray) -> None:
+    """The dequantized int8 weight Wq · s equals the folded fake-quantised weight of the fp32 file (up to float
+    rounding: the integers are the very ones the layer was fine-tuned with); else CheckFailedError."""
+    dequantized = decode_int8_layer(layer).astype(np.float64) * layer.weight_scale.astype(np.float64).reshape(
+        (-1,) + (1,) * (folded.ndim - 1)
+    )
+    error = float(np.abs(dequantized - folded.astype(np.float64)).max()) if folded.size else 0.0
+    allowed = 1e-5 * float(np.abs(folded).max()) if folded.size else 0.0
+    if error > allowed:
+        raise CheckFailedError(
+            f"The int8 weights of {name!r} differ from its fake-quantised weights by {error:.3g} (allowed "
+            f"{allowed:.3g}); nothing was written."
+        )
 
 
 def initializer_bits(model: onnx.ModelProto) -> int:
@@ -567,12 +631,17 @@ class Int8Export:
     metadata: dict = field(default_factory=dict)  # the vconvert.* metadata the file records
 
 
-def check_quantize(quantize: str, ring: bool) -> None:
+def check_quantize(quantize: str, ring: bool, weight_bits: int | None = None) -> None:
     """Raise :class:`BadInputError` when the quantization request cannot be honoured."""
     if quantize not in QUANTIZE_CHOICES:
         raise BadInputError(f"The quantization must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}.")
     if quantize != "none" and ring:
         raise BadInputError("Ring convs cannot be quantized (they are float-only); export them unquantized.")
+    if weight_bits is not None:
+        if quantize != "int8":
+            raise BadInputError("`weight_bits` sets the width of int8 primaries: pass it with `quantize` int8.")
+        if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
+            raise BadInputError(f"`weight_bits` must be 4 or 8 (the library takes 2 to 8); got {weight_bits!r}.")
 
 
 def quantize_export(
@@ -588,6 +657,7 @@ def quantize_export(
     metadata: Mapping[str, Any],
     min_agreement: float = MIN_AGREEMENT,
     short_names: bool = True,
+    bits: int = 8,
 ) -> Int8Export:
     """Quantize the verified fp32 dense file to QDQ int8, set the versatile int8 weights, build the compact
     form when asked, and check before returning (nothing is written here).
@@ -600,20 +670,32 @@ def quantize_export(
     runs as QLinearConv; the int8 file picks the fp32 file's top-1 class on at least ``min_agreement``
     of the calibration images. ``short_names`` renames the file's values to short ids
     (:func:`vconvert.export.names.shorten_names`; a tenth of a small file's bytes).
+
+    The primaries are ``bits``-bit integers (held in int8; stored two per byte up to 4 bits): a layer
+    fine-tuned at ``bits`` keeps the very integers it was trained with, and its dequantized int8 weight must
+    equal the fake-quantised weight of the fp32 file (:func:`check_fake_quantised`); other layers are
+    quantized min-max from the primaries their forward uses.
     """
     from vconvert.export.onnx_file import serialise, set_metadata, strip_export_traces
     from vconvert.export.verify import start_session
 
     if not calibration:
         raise MissingCalibrationError("Int8 quantization needs calibration images, and none were given.")
+    trained_bits = bool(layers) and all(layer.weight_bits == bits for layer in layers.values())
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     fp32 = onnx.load_from_string(fp32_bytes)
     targets = _conv_targets(fp32, weights)
-    weights.clear()
     input_name = fp32.graph.input[0].name
     del fp32
-    int8_layers = {name: encode_int8_layer(encode_layer(layer, bn_scales.get(name))) for name, layer in layers.items()}
+    int8_layers = {}
+    for name, layer in layers.items():
+        trained = layer.weight_bits == bits  # fine-tuned at these bits: its own integers, checked
+        own = tuple(t.cpu().numpy() for t in layer.primary_integers()) if trained else None
+        int8_layers[name] = encode_int8_layer(encode_layer(layer, bn_scales.get(name)), bits, own)  # type: ignore[arg-type]
+        if trained:
+            check_fake_quantised(name, int8_layers[name], weights[name])
+    weights.clear()
     model = _quantize_static(fp32_bytes, calibration, input_name)
     strip_export_traces(model)  # the quantizer's shape-inference value_info and its own metadata
     timings["calibrate_quantize_s"] = round(time.perf_counter() - clock, 3)
@@ -622,7 +704,10 @@ def quantize_export(
         "vconvert.quantization": {
             "type": "int8",
             "activations": "uint8 per tensor (onnxruntime MinMax calibration)",
-            "weights": "int8 symmetric per output channel; versatile convs as sign · mask · int8 primary",
+            "weights": f"int8 symmetric per output channel; versatile convs as sign · mask · {bits}-bit primary",
+            "weight_bits": bits,
+            "primary_storage": "4-bit, two per byte" if storage_bits(bits) == 4 else "int8",
+            "primary_integers": "fine-tuned at these bits" if trained_bits else "min-max at export",
             "calibration_images": sum(len(batch) for batch in calibration),
         }
     }
@@ -697,6 +782,8 @@ def quantize_export(
         "agreement_images": images,
         "min_agreement": min_agreement,
         "compact_equals_dense": compact_equal,
+        "weight_bits": bits,
+        "weights_equal_fake_quantised": trained_bits or None,
         "compact_layer_bytes": layer_bytes,
         "timings_s": timings,
     }

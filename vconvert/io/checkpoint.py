@@ -26,7 +26,7 @@ from vconvert.errors import BadInputError, UntrustedCodeError, first_line
 from vconvert.io.format import read_checkpoint, write_checkpoint
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.io.untrusted import BaseSpec, build_base, resolve_arch
-from vconvert.nn.versatile import versatile_layers
+from vconvert.nn.versatile import set_weight_bits_, versatile_layers, weight_quantization
 from vconvert.validate import (
     all_finite,
     check_mapping,
@@ -62,13 +62,18 @@ def save(
     teacher: nn.Module,
     metadata: CheckpointMetadata,
 ) -> None:
-    """Write a converted model as a ``.vc.pt`` checkpoint (atomically), stamped with the time of writing."""
+    """Write a converted model as a ``.vc.pt`` checkpoint (atomically), stamped with the time of writing and
+    with how its primary filters are quantized (read from the model's layers)."""
     if not isinstance(metadata, CheckpointMetadata):
         raise TypeError(
             "metadata must be a vconvert.CheckpointMetadata, e.g. CheckpointMetadata(input_shape=[1, 3, 224, 224]); "
             f"got {type(metadata).__name__}."
         )
-    stamped = replace(metadata, saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    stamped = replace(
+        metadata,
+        saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        weight_quantization=weight_quantization(model),
+    )
     payload = {
         "base": base.to_dict(),
         "plan": plan.to_dict(),
@@ -225,6 +230,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     _check_state(teacher.state_dict(), teacher_state, "teacher weights", path)
     _strict_load(teacher, teacher_state, "teacher weights", path)
     model = apply_plan(build_base(base, trust=trust, origin=str(path)), plan)
+    if metadata.weight_quantization is not None:
+        set_weight_bits_(model, metadata.weight_quantization["bits"], metadata.weight_quantization["quantizer"])
     _check_state(model.state_dict(), state, "converted weights", path)
     _strict_load(model, state, "converted weights", path)
     _check_index_ranges(model, path)

@@ -11,6 +11,7 @@ from typing import Any
 
 from vconvert.data.datasets import DIGITS, DataSpec
 from vconvert.errors import BadInputError
+from vconvert.nn.quantize import QUANTIZERS
 from vconvert.validate import check_fields, check_input_shape, check_int, check_mapping, check_preprocessing, check_str
 
 
@@ -24,7 +25,9 @@ class CheckpointMetadata:
     (:meth:`DataSpec.to_dict`) the data a fine-tuning run read; ``finetune`` ({"config", "epochs_done",
     "complete", "val_top1", "val_top5"}) that run's record; ``finetune_state`` the state to resume it from
     (the run's last file only; kept as read, checked when a run resumes from it); ``saved_at`` when
-    :func:`vconvert.save` wrote the file. Keys written by a later version are kept, unread, in ``extra``.
+    :func:`vconvert.save` wrote the file; ``weight_quantization`` ({"bits", "quantizer"}) how the primary
+    filters are fake-quantised (``finetune --weight-bits``), so that loading rebuilds their quantizers. Keys
+    written by a later version are kept, unread, in ``extra``.
     """
 
     input_shape: list[int]
@@ -34,6 +37,7 @@ class CheckpointMetadata:
     finetune: dict | None = None
     finetune_state: Any = None  # as read: checked in full only when a run resumes from it
     saved_at: str | None = None
+    weight_quantization: dict | None = None  # {"bits", "quantizer"} of the primaries, None: float
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,4 +96,13 @@ class CheckpointMetadata:
         saved_at = metadata.pop("saved_at", None)
         if saved_at is not None:
             check_str(saved_at, f"{where}'s saved_at")
-        return cls(shape, preprocessing, recalibration, data, finetune, state, saved_at, metadata)
+        quantization = metadata.pop("weight_quantization", None)
+        if quantization is not None:
+            quantization = check_fields(quantization, f"{where}'s weight_quantization", ("bits", "quantizer"))
+            check_int(quantization["bits"], f"{where}'s weight_quantization bits", 2, 8)
+            if quantization["quantizer"] not in QUANTIZERS:
+                raise BadInputError(
+                    f"{where}'s weight_quantization quantizer must be one of {', '.join(QUANTIZERS)}: the file is "
+                    "damaged."
+                )
+        return cls(shape, preprocessing, recalibration, data, finetune, state, saved_at, quantization, metadata)

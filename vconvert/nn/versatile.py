@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vconvert.nn.quantize import QUANTIZERS, check_bits, fake_quantize, integers, minmax_step, storage_bits
+
 MODES = ("learned", "spatial", "channel", "spatial+channel")
 MASK_SHARING = ("per-filter", "shared")
 MASK_THRESHOLD = 0.5
@@ -210,6 +212,9 @@ class VersatileConv2d(nn.Module):
         self.register_buffer("channel_offset", torch.empty_like(outputs))
         self.mask_threshold = MASK_THRESHOLD  # a mask bit is on where its proxy exceeds this
         self.latent_share = 0.0  # mask rule project: weight of the dense latent weight in the forward
+        self.weight_bits: int | None = None  # fake-quantised primaries (set_weight_bits), None: float
+        self.weight_quantizer: str | None = None
+        self.primary_step: nn.Parameter | None = None  # lsq: the learned step of each primary filter
         self.mask_proxy: nn.Parameter | None = None
         self.fixed_mask: Tensor | None
         if mode == "learned":
@@ -272,6 +277,45 @@ class VersatileConv2d(nn.Module):
             **options,
         )
 
+    # ---- quantized primaries -------------------------------------------------------------
+    def set_weight_bits(self, bits: int | None, quantizer: str = "lsq") -> None:
+        """Fake-quantise the primary filters to ``bits`` (symmetric, one step per filter; ``quantizer``
+        ``lsq``: a learned step, started at max|P_p|/Q; ``minmax``: max|P_p|/Q at every forward), or with
+        None go back to float primaries. The per-output scales stay float."""
+        if bits is not None:
+            check_bits(bits)
+            if quantizer not in QUANTIZERS:
+                raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}; got {quantizer!r}.")
+        self._parameters.pop("primary_step", None)
+        self.primary_step = None
+        self.weight_bits, self.weight_quantizer = bits, quantizer if bits is not None else None
+        if bits is not None and quantizer == "lsq":
+            self.primary_step = nn.Parameter(minmax_step(self.primary, bits).to(self.primary.dtype))
+
+    @torch.no_grad()
+    def reset_primary_steps(self) -> None:
+        """Restart a learned step at max|P_p|/Q of the current primaries (after they were replaced)."""
+        if self.primary_step is not None:
+            self.primary_step.copy_(minmax_step(self.primary, self.weight_bits))
+
+    def primary_steps(self) -> Tensor:
+        """(P,) step of each primary filter (quantized layers only)."""
+        if self.weight_bits is None:
+            raise ValueError("this layer's primary filters are not quantized.")
+        return self.primary_step if self.primary_step is not None else minmax_step(self.primary, self.weight_bits)
+
+    def quantized_primary(self) -> Tensor:
+        """The primary filters the forward pass uses: fake-quantised when ``weight_bits`` is set."""
+        if self.weight_bits is None:
+            return self.primary
+        return fake_quantize(self.primary, self.primary_steps(), self.weight_bits)
+
+    @torch.no_grad()
+    def primary_integers(self) -> tuple[Tensor, Tensor]:
+        """(k (P, ĉ, kh, kw) int8, t (P,) float): the integers and steps whose product the forward pass uses."""
+        steps = self.primary_steps().detach()
+        return integers(self.primary, steps, self.weight_bits).to(torch.int8), steps
+
     # ---- the representation ------------------------------------------------------------
     def output_mask(self) -> Tensor | None:
         """Per-output binary mask, broadcastable to (N, ĉ, kh, kw); STE-differentiable when learned."""
@@ -288,12 +332,18 @@ class VersatileConv2d(nn.Module):
         ``latent_share`` > 0), the update goes to the latent one.
         """
         weight = materialise_weight(
-            self.primary, self.primary_index, self.output_mask(), self.scale, self.channel_offset, self.in_channels
+            self.quantized_primary(),
+            self.primary_index,
+            self.output_mask(),
+            self.scale,
+            self.channel_offset,
+            self.in_channels,
         )
         latent = self._parameters.get("latent_weight")
         if latent is not None:
             value = torch.lerp(weight.detach(), latent.detach(), self.latent_share) if self.latent_share else weight
-            weight = value.detach() + (latent - latent.detach())
+            learned_step = (weight - weight.detach()) if weight.requires_grad else 0.0  # lsq steps learn here too
+            weight = value.detach() + (latent - latent.detach()) + learned_step
         return weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -347,13 +397,16 @@ class VersatileConv2d(nn.Module):
         return count * self._float_bits()
 
     def stored_bits(self) -> int:
-        """Bits this layer stores: primary filters, scales and bias as floats, 1 bit per learned
-        mask element, and the output → (primary, slot) assignment as packed integers.
+        """Bits this layer stores: primary filters as floats (as 4- or 8-bit integers when quantized, see
+        :func:`vconvert.nn.quantize.storage_bits`; their steps fold into the scales), scales and bias as
+        floats, 1 bit per learned mask element, and the output → (primary, slot) assignment as packed integers.
         Fixed (spatial) masks and channel offsets follow from the slot and cost nothing."""
-        floats = self.primary.numel() + sum(p.numel() for p in (self.scale, self.bias) if p is not None)
+        floats = sum(p.numel() for p in (self.scale, self.bias) if p is not None)
+        bits_each = storage_bits(self.weight_bits) if self.weight_bits else self._float_bits()
+        primary_bits = self.primary.numel() * bits_each
         mask_bits = self.mask_proxy.numel() if self.mask_proxy is not None else 0
         index_bits = self.out_channels * (_bits_for(self.num_primary) + _bits_for(self.group_size))
-        return floats * self._float_bits() + mask_bits + index_bits
+        return floats * self._float_bits() + primary_bits + mask_bits + index_bits
 
     def compression_ratio(self) -> float:
         """dense_bits() / stored_bits()."""
@@ -370,6 +423,8 @@ class VersatileConv2d(nn.Module):
             parts.append(f"channel_window={self.channel_window}, channel_stride={self.channel_stride}")
         if self.mode == "learned":
             parts.append(f"mask_sharing={self.mask_sharing!r}")
+        if self.weight_bits is not None:
+            parts.append(f"weight_bits={self.weight_bits}, weight_quantizer={self.weight_quantizer!r}")
         return ", ".join(parts)
 
 
@@ -397,6 +452,24 @@ def clip_mask_proxies_(model: nn.Module) -> None:
     """Clip every mask proxy of ``model`` into [0, 1]; call it after each optimiser step."""
     for _, layer in versatile_layers(model):
         layer.clip_mask_proxy_()
+
+
+def weight_quantization(model: nn.Module) -> dict | None:
+    """{"bits", "quantizer"} shared by every versatile layer of ``model``, None when they are float
+    (ValueError when the layers differ: vconvert quantizes a whole model at one width)."""
+    found = {(layer.weight_bits, layer.weight_quantizer) for _, layer in versatile_layers(model)}
+    if len(found) > 1:
+        raise ValueError(f"the versatile layers are quantized differently: {sorted(found, key=str)}.")
+    bits, quantizer = next(iter(found), (None, None))
+    return None if bits is None else {"bits": bits, "quantizer": quantizer}
+
+
+def set_weight_bits_(model: nn.Module, bits: int | None, quantizer: str = "lsq") -> int:
+    """:meth:`VersatileConv2d.set_weight_bits` on every versatile layer of ``model``; returns how many."""
+    layers = [layer for _, layer in versatile_layers(model)]
+    for layer in layers:
+        layer.set_weight_bits(bits, quantizer)
+    return len(layers)
 
 
 def fold_model(model: nn.Module) -> nn.Module:

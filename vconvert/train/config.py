@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vconvert.errors import BadInputError
+from vconvert.nn.quantize import QUANTIZERS
 
 BN_MODES = ("train", "frozen")
 LOADERS = ("auto", "workers", "device")
@@ -45,6 +46,8 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
     feature_weight: float = 0.0  # weight of the layer-wise term (converted convs vs the teacher's); 0: off
     ema: float = 0.0  # decay of an EMA of the weights, evaluated and written instead of them (0: off)
+    weight_bits: int | None = None  # fake-quantise the primary filters to this many bits (None: float)
+    weight_quantizer: str = "lsq"  # lsq (learned step per primary filter) | minmax
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -63,6 +66,13 @@ class FinetuneConfig:
             raise BadInputError(f"`project_every` must be at least 1 image; got {self.project_every}.")
         if not 0.0 <= self.ema < 1.0:
             raise BadInputError(f"`ema` must be 0 (off) or a decay below 1 such as 0.999; got {self.ema}.")
+        bits = self.weight_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+            raise BadInputError(f"`weight_bits` must be 4 or 8 (the library takes 2 to 8); got {self.weight_bits!r}.")
+        if self.weight_quantizer not in QUANTIZERS:
+            raise BadInputError(
+                f"`weight_quantizer` must be one of {', '.join(QUANTIZERS)}; got {self.weight_quantizer!r}."
+            )
         if self.epochs < 1 or self.batch_size < world or self.batch_size % world:
             raise BadInputError(
                 f"`epochs` must be ≥ 1 and `batch_size` a multiple of the {world} process(es); "

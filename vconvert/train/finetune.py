@@ -29,6 +29,7 @@ from vconvert.data.datasets import (
     batch_loader,
     choose_data,
     limited,
+    log,
     open_split,
 )
 from vconvert.data.device import DeviceImageSet
@@ -37,7 +38,7 @@ from vconvert.evaluate import evaluate_batches, evaluate_model
 from vconvert.io.checkpoint import Checkpoint, load_checkpoint
 from vconvert.io.files import check_writable
 from vconvert.io.metadata import CheckpointMetadata
-from vconvert.nn.versatile import orthogonality_loss
+from vconvert.nn.versatile import orthogonality_loss, set_weight_bits_, versatile_layers, weight_quantization
 from vconvert.train.config import EpochMetrics, FinetuneConfig, projection_interval
 from vconvert.train.distill import FeatureDistillation, distillation_loss
 from vconvert.train.distributed import Distributed, _all_reduce_sum, setup_distributed
@@ -139,6 +140,22 @@ def _optimisation(
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, warmup, total_steps))
     return masks, optimiser, scheduler
+
+
+def _quantize_primaries(student: nn.Module, config: FinetuneConfig, announce: bool) -> bool:
+    """Fake-quantise the primary filters as ``config`` asks, unless they already are (a run resumed, or a file
+    fine-tuned at these bits); returns whether the quantizers are new. Without ``weight_bits`` a quantized
+    source stays quantized (it was trained for it)."""
+    current = weight_quantization(student)
+    if config.weight_bits is None:
+        if current is not None and announce:
+            log.info(f"the primary filters stay {current['bits']}-bit ({current['quantizer']}) as the file records")
+        return False
+    wanted = {"bits": config.weight_bits, "quantizer": config.weight_quantizer}
+    if current == wanted:
+        return False
+    set_weight_bits_(student, config.weight_bits, config.weight_quantizer)
+    return True
 
 
 def _recalibrate(student: nn.Module, config: FinetuneConfig, spec: DataSpec, device: torch.device) -> None:
@@ -320,7 +337,11 @@ def finetune(
             f"The training split has {len(train_set)} images, fewer than one batch of {config.batch_size}; "
             "lower `batch_size`."
         )
+    quantized_now = _quantize_primaries(student, config, env.main)
     masks, optimiser, scheduler = _optimisation(student, teacher, config, steps_per_epoch)
+    if quantized_now:  # the project rule has just replaced the primaries: learned steps start from those
+        for _, layer in versatile_layers(student):
+            layer.reset_primary_steps()
     history: list[EpochMetrics] = []
     best_top1, start_epoch = -1.0, 0
     if resume_state is not None:
