@@ -255,13 +255,17 @@ def quantization_aware_peer(recipe: dict[str, Any], budget: Budget, args: argpar
     return info
 
 
-def export_quantization_aware(trained: Path, output: Path, images: torch.Tensor, bits: int) -> None:
-    """A quantization-aware peer exported like ``vconvert export --quantize int8 --compact`` at its bit width."""
+def export_quantization_aware(trained: Path, output: Path, images: torch.Tensor, bits: int,
+                              min_agreement: float = 0.9) -> dict[str, Any]:  # fmt: skip
+    """A quantization-aware peer exported like ``vconvert export --quantize int8 --compact`` at its bit width;
+    returns what the export checked."""
     from vconvert.export.pipeline import export as export_model
 
     model = torch.load(trained, weights_only=False).eval()  # our own fine-tuned module, written by this script
-    export_model(model, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata(),
-                 quantize="int8", compact=True, weight_bits=bits, calibration=list(images.split(32)))  # fmt: skip
+    report = export_model(model, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata(),
+                          quantize="int8", compact=True, weight_bits=bits, calibration=list(images.split(32)),
+                          min_agreement=min_agreement)  # fmt: skip
+    return report.quantization or {}
 
 
 def _preprocessing_metadata() -> dict[str, Any]:
@@ -430,12 +434,19 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {row['artifact']} ({row['file_ratio']:.3f}x, {row['top1']:.2f}%) {word} against the best "
                          f"peer of the same or smaller size, {best['artifact']} ({best['file_ratio']:.3f}x, "
                          f"{best['top1']:.2f}%).")  # fmt: skip
+    beaten_by = {}  # peers with no vconvert row at least as accurate at their size or smaller
     for peer in peers:
         if peer["file_ratio"] <= 0.30:
             ours_small = [r for r in ours if r["file_bytes"] <= peer["file_bytes"]]
             if not ours_small or max(r["top1"] for r in ours_small) < peer["top1"]:
+                beaten_by[peer["artifact"]] = peer
                 lines.append(f"- Peer {peer['artifact']} ({peer['file_ratio']:.3f}x, {peer['top1']:.2f}%) has no "
                              "vconvert row at least as accurate at its size or smaller.")  # fmt: skip
+    small = [peer for peer in peers if peer["file_ratio"] <= 0.15]
+    missed = [peer for peer in small if peer["artifact"] in beaten_by]
+    lines.append(f"- Target (every size ≤ 0.15x, vconvert's best row at least as accurate as every peer of the same "
+                 f"or smaller size): {'missed, by ' + ', '.join(p['artifact'] for p in missed) if missed else 'met'} "
+                 f"({len(small)} peer rows ≤ 0.15x).")  # fmt: skip
     return lines
 
 

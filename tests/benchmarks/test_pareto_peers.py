@@ -87,3 +87,41 @@ def test_pareto_front_and_verdicts() -> None:
     losing = [*ROWS[:3], {**ROWS[3], "top1": 86.5}]
     assert "ours (0.180x, 86.50%) LOSES" in "\n".join(verdicts(losing))
     assert "Peer w4" in "\n".join(verdicts(losing))
+    # the 0.15x target: w4 (0.150x, 87.0%) beats the only smaller vconvert row (0.100x, 86.0%) ...
+    assert "Target (every size ≤ 0.15x" in text and "): missed, by w4 (1 peer rows ≤ 0.15x)" in text
+    # ... unless that row is at least as accurate
+    better_small = [*ROWS[:4], {**ROWS[4], "top1": 87.0}]
+    assert "): met (1 peer rows ≤ 0.15x)" in "\n".join(verdicts(better_small))
+
+
+def test_quantization_aware_peers_train_in_vconverts_loop_and_export_their_4_bit_integers(tmp_path: Path) -> None:
+    """The dense QAT peer: the convs vconvert converts become one-filter-per-primary versatile convs (the same
+    function), fine-tuned by vconvert's loop at 4 bits (one step per output channel), exported 4-bit."""
+    import argparse
+    import copy
+
+    from conftest import noise_image_folder
+
+    from benchmarks import pareto
+    from vconvert.nn.versatile import versatile_layers
+
+    torch.manual_seed(0)
+    base = resnet8(num_classes=2).eval()  # the image folder has two classes
+    names = pareto.quantizable_convs(base)
+    assert names and "conv1" not in names and not any("downsample" in name for name in names)
+    model = pareto.as_one_filter_per_primary(copy.deepcopy(base)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-5)
+    assert [name for name, _ in versatile_layers(model)] == names
+
+    budget = pareto.Budget(epochs=1, train_limit=None, batch_size=4, lr=0.01, precision="fp32", seed=0)
+    args = argparse.Namespace(cifar=noise_image_folder(tmp_path / "images"))
+    tuned, history = pareto._finetune_module(model, base, budget, args, weight_bits=4)
+    assert len(history) == 1
+    for name, layer in versatile_layers(tuned):
+        assert layer.weight_bits == 4 and layer.primary_step.numel() == layer.out_channels, name
+    trained = tmp_path / "peer.qat.pt"
+    torch.save(tuned, trained)
+    info = pareto.export_quantization_aware(trained, tmp_path / "peer.onnx", torch.randn(8, 3, 32, 32), 4, 0.0)
+    assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] and info["compact_equals_dense"]
+    assert info["converted_as_qlinear"] == len(names)

@@ -40,6 +40,7 @@ TABLE_COMMAND = {
     "--ema": "finetune",
     "--label-smoothing": "finetune",
     "--feature-distill": "finetune",
+    "--weight-bits": "finetune",
     "--compact": "export",
     "--quantize": "export",
     "--calib-data": "export",

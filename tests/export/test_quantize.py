@@ -22,7 +22,14 @@ from vconvert.evaluate import evaluate_file
 from vconvert.export.compact import encode_layer
 from vconvert.export.fold import prepare_for_export
 from vconvert.export.pipeline import export
-from vconvert.export.quantize import decode_int8_layer, encode_int8_layer, int8_layer_subgraph, quantize_primaries
+from vconvert.export.quantize import (
+    decode_int8_layer,
+    encode_int8_layer,
+    int8_layer_subgraph,
+    pack_nibbles,
+    quantize_primaries,
+    unpack_nibbles,
+)
 from vconvert.fit.initialise import from_conv
 from vconvert.nn.versatile import materialise_weight
 
@@ -260,8 +267,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case", ["unknown-value", "with-ring", "no-calibration-data", "missing-folder", "empty-folder", "unreadable-folder"]
-)
+    "case",
+    ["unknown-value", "with-ring", "no-calibration-data", "missing-folder", "empty-folder", "unreadable-folder",
+     "weight-bits-3", "weight-bits-16", "weight-bits-without-int8"],
+)  # fmt: skip
 def test_bad_quantize_requests_exit_2_and_write_nothing(case: str, checkpoint: Path, tmp_path: Path) -> None:
     data = tmp_path / "images"
     data.mkdir()
@@ -276,10 +285,15 @@ def test_bad_quantize_requests_exit_2_and_write_nothing(case: str, checkpoint: P
         "missing-folder": (["--quantize", "int8", "--calib-data", tmp_path / "nope"], ["does not exist"]),
         "empty-folder": (["--quantize", "int8", "--calib-data", data], ["holds no image files"]),
         "unreadable-folder": (["--quantize", "int8", "--calib-data", data], ["None of the 1 image files"]),
+        "weight-bits-3": (["--quantize", "int8", "--weight-bits", "3", "--calib-data", "digits"], ["must be 4 or 8"]),
+        "weight-bits-16": (["--quantize", "int8", "--weight-bits", "16", "--calib-data", "digits"], ["got 16"]),
+        "weight-bits-without-int8": (["--weight-bits", "4"], ["--weight-bits", "add --quantize int8"]),
     }[case]
+    output.write_bytes(b"an earlier export")
     result = invoke("export", checkpoint, "-o", output, *args)
     assert_one_sentence_error(result, 2, *fragments)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out.onnx"]
+    assert output.read_bytes() == b"an earlier export"
 
 
 def test_library_messages_name_no_cli_flag(checkpoint: Path, tmp_path: Path) -> None:
@@ -290,7 +304,9 @@ def test_library_messages_name_no_cli_flag(checkpoint: Path, tmp_path: Path) -> 
         export_checkpoint(checkpoint, tmp_path / "m.onnx", quantize="int8")
     with pytest.raises(BadInputError) as unknown:
         export_checkpoint(checkpoint, tmp_path / "m.onnx", quantize="int4")
-    for error in (missing.value, unknown.value):
+    with pytest.raises(BadInputError, match="`weight_bits`") as bits:
+        export_checkpoint(checkpoint, tmp_path / "m.onnx", weight_bits=4)
+    for error in (missing.value, unknown.value, bits.value):
         assert "--" not in str(error), error
     assert list(tmp_path.iterdir()) == []
 
@@ -328,3 +344,132 @@ def test_short_names_change_bytes_not_outputs(compact: bool, tmp_path: Path) -> 
     x = torch.randn(5, 3, 32, 32).numpy()
     first, second = (session.run(None, {"input": x})[0] for session in sessions)
     assert np.array_equal(first, second)
+
+
+# --------------------------------------------------------------------------- 4-bit primaries
+def test_nibbles_round_trip_every_value_and_an_odd_count() -> None:
+    values = np.array([-8, 7, 0, -1, 3, -7, 5], dtype=np.int8)
+    packed = pack_nibbles(values)
+    assert packed.dtype == np.uint8 and packed.tolist() == [0x0F, 0x87, 0xB1, 0xD8]  # value + 8, padded with a zero
+    assert np.array_equal(unpack_nibbles(packed, 7), values)
+    every = np.arange(-8, 8, dtype=np.int8).repeat(3)
+    assert np.array_equal(unpack_nibbles(pack_nibbles(every), every.size), every)
+
+
+def _four_bit(options: dict):
+    layer, bn_scale = _layer(options)
+    layer.set_weight_bits(4, "lsq")
+    with torch.no_grad():
+        layer.primary_step.mul_(0.7)  # a learned step that clips: the integers are the layer's, not min-max
+    own = tuple(tensor.numpy() for tensor in layer.primary_integers())
+    return layer, encode_int8_layer(encode_layer(layer, bn_scale), 4, own), bn_scale
+
+
+@pytest.mark.parametrize("name", ["learned-s2", "spatial+channel", "shared-no-scale"])
+def test_4_bit_subgraph_widens_nibbles_to_int8_in_onnxruntime(name: str) -> None:
+    layer, encoded, bn_scale = _four_bit(MODES[name])
+    primary = encoded.structure.primary
+    assert encoded.packed and int(np.abs(primary).max()) == 7
+    nodes, inits = int8_layer_subgraph(encoded, "weight", "vq0")
+    stored = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in inits}
+    assert "vq0.primary" not in stored and stored["vq0.primary4"].size == (primary.size + 1) // 2
+    eight_bit = encode_int8_layer(encode_layer(layer, bn_scale))
+    assert encoded.nbytes() == eight_bit.nbytes() - primary.size + (primary.size + 1) // 2
+    shape = list(decode_int8_layer(encoded).shape)
+    graph = helper.make_graph(nodes, "rebuild", [], [helper.make_tensor_value_info("weight", TensorProto.INT8, shape)])
+    graph.initializer.extend(inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    assert got.dtype == np.int8 and np.array_equal(got, decode_int8_layer(encoded))
+
+
+def test_4_bit_integers_dequantize_to_the_fake_quantised_weight() -> None:
+    from vconvert.export.quantize import check_fake_quantised
+
+    layer, encoded, bn_scale = _four_bit(MODES["learned-s2"])
+    folded = (layer.dense_weight().detach() * bn_scale.view(-1, 1, 1, 1)).numpy()
+    check_fake_quantised("layer", encoded, folded)
+    folded[3, 0, 0, 0] += 1e-2 * float(np.abs(folded).max())
+    with pytest.raises(CheckFailedError, match="differ from its fake-quantised weights"):
+        check_fake_quantised("layer", encoded, folded)
+
+
+@pytest.fixture(scope="module")
+def digits_4_bit(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped ResNet-20 (digits) fine-tuned one short epoch with 4-bit primaries."""
+    from conftest import QUICK
+
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune
+
+    output = tmp_path_factory.mktemp("w4") / "resnet20.w4.vc.pt"
+    finetune(digits_checkpoint, output, FinetuneConfig(weight_bits=4, **{**QUICK, "epochs": 1}))
+    return output
+
+
+def _digits_images(checkpoint: Path, count: int) -> list[torch.Tensor]:
+    from vconvert.export.quantize import calibration_images
+    from vconvert.io.checkpoint import load_checkpoint
+
+    metadata = load_checkpoint(checkpoint).metadata
+    return calibration_images("digits", metadata.input_shape, metadata.preprocessing, limit=count)[0]
+
+
+def _top1(model: nn.Module, images: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(batch).argmax(1) for batch in images])
+
+
+def test_a_4_bit_checkpoint_exports_its_own_4_bit_integers_by_default(digits_4_bit: Path, tmp_path: Path) -> None:
+    from vconvert.io.checkpoint import load_checkpoint
+
+    output = tmp_path / "w4.onnx"
+    result = invoke("export", digits_4_bit, "-o", output, "--quantize", "int8", "--compact", "--calib-data", "digits",
+                    "--calib-images", "128", "--json", "--no-compare")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "warning" not in result.stderr
+    report = json.loads(result.stdout)
+    info = report["quantization"]
+    assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] and info["compact_equals_dense"]
+    assert info["converted_as_qlinear"] == info["converted_convs"] == 20 and info["float_conv"] == 0
+    recorded = report["metadata"]["vconvert.quantization"]
+    assert recorded["weight_bits"] == 4 and recorded["primary_storage"] == "4-bit, two per byte"
+
+    # the file against the fake-quantised PyTorch model, on the same calibration images, measured here
+    images = _digits_images(digits_4_bit, 128)
+    expected = _top1(load_checkpoint(digits_4_bit).model, images)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    got = torch.cat([torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]).argmax(1) for batch in images])
+    agreement = float((got == expected).float().mean())
+    assert agreement == pytest.approx(info["top1_agreement"]) and agreement >= 0.98, agreement
+
+    eight = tmp_path / "w8.onnx"
+    result = invoke("export", digits_4_bit, "-o", eight, "--quantize", "int8", "--compact", "--calib-data", "digits",
+                    "--calib-images", "128", "--weight-bits", "8", "--no-compare")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "has 4-bit primaries, so they are quantized min-max to 8 bits" in " ".join(result.stderr.split())
+    assert output.stat().st_size < 0.8 * eight.stat().st_size
+
+
+def test_4_bits_on_a_float_checkpoint_warns_with_the_top1_change_it_causes(digits_checkpoint: Path,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    from vconvert.io.checkpoint import load_checkpoint
+    from vconvert.nn.versatile import set_weight_bits_
+
+    output = tmp_path / "w4.onnx"
+    result = invoke("export", digits_checkpoint, "-o", output, "--quantize", "int8", "--compact", "--calib-data",
+                    "digits", "--calib-images", "128", "--weight-bits", "4", "--json", "--no-compare")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    warning = " ".join(result.stderr.split())
+    assert "warning: resnet20.vc.pt has float primaries, so they are quantized min-max to 4 bits" in warning
+    assert "fine-tune it with --weight-bits 4" in warning
+    # the share it states, computed here from the definition: 4-bit min-max primaries against float ones
+    model = load_checkpoint(digits_checkpoint).model
+    images = _digits_images(digits_checkpoint, 128)
+    before = _top1(model, images)
+    set_weight_bits_(model, 4, "minmax")
+    changed = float((_top1(model, images) != before).float().mean())
+    assert f"changes the top-1 class of {100 * changed:.1f}% of the 128 calibration images" in warning
+    info = json.loads(result.stdout)["quantization"]
+    assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] is None

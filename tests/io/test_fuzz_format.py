@@ -728,6 +728,13 @@ META_VALUES = {
     "bn-recalibration-list": ("bn_recalibration", [1]),
     "bn-recalibration-data-int": ("bn_recalibration", {"data": 3, "images": 4}),
     "bn-recalibration-images-str": ("bn_recalibration", {"data": "x", "images": "4"}),
+    "weight-quantization-list": ("weight_quantization", [4]),
+    "weight-quantization-bits-9": ("weight_quantization", {"bits": 9, "quantizer": "minmax"}),
+    "weight-quantization-bits-str": ("weight_quantization", {"bits": "4", "quantizer": "minmax"}),
+    "weight-quantization-unknown-quantizer": ("weight_quantization", {"bits": 4, "quantizer": "os.system"}),
+    "weight-quantization-extra-key": ("weight_quantization", {"bits": 4, "quantizer": "minmax", "eval": "x"}),
+    # a float file that claims learned steps: its weights lack them
+    "weight-quantization-lsq-without-steps": ("weight_quantization", {"bits": 4, "quantizer": "lsq"}),
 }
 
 

@@ -690,3 +690,25 @@ def test_readme_states_the_file_arch_rule_as_the_code_applies_it() -> None:
         assert f"`{key}`" in rule, key
     for builder in ("list_models()", "get_model", "create_model", "MODEL_BUILDERS", "--trust"):
         assert builder in rule, builder
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "minmax"])
+def test_quantized_checkpoint_records_its_width_and_loads_the_same_network(quantizer: str, tmp_path: Path) -> None:
+    from conftest import converted_checkpoint
+
+    from vconvert import load_checkpoint, save
+    from vconvert.nn.versatile import set_weight_bits_, versatile_layers
+
+    source = load_checkpoint(converted_checkpoint(tmp_path / "float.vc.pt"))
+    set_weight_bits_(source.model, 4, quantizer)
+    if quantizer == "lsq":  # learned steps that differ from min-max: loading must keep them, not re-derive them
+        for _, layer in versatile_layers(source.model):
+            layer.primary_step.data.mul_(0.8)
+    path = tmp_path / "w4.vc.pt"
+    save(path, source.model, source.plan, source.base, source.teacher, source.metadata)
+    loaded = load_checkpoint(path)
+    assert loaded.metadata.weight_quantization == {"bits": 4, "quantizer": quantizer}
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(loaded.model(x), source.model.eval()(x))
+    for (_, mine), (_, theirs) in zip(versatile_layers(loaded.model), versatile_layers(source.model), strict=True):
+        assert mine.weight_bits == 4 and torch.equal(mine.primary_integers()[0], theirs.primary_integers()[0])

@@ -442,11 +442,16 @@ def test_ema_run_writes_the_average_and_resumes_to_the_same_weights(tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("masks", "port"), [("flip", "29517"), ("project", "29518")], ids=["flip", "project"])
-def test_torchrun_two_cpu_processes_match_a_single_process(masks: str, port: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("masks", "port", "extra"),
+    [("flip", "29517", []), ("project", "29518", []), ("project", "29519", ["--weight-bits", "4"])],
+    ids=["flip", "project", "project-4-bit"],
+)
+def test_torchrun_two_cpu_processes_match_a_single_process(masks: str, port: str, extra: list, tmp_path: Path) -> None:
     source = converted_checkpoint(tmp_path / "m.vc.pt")
     args = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--eval-limit", "64",
-            "--workers", "0", "--recalibrate-images", "128", "--bn-mode", "frozen", "--masks", masks]  # fmt: skip
+            "--workers", "0", "--recalibrate-images", "128", "--bn-mode", "frozen", "--masks", masks,
+            *extra]  # fmt: skip
     single = tmp_path / "single.vc.pt"
     assert _run_cli(str(source), "-o", str(single), *args).wait(timeout=600) == 0
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))

@@ -49,7 +49,7 @@ def _int8_summary(report) -> str:
     rows = {row["model"]: row for row in report.table}
     exported, fp32 = rows["exported"], rows["dense fold"]
     text = (
-        f"int8 ({'compact' if info['compact'] else 'dense'}, {info['weight_bits']}-bit primaries): "
+        f"int8 ({'compact' if info['compact'] else 'dense'}): {info['weight_bits']}-bit primaries, "
         f"{exported['bits_per_weight']:.2f} bits per weight, "
         f"file {fp32['file_bytes'] / exported['file_bytes']:.2f}x smaller than the fp32 dense file"
     )

@@ -110,4 +110,10 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
         from vconvert.io.checkpoint import NOT_FINETUNED
 
         lines.append(NOT_FINETUNED)
+    if metadata.weight_quantization is not None:
+        bits, quantizer = metadata.weight_quantization["bits"], metadata.weight_quantization["quantizer"]
+        lines.append(
+            f"primaries: fake-quantised to {bits} bits ({quantizer} step per primary filter); export --quantize int8 "
+            f"stores them at {bits} bits (the sizes above are at float primaries)."
+        )
     return lines

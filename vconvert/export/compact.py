@@ -173,7 +173,8 @@ class SubgraphBuilder:
     def constant(self, key: str, array: np.ndarray) -> str:
         """A constant independent of the layer: in ``shared`` (once per model) when there is one."""
         if self.shared is None:
-            return self.init(key, array)
+            name = f"{self.prefix}.{key}"
+            return name if any(tensor.name == name for tensor in self.inits) else self.init(key, array)
         name = f"vc.{key}"
         if name not in self.shared:
             self.shared[name] = _const(name, array)

@@ -119,6 +119,16 @@ def primary_bits(model: nn.Module, weight_bits: int | None) -> int:
     return weight_bits or (recorded["bits"] if recorded else 8)
 
 
+def needs_requantization(model: nn.Module, bits: int) -> bool:
+    """Whether exporting at ``bits`` quantizes primaries the model was not fine-tuned at: any width but the
+    model's own, except 8 bits for float primaries (the plain int8 export)."""
+    layers = [layer for _, layer in versatile_layers(model)]
+    recorded = weight_quantization(model)
+    if not layers or (recorded is None and bits == 8):
+        return False
+    return recorded is None or recorded["bits"] != bits
+
+
 class RequantizationWarning(VConvertWarning):
     """The primaries are exported at another width than the model was fine-tuned at."""
 
@@ -411,7 +421,7 @@ def export(
     layers = _check_request(model, input_shape, compact, ring, quantize, calibration, weight_bits)
     quantized = quantize == "int8"
     bits = primary_bits(model, weight_bits) if quantized else None
-    if bits is not None and layers and any(layer.weight_bits != bits for layer in layers.values()):
+    if bits is not None and needs_requantization(model, bits):
         warn_requantization(model, bits, calibration or [], source_name)
     example, inputs = _example_and_inputs(input_shape, inputs)
 

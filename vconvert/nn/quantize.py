@@ -8,7 +8,7 @@ and the forward pass uses k · t_p. The step is either ``minmax`` (t_p = max|P_p
 filter at every forward, no gradient) or ``lsq`` (a learned parameter, Esser et al. 2020: its gradient is
 (round(v) − v) inside the range and ±Q outside, scaled by 1/√(numel·Q)). Rounding has a straight-through
 gradient and returns exactly ``round``, so the forward value is exactly k · t_p: the integers an export
-stores are the ones the network was trained with (docs/ALGEBRA.md §9).
+stores are the ones the network was trained with (docs/ALGEBRA.md §12).
 """
 
 from __future__ import annotations
