@@ -442,7 +442,8 @@ def test_a_4_bit_checkpoint_exports_its_own_4_bit_integers_by_default(digits_4_b
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     got = torch.cat([torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]).argmax(1) for batch in images])
     agreement = float((got == expected).float().mean())
-    assert agreement == pytest.approx(info["top1_agreement"]) and agreement >= 0.98, agreement
+    assert agreement == pytest.approx(info["top1_agreement"])
+    assert agreement == 1.0, "top-1 identical on every calibration image, uint8 activations included"
 
     eight = tmp_path / "w8.onnx"
     result = invoke("export", digits_4_bit, "-o", eight, "--quantize", "int8", "--compact", "--calib-data", "digits",

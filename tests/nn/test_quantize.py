@@ -123,3 +123,12 @@ def test_a_model_is_quantized_at_one_width() -> None:
     model[2].set_weight_bits(8, "lsq")
     with pytest.raises(ValueError, match="quantized differently"):
         weight_quantization(model)
+
+
+def test_a_learned_step_pushed_to_zero_or_below_stays_positive() -> None:
+    layer = _layer(MODES["learned-s2"])
+    layer.set_weight_bits(4, "lsq")
+    with torch.no_grad():
+        layer.primary_step[0] = 0.0
+        layer.primary_step[1] = -0.5
+    assert bool((layer.primary_steps() > 0).all()) and bool(torch.isfinite(layer(torch.randn(1, 8, 4, 4))).all())

@@ -78,11 +78,20 @@ def test_minmax_steps_follow_the_primaries_and_a_4_bit_file_stays_4_bit(tmp_path
     assert shown.exit_code == 0 and "fake-quantised to 4 bits (minmax" in " ".join(shown.output.split())
 
 
-@pytest.mark.parametrize(("bits", "says"), [("3", "must be 4 or 8; got 3"), ("16", "must be 4 or 8; got 16")])
-def test_finetune_weight_bits_other_than_4_or_8_exits_2(bits: str, says: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--weight-bits", "3"], "--weight-bits must be 4 or 8; got 3"),
+        (["--weight-bits", "16"], "--weight-bits must be 4 or 8; got 16"),
+        (["--weight-bits", "4", "--weight-quantizer", "mse"], "--weight-quantizer must be one of lsq, minmax"),
+        (["--weight-quantizer", "minmax"], "add --weight-bits 4 or 8"),
+    ],
+    ids=["bits-3", "bits-16", "unknown-quantizer", "quantizer-without-bits"],
+)
+def test_finetune_bad_weight_quantization_exits_2(options: list, says: str, tmp_path: Path) -> None:
     source = converted_checkpoint(tmp_path / "m.vc.pt")
-    result = invoke("finetune", source, "-o", tmp_path / "out.vc.pt", "--data", "digits", "--weight-bits", bits)
-    assert_one_sentence_error(result, 2, "--weight-bits", says)
+    result = invoke("finetune", source, "-o", tmp_path / "out.vc.pt", "--data", "digits", *options)
+    assert_one_sentence_error(result, 2, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.vc.pt"]
 
 

@@ -133,13 +133,13 @@ def finetune(
         ),
     ] = None,
     weight_quantizer: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--weight-quantizer",
-            help="With --weight-bits: lsq (each primary filter's step is learned, LSQ) | minmax (step = max|P|/Q, "
-            "recomputed at every step).",
+            help="With --weight-bits: lsq (each primary filter's step is learned, LSQ; the default) | minmax "
+            "(step = max|P|/Q, recomputed at every step).",
         ),
-    ] = "lsq",
+    ] = None,
     label_smoothing: Annotated[
         float, typer.Option("--label-smoothing", help="Label smoothing of the task cross-entropy.")
     ] = 0.0,
@@ -161,6 +161,8 @@ def finetune(
     if masks not in STRATEGIES:
         raise BadInputError(f"--masks must be one of {', '.join(STRATEGIES)}; got {masks!r}.")
     check_weight_bits(weight_bits)
+    if weight_quantizer is not None and weight_bits is None:
+        raise BadInputError("--weight-quantizer chooses the step of --weight-bits: add --weight-bits 4 or 8.")
     if (mean is None) != (std is None):
         raise BadInputError("Pass --mean and --std together.")
     config = FinetuneConfig(
@@ -171,7 +173,7 @@ def finetune(
         distill_weight=distill_weight, recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment,
         train_limit=train_limit, eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
         label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill, weight_bits=weight_bits,
-        weight_quantizer=weight_quantizer,
+        weight_quantizer=weight_quantizer or "lsq",
         mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main

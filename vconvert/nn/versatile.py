@@ -28,6 +28,7 @@ MODES = ("learned", "spatial", "channel", "spatial+channel")
 MASK_SHARING = ("per-filter", "shared")
 MASK_THRESHOLD = 0.5
 PROXY_OFF, PROXY_ON = 0.25, 0.75
+MIN_STEP = 1e-12  # floor of a learned quantization step
 
 
 # --------------------------------------------------------------------------- pure algebra
@@ -302,7 +303,9 @@ class VersatileConv2d(nn.Module):
         """(P,) step of each primary filter (quantized layers only)."""
         if self.weight_bits is None:
             raise ValueError("this layer's primary filters are not quantized.")
-        return self.primary_step if self.primary_step is not None else minmax_step(self.primary, self.weight_bits)
+        if self.primary_step is None:
+            return minmax_step(self.primary, self.weight_bits)
+        return self.primary_step.clamp_min(MIN_STEP)  # a learned step that reached 0 or below would divide by it
 
     def quantized_primary(self) -> Tensor:
         """The primary filters the forward pass uses: fake-quantised when ``weight_bits`` is set."""
