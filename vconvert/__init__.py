@@ -19,7 +19,15 @@ from vconvert.fit.initialise import from_conv
 from vconvert.io.checkpoint import Checkpoint, load, load_checkpoint, save
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.io.untrusted import BaseSpec, load_model
-from vconvert.nn.versatile import VersatileConv2d, clip_mask_proxies_, fold_model, orthogonality_loss, versatile_layers
+from vconvert.nn.versatile import (
+    VersatileConv2d,
+    clip_mask_proxies_,
+    fold_model,
+    orthogonality_loss,
+    set_weight_bits_,
+    versatile_layers,
+    weight_quantization,
+)
 from vconvert.train.config import FinetuneConfig
 from vconvert.train.finetune import finetune
 
@@ -53,5 +61,7 @@ __all__ = [
     "load_model",
     "orthogonality_loss",
     "save",
+    "set_weight_bits_",
     "versatile_layers",
+    "weight_quantization",
 ]

@@ -58,7 +58,8 @@ def _int8_summary(report) -> str:
     text += (
         f"; {info['qlinear_conv']} convs run as QLinearConv ({info['converted_as_qlinear']} of "
         f"{info['converted_convs']} converted, {info['float_conv']} float convs left); top-1 agrees with the fp32 "
-        f"file on {100 * info['top1_agreement']:.1f}% of {info['agreement_images']} calibration images "
+        f"file{' (the fake-quantised model)' if info['weights_equal_fake_quantised'] else ''} on "
+        f"{100 * info['top1_agreement']:.1f}% of {info['agreement_images']} calibration images "
         f"({info.get('calibration') or 'given'})"
     )
     if info["compact_equals_dense"]:
