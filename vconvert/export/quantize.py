@@ -64,6 +64,7 @@ __all__ = [
     "QUANTIZE_CHOICES",
     "Int8Export",
     "Int8Layer",
+    "PackedPool",
     "calibration_images",
     "calibration_source",
     "check_fake_quantised",
@@ -182,20 +183,91 @@ def decode_int8_layer(layer: Int8Layer) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the compact int8 subgraph
+class PackedPool:
+    """The packed values of every layer of a model in one uint8 initializer, unpacked once in the graph into a
+    flat int32 tensor that one Split cuts into the layers' values (fewer nodes and tensors than one unpacking
+    per layer: the graph is a tenth of a small int8 file). ``bits`` is 1 (mask bits, most significant first)
+    or 4 (nibbles, value + 8)."""
+
+    def __init__(self, name: str, bits: int) -> None:
+        self.name, self.bits = name, bits
+        self.chunks: list[np.ndarray] = []
+        self.sizes: list[int] = []  # values per Split output: each layer's, and the padding after it
+        self.outputs: list[str] = []
+
+    def add(self, packed: np.ndarray, count: int) -> str:
+        """Append one layer's bytes holding ``count`` values; returns the tensor that will hold them (int32, flat)."""
+        self.chunks.append(packed.reshape(-1))
+        padding = packed.size * (8 // self.bits) - count
+        output = f"{self.name}.{len(self.chunks) - 1}"
+        self.sizes.append(count)
+        self.outputs.append(output)
+        if padding:
+            self.sizes.append(padding)
+            self.outputs.append(f"{output}p")
+        return output
+
+    def nodes(self) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+        """The unpacking (nothing when no layer added values): BitShift and BitwiseAnd on uint8, Cast to int32,
+        Split into the layers' values."""
+        if not self.chunks:
+            return [], []
+        build = SubgraphBuilder(self.name)
+        packed = build.init("bytes", np.concatenate(self.chunks).reshape(-1, 1))
+        per_byte = 8 // self.bits
+        shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint8).reshape(1, -1) * self.bits
+        values = build.node("BitShift", [packed, build.init("shifts", shifts)], "shifted", direction="RIGHT")
+        mask = np.full((1, 1), 2**self.bits - 1, dtype=np.uint8)
+        values = build.node("BitwiseAnd", [values, build.init("mask", mask)], "masked")
+        values = build.node("Reshape", [values, build.init("flat", np.array([-1], dtype=np.int64))], "flat_u8")
+        values = build.node("Cast", [values], "flat_i32", to=TensorProto.INT32)
+        if self.bits == 4:
+            values = build.node("Sub", [values, build.init("offset", np.array(8, dtype=np.int32))], "values")
+        sizes = build.init("sizes", np.array(self.sizes, dtype=np.int64))
+        build.nodes.append(onnx.helper.make_node("Split", [values, sizes], self.outputs, axis=0))
+        return build.nodes, build.inits
+
+
+def _pooled(build: SubgraphBuilder, pool: PackedPool, packed: np.ndarray, shape: Sequence[int], suffix: str) -> str:
+    """One layer's values from ``pool``, reshaped to ``shape`` (int32; layers of one shape share the shape)."""
+    values = pool.add(packed, int(np.prod(shape)))
+    shape_name = build.constant("shape_" + "x".join(map(str, shape)), np.array(shape, dtype=np.int64))
+    return build.node("Reshape", [values, shape_name], suffix)
+
+
 def int8_layer_subgraph(
-    layer: Int8Layer, output: str, prefix: str, shared: dict[str, TensorProto] | None = None
+    layer: Int8Layer,
+    output: str,
+    prefix: str,
+    shared: dict[str, TensorProto] | None = None,
+    pools: tuple[PackedPool, PackedPool] | None = None,
 ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     """Nodes and initializers computing ``decode_int8_layer(layer)`` (int8) into the tensor ``output``:
     Gather from [Pq; Neg(Pq)], Cast to int32, Mul by the unpacked masks, channel placement, Cast to int8.
-    Layer-independent constants go into ``shared`` when given (see :class:`SubgraphBuilder`)."""
+    Layer-independent constants go into ``shared`` when given (see :class:`SubgraphBuilder`). With ``pools``
+    (nibbles, mask bits: :class:`PackedPool`) the 4-bit primaries and the masks are slices of values unpacked
+    once for the whole model; without, each layer unpacks its own."""
     build = SubgraphBuilder(prefix, shared)
     structure = layer.structure
-    primary = _nibble_primaries(build, structure.primary) if layer.packed else build.init("primary", structure.primary)
+    widened = layer.packed and pools is not None  # the primaries arrive as int32
+    if widened:
+        primary = _pooled(build, pools[0], pack_nibbles(structure.primary), structure.primary.shape, "primary")
+    elif layer.packed:
+        primary = _nibble_primaries(build, structure.primary)
+    else:
+        primary = build.init("primary", structure.primary)
     if layer.negated:
         primary = build.node("Concat", [primary, build.node("Neg", [primary], "negated")], "signed", axis=0)
     index = build.as_int64(structure.primary_index, "primary_index")
-    weight = build.node("Cast", [build.node("Gather", [primary, index], "w0")], "w0_i32", to=TensorProto.INT32)
-    rows = build.mask_rows(structure, TensorProto.INT32)
+    weight = build.node("Gather", [primary, index], "w0")
+    if not widened:
+        weight = build.node("Cast", [weight], "w0_i32", to=TensorProto.INT32)
+    if pools is not None and structure.mask_bits is not None and structure.mask_shape is not None:
+        rows = _pooled(build, pools[1], structure.mask_bits, structure.mask_shape, "rows")
+        if structure.mask_row is not None:
+            rows = build.node("Gather", [rows, build.as_int64(structure.mask_row, "mask_row")], "mask")
+    else:
+        rows = build.mask_rows(structure, TensorProto.INT32)
     if rows is not None:
         weight = build.node("Mul", [weight, rows], "w_masked")
     weight = build.place_channels(weight, structure, TensorProto.INT32)
@@ -333,6 +405,50 @@ def set_int8_weights(
     return convs
 
 
+def trim_qdq(model: onnx.ModelProto) -> dict[str, int]:
+    """Drop what a QDQ graph stores but can compute (in place; onnxruntime folds it at session start and fuses
+    the same QLinearConv): the all-zero zero points of constant int8 weights and int32 biases (an absent zero
+    point is 0), and each per-channel bias scale that equals, bit for bit, the float32 product of its input
+    and weight scales, which becomes a Mul of those two. Returns how many of each it replaced."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = _producers(graph)
+    zero_points = bias_scales = 0
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in initializers:
+            zero_point = initializers.get(node.input[2])
+            if zero_point is not None and zero_point.data_type in (TensorProto.INT8, TensorProto.INT32):
+                if not numpy_helper.to_array(zero_point).any():
+                    del node.input[2]
+                    zero_points += 1
+    multiplies = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        sources = [producers.get(name) for name in node.input[:3]]
+        if not all(source is not None and source.op_type == "DequantizeLinear" for source in sources):
+            continue
+        activation, weight, bias = sources
+        scales = [initializers.get(source.input[1]) for source in sources]
+        if any(scale is None for scale in scales):
+            continue
+        input_scale, weight_scale, bias_scale = (numpy_helper.to_array(scale) for scale in scales)
+        product = (input_scale.astype(np.float32) * weight_scale.astype(np.float32)).astype(np.float32)
+        if product.shape != bias_scale.shape or not np.array_equal(product, bias_scale):
+            continue
+        output = f"{bias.input[1]}.m"
+        multiplies.append((bias, onnx.helper.make_node("Mul", [activation.input[1], weight.input[1]], [output])))
+        bias.input[1] = output
+        bias_scales += 1
+    for consumer, multiply in multiplies:
+        graph.node.insert(list(graph.node).index(consumer), multiply)
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return {"zero_points": zero_points, "bias_scales": bias_scales}
+
+
 def compact_int8_graph(
     model: onnx.ModelProto, layers: Mapping[str, Int8Layer], convs: Mapping[str, QdqConv]
 ) -> dict[str, int]:
@@ -342,16 +458,20 @@ def compact_int8_graph(
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
     shared: dict[str, TensorProto] = {}
+    pools = (PackedPool("vc.nib", 4), PackedPool("vc.bit", 1))
     stored = {}
     for number, (name, layer) in enumerate(layers.items()):
         target = convs[name].weight
         if not np.array_equal(numpy_helper.to_array(initializers[target]), decode_int8_layer(layer)):
             raise CheckFailedError(f"The int8 compact encoding of {name!r} does not rebuild its weight; report this.")
-        nodes, inits = int8_layer_subgraph(layer, target, f"vq{number}", shared)
+        nodes, inits = int8_layer_subgraph(layer, target, f"vq{number}", shared, pools)
         new_nodes += nodes
         new_inits += inits
         stored[name] = layer.nbytes()
     del initializers
+    for pool in pools:
+        nodes, inits = pool.nodes()
+        new_nodes, new_inits = nodes + new_nodes, inits + new_inits
     splice_rebuilds(model.graph, {conv.weight for conv in convs.values()}, new_nodes, [*shared.values(), *new_inits])
     return stored
 
@@ -700,6 +820,7 @@ def quantize_export(
     strip_export_traces(model)  # the quantizer's shape-inference value_info and its own metadata
     timings["calibrate_quantize_s"] = round(time.perf_counter() - clock, 3)
     convs = set_int8_weights(model, targets, int8_layers)
+    trim_qdq(model)
     info = dict(metadata) | {
         "vconvert.quantization": {
             "type": "int8",
