@@ -37,3 +37,28 @@ def test_shorten_names_keeps_inputs_outputs_and_the_computation() -> None:
     assert all(not node.name for node in model.graph.node)
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert np.array_equal(before[0], after[0])
+
+
+def test_drop_defaults_removes_default_conv_attributes_and_keeps_the_computation() -> None:
+    from vconvert.export.names import drop_defaults
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["input", "w"], ["mid"], group=1, auto_pad="NOTSET", strides=[1, 1],
+                            dilations=[1, 1], pads=[1, 1, 1, 1], kernel_shape=[3, 3], doc_string="")  # fmt: skip
+    strided = helper.make_node("Conv", ["mid", "w2"], ["output"], strides=[2, 1], dilations=[1, 1], group=1)
+    weight2 = numpy_helper.from_array(rng.standard_normal((3, 4, 1, 1)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [conv, strided], "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 3, 3, 6])], [weight, weight2],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    size = len(model.SerializeToString())
+    assert drop_defaults(model) == 6
+    onnx.checker.check_model(model)
+    assert sorted(a.name for a in model.graph.node[0].attribute) == ["kernel_shape", "pads"]
+    assert [a.name for a in model.graph.node[1].attribute] == ["strides"]  # (2, 1) is not the default
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert np.array_equal(before[0], after[0]) and len(model.SerializeToString()) < size

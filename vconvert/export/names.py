@@ -13,7 +13,11 @@ import string
 
 import onnx
 
-__all__ = ["short_name", "shorten_names"]
+__all__ = ["drop_defaults", "short_name", "shorten_names"]
+
+# Conv attributes whose value is ONNX's default: stating them costs bytes and says nothing
+_CONV_DEFAULTS = {"group": 1, "auto_pad": b"NOTSET"}
+_CONV_ALL_ONES = ("strides", "dilations")
 
 _DIGITS = string.digits + string.ascii_lowercase
 
@@ -53,9 +57,30 @@ def shorten_names(model: onnx.ModelProto) -> dict[str, str]:
     for tensor in graph.initializer:
         tensor.name = rename(tensor.name)
     for node in graph.node:
-        node.name = ""
+        node.ClearField("name")
         node.input[:] = [rename(name) for name in node.input]
         node.output[:] = [rename(name) for name in node.output]
     for value in graph.value_info:
         value.name = rename(value.name)
     return renaming
+
+
+def drop_defaults(model: onnx.ModelProto) -> int:
+    """Remove, in place, what the main graph's nodes state without need: empty doc strings and Conv
+    attributes at their ONNX default (group 1, auto_pad NOTSET, strides and dilations of 1). Returns how many
+    attributes went."""
+    dropped = 0
+    for node in model.graph.node:
+        if not node.doc_string:
+            node.ClearField("doc_string")
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attribute in list(node.attribute):
+            value = onnx.helper.get_attribute_value(attribute)
+            default = _CONV_DEFAULTS.get(attribute.name)
+            if (default is not None and value == default) or (
+                attribute.name in _CONV_ALL_ONES and all(item == 1 for item in value)
+            ):
+                node.attribute.remove(attribute)
+                dropped += 1
+    return dropped

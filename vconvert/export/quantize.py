@@ -54,7 +54,7 @@ from vconvert.export.compact import (
     smallest_index_dtype,
     splice_rebuilds,
 )
-from vconvert.export.names import shorten_names
+from vconvert.export.names import drop_defaults, shorten_names
 from vconvert.export.verify import run_session
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.nn.quantize import integers, minmax_step, storage_bits
@@ -821,6 +821,8 @@ def quantize_export(
     timings["calibrate_quantize_s"] = round(time.perf_counter() - clock, 3)
     convs = set_int8_weights(model, targets, int8_layers)
     trim_qdq(model)
+    if short_names:
+        drop_defaults(model)
     info = dict(metadata) | {
         "vconvert.quantization": {
             "type": "int8",
