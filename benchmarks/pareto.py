@@ -525,17 +525,20 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         path = work / f"{common.slug(row.name)}.onnx"
         clock = time.perf_counter()
         source = fp32 if row.train is None else trained_file(work, row.train)
+        checked: dict[str, Any] = {}  # what an int8 export checked (vconvert's rows and the QAT peers)
         if row.method == "versatile":
             try:
-                run("export", str(source), "-o", str(path), *row.export, *(["--calib-data", str(args.cifar / "train")]
-                    if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
+                exported, _ = run("export", str(source), "-o", str(path), *row.export,
+                                  *(["--calib-data", str(args.cifar / "train")] if "--quantize" in row.export else []),
+                                  "--no-compare")  # fmt: skip
+                checked = exported.get("quantization") or {}
             except RuntimeError as error:  # a refused export is a result too: recorded, the run goes on
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
                 print(f"{row.name}: export refused", flush=True)
                 continue
         elif row.method == "qat" or (row.train and "quantize" in TRAININGS[row.train]):
             try:
-                export_quantization_aware(source, path, images, row.bits)
+                checked = export_quantization_aware(source, path, images, row.bits)
             except RuntimeError as error:  # CheckFailedError or BadInputError: a refused export is a result too
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
                 print(f"{row.name}: export refused", flush=True)
@@ -555,6 +558,10 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
             "macs": macs_of(path), "epochs": budget.epochs if row.train else 0, "build_s": build_s,
             "from": row.train or "base", "export_options": " ".join(row.export),
         })  # fmt: skip
+        if checked:
+            record["rows"][-1]["export_checks"] = {key: checked.get(key) for key in (
+                "weight_bits", "top1_agreement", "agreement_images", "compact_equals_dense", "converted_as_qlinear",
+                "float_conv", "weights_equal_fake_quantised")}  # fmt: skip
         dense = record["rows"][0]  # "dense fp32" comes first
         record["rows"][-1]["file_ratio"] = round(record["rows"][-1]["file_bytes"] / dense["file_bytes"], 4)
         record["rows"][-1]["delta_vs_dense"] = round(record["rows"][-1]["top1"] - dense["top1"], 2)
