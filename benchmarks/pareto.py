@@ -62,6 +62,7 @@ from benchmarks.cifar10 import (
     plain_module_finetune,
     prune_to_size,
 )
+from vconvert.errors import VConvertError
 
 ARCH = "sample_models.resnet_cifar:resnet20"
 CALIBRATION_IMAGES = 512
@@ -539,7 +540,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         elif row.method == "qat" or (row.train and "quantize" in TRAININGS[row.train]):
             try:
                 checked = export_quantization_aware(source, path, images, row.bits)
-            except RuntimeError as error:  # CheckFailedError or BadInputError: a refused export is a result too
+            except VConvertError as error:  # a refused export is a result too
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
                 print(f"{row.name}: export refused", flush=True)
                 continue
