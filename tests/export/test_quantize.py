@@ -480,3 +480,17 @@ def test_4_bits_on_a_float_checkpoint_warns_with_the_top1_change_it_causes(digit
     assert f"changes the top-1 class of {100 * changed:.1f}% of the 128 calibration images" in warning
     info = json.loads(result.stdout)["quantization"]
     assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] is None
+
+
+def test_layers_quantized_at_different_widths_are_refused_before_any_work(tmp_path: Path) -> None:
+    from vconvert.errors import BadInputError
+    from vconvert.nn.versatile import versatile_layers
+
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    layers = [layer for _, layer in versatile_layers(model)]
+    layers[0].set_weight_bits(4, "lsq")
+    layers[1].set_weight_bits(8, "lsq")
+    with pytest.raises(BadInputError, match="cannot be exported at one width"):
+        export(model, tmp_path / "m.onnx", input_shape=[1, 3, 32, 32], quantize="int8", calibration=_calibration(),
+               measure=False)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

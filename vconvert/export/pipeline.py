@@ -115,7 +115,10 @@ def check_ring_request(layers: Mapping[str, VersatileConv2d], compact: bool) -> 
 def primary_bits(model: nn.Module, weight_bits: int | None) -> int:
     """The width of the int8 export's primaries: ``weight_bits``, else the width the model was fine-tuned at,
     else 8."""
-    recorded = weight_quantization(model)
+    try:
+        recorded = weight_quantization(model)
+    except ValueError as error:  # layers quantized at different widths by hand: one width per export
+        raise BadInputError(f"The model cannot be exported at one width: {error}") from None
     return weight_bits or (recorded["bits"] if recorded else 8)
 
 
