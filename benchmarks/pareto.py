@@ -79,6 +79,11 @@ class Row:
     export: list[str] = field(default_factory=list)  # vconvert export options (versatile rows)
     int8: bool = False  # INT8 PTQ of the fp32 file (peers)
 
+    @property
+    def runs_int8_kernels(self) -> bool:
+        """An int8 QDQ file (QLinearConv at run time), not a float or weight-only one."""
+        return self.bits <= 8 and self.method != "w4"
+
 
 # What is trained: versatile compress options, or a pruning target (whole-model stored size ratio).
 TRAININGS: dict[str, dict[str, Any]] = {  # trained in this order: the rows the targets need first
@@ -145,6 +150,18 @@ def calibration_images(data: Path, count: int) -> torch.Tensor:
 
     return torch.cat(list(calibration_batches(data / "train", tuple(INPUT_SHAPE[2:]), parse(MEAN), parse(STD),
                                               batch_size=128, limit=count)))  # fmt: skip
+
+
+def kernels_against_reference(path: Path, images: torch.Tensor) -> tuple[int, int]:
+    """On how many of ``images`` onnxruntime's int8 kernels (QLinearConv, all optimisations) pick the top-1 class
+    of the same file run as written (optimisations off: float convs on dequantised weights and activations, the
+    fake-quantised network itself). What the runtime's own rounding leaves, no export can beat."""
+    from vconvert.export.quantize import top1_agreement
+    from vconvert.export.verify import ort_session
+
+    fraction, count = top1_agreement(ort_session(str(path), optimised=False), ort_session(str(path)),
+                                     images.split(128))  # fmt: skip
+    return round(fraction * count), count
 
 
 # --------------------------------------------------------------------------- training
@@ -377,6 +394,22 @@ def write(record: dict[str, Any], stem: Path) -> None:
             f"{row.get('latency_b64_ratio', float('nan')):.2f} | {row['macs'] / 1e6:.1f} M | {row['epochs']} |"
         )
     lines += ["", *record.get("verdicts", [])]
+    checked = [row for row in rows if "kernels_vs_qdq_reference" in row]
+    if checked:
+        lines += [
+            "",
+            "Top-1 on the calibration images: the int8 file against the fake-quantised network (the row's "
+            "own fp32 file, as the export checks it) and onnxruntime's int8 kernels against the same file run "
+            "as written (optimisations off: float convs on dequantised weights and activations).",
+            "",
+        ]
+        for row in checked:
+            reference, export_checks = row["kernels_vs_qdq_reference"], row.get("export_checks") or {}
+            against_fp32 = (f"{round(export_checks['top1_agreement'] * export_checks['agreement_images'])}/"
+                            f"{export_checks['agreement_images']} with its fp32 file, "
+                            if export_checks.get("top1_agreement") is not None else "")  # fmt: skip
+            lines.append(f"- {row['artifact']}: {against_fp32}"
+                         f"kernels {reference['same_top1']}/{reference['images']} with the QDQ reference")  # fmt: skip
     for failed in record.get("failed", []):
         reason = failed["error"].split("error: ")[-1]
         lines += ["", f"- {failed['artifact']}: no file; the export refused it: `{reason}`"]
@@ -563,6 +596,9 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
             record["rows"][-1]["export_checks"] = {key: checked.get(key) for key in (
                 "weight_bits", "top1_agreement", "agreement_images", "compact_equals_dense", "converted_as_qlinear",
                 "float_conv", "weights_equal_fake_quantised")}  # fmt: skip
+        if row.runs_int8_kernels:
+            same, count = kernels_against_reference(path, images)
+            record["rows"][-1]["kernels_vs_qdq_reference"] = {"same_top1": same, "images": count}
         dense = record["rows"][0]  # "dense fp32" comes first
         record["rows"][-1]["file_ratio"] = round(record["rows"][-1]["file_bytes"] / dense["file_bytes"], 4)
         record["rows"][-1]["delta_vs_dense"] = round(record["rows"][-1]["top1"] - dense["top1"], 2)

@@ -10,7 +10,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from benchmarks.pareto import ImageReader, int8_ptq, pareto_front, verdicts, weight_only_int4
+from benchmarks.pareto import (
+    ImageReader,
+    int8_ptq,
+    kernels_against_reference,
+    pareto_front,
+    verdicts,
+    weight_only_int4,
+)
 from sample_models.resnet_cifar import resnet8
 from vconvert.export.pipeline import export
 from vconvert.export.verify import ort_session
@@ -59,6 +66,20 @@ def test_int8_ptq_is_qdq_and_close(fp32_file, tmp_path: Path) -> None:
     got = _outputs(output, images[:8])
     assert np.abs(got - expected).max() / np.abs(expected).max() < 0.2
     assert output.stat().st_size < 0.4 * source.stat().st_size
+
+
+def test_int8_kernels_are_compared_with_the_qdq_graph_run_as_written(fp32_file, tmp_path: Path) -> None:
+    source, _ = fp32_file
+    output = tmp_path / "int8.onnx"
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    int8_ptq(source, output, images)
+    kernels = _outputs(output, images)
+    as_written = ort_session(str(output), optimised=False).run(None, {"input": images.numpy()})[0]
+    assert not np.array_equal(kernels, as_written)  # integer kernels against float convs on dequantised values
+    assert np.abs(kernels - as_written).max() / np.abs(as_written).max() < 0.05
+    same, count = kernels_against_reference(output, images)
+    assert count == 64
+    assert same == int((kernels.argmax(axis=1) == as_written.argmax(axis=1)).sum())
 
 
 def test_image_reader_feeds_every_image_once() -> None:

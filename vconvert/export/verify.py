@@ -21,12 +21,15 @@ from vconvert.errors import CheckFailedError, first_line
 from vconvert.export.onnx_file import output_tensors
 
 
-def ort_session(model: bytes | str, threads: int | None = None):
-    """An onnxruntime CPU InferenceSession (all graph optimisations on)."""
+def ort_session(model: bytes | str, threads: int | None = None, optimised: bool = True):
+    """An onnxruntime CPU InferenceSession, all graph optimisations on; ``optimised=False`` turns them off, so
+    a QDQ graph runs as written (float convs on dequantised values: the reference its int8 kernels approximate)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # idle worker threads must not spin: sessions measured side by side would steal each other's cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
