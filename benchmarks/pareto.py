@@ -22,6 +22,10 @@ measures onnxruntime latency at batch 1 and 64 for all files side by side at the
   versatile convs (mode channel, one secondary: a dense conv with a per-output scale), so the quantizer,
   the export and its checks are vconvert's own.
 
+Every int8 file is also run with onnxruntime's optimisations off (its QDQ graph as written: float convs on
+dequantised weights and activations) and the results say on how many calibration images its int8 kernels
+pick the same top-1 class: what the runtime's rounding leaves, next to what the export checked.
+
     python benchmarks/pareto.py --quick                 # 2,000 training images, 2 epochs, 10,000 test images
     python benchmarks/pareto.py [--work DIR]            # 50,000 images, 15 epochs, 10,000 test images (hours on CPU)
            [--rows a,b] [--epochs E] [--train-limit N] [--eval-limit N] [--precision P] [--train-only]
