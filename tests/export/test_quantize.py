@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,20 @@ def test_agreement_below_90_percent_fails_and_writes_nothing(tmp_path: Path) -> 
         export(model, output, input_shape=[1, 3, 32, 32], quantize="int8", calibration=calibration, measure=False)
     assert "\n" not in str(caught.value) and "nothing was written" in str(caught.value)
     assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+
+
+def test_int8_export_leaves_the_root_logger_as_it_found_it(tmp_path: Path) -> None:
+    """onnxruntime.quantization logs through the root logger, which installs a stderr handler on a root that has
+    none: every later vconvert log line would then print twice (seen in `vconvert demo`)."""
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    saved = logging.root.handlers[:]  # pytest's own capture handlers; the root of a plain process has none
+    logging.root.handlers.clear()
+    try:
+        export(model, tmp_path / "int8.onnx", input_shape=[1, 3, 32, 32], quantize="int8",
+               calibration=_calibration(batches=1), measure=False, min_agreement=0.0)  # fmt: skip
+        assert logging.root.handlers == []
+    finally:
+        logging.root.handlers[:] = saved
 
 
 # --------------------------------------------------------------------------- the CLI on the shipped sample

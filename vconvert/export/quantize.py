@@ -642,8 +642,13 @@ class _Batches:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence onnxruntime.quantization's root-logger advice ("consider pre-processing") and warnings."""
-    previous = logging.root.manager.disable
+    """Silence onnxruntime.quantization's root-logger advice ("consider pre-processing") and warnings.
+
+    Its module-level ``logging.info``/``logging.warning`` calls also install a stderr handler on a root logger
+    that has none (``logging.basicConfig``), which would print every later log line of the process twice: the
+    root's handlers are put back as they were.
+    """
+    previous, handlers = logging.root.manager.disable, list(logging.root.handlers)
     logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():
@@ -651,6 +656,7 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+        logging.root.handlers[:] = handlers
 
 
 def _quantize_static(fp32_bytes: bytes, batches: Sequence[Tensor], input_name: str) -> onnx.ModelProto:
