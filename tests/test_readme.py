@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torchvision
@@ -269,13 +270,16 @@ def test_readme_python_example_runs() -> None:
         torch.testing.assert_close(deployable(images), student.eval()(images), rtol=1e-4, atol=1e-4)
 
 
+DEMO_ROWS = ("original (fp32)", "INT8 PTQ (onnxruntime)", "vconvert (s=2 + int8)")
+
+
 def _table_numbers(text: str) -> dict[str, list[float]]:
-    """The original and vconvert cells of the demo table's rows (rich box or Markdown)."""
+    """Each model row of the demo table (rich box or Markdown): ONNX file KB, top-1 %, latency ms, MACs (M)."""
     rows = {}
-    for label in ("stored weights", "ONNX file", "MACs per image", "top-1"):
+    for label in DEMO_ROWS:
         line = next(line for line in text.splitlines() if label in line and ("│" in line or "|" in line))
         cells = [cell.strip() for cell in re.split(r"[│|]", line) if cell.strip()]
-        rows[label] = [float(cell.replace(",", "").split()[0]) for cell in cells[1:3]]
+        rows[label] = [float(cell.replace(",", "").split()[0]) for cell in cells[1:5]]
     return rows
 
 
@@ -289,10 +293,21 @@ def test_readme_demo_table_matches_a_fresh_demo_run(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     shown = README.split("<!-- demo-table:start -->")[1].split("<!-- demo-table:end -->")[0]
     measured, documented = _table_numbers(completed.stdout), _table_numbers(shown)
-    for label in ("stored weights", "ONNX file", "MACs per image"):
-        assert measured[label] == documented[label], label
-    for before, after in zip(measured["top-1"], documented["top-1"], strict=True):
-        assert abs(before - after) <= 0.6, "top-1 on 360 images: one image is 0.28 points"
+    for label in DEMO_ROWS:
+        file_kb, top1, _, macs = measured[label]
+        assert [file_kb, macs] == [documented[label][0], documented[label][3]], label
+        assert abs(top1 - documented[label][1]) <= 0.6, f"{label}: top-1 on 360 images, one image is 0.28 points"
+    # the rows are the files the demo wrote: the product artifact is the versatile int8 compact file
+    files = dict(zip(("original.onnx", "original.int8.onnx", "resnet20.onnx"), DEMO_ROWS, strict=True))
+    written = {name: onnx.load(str(tmp_path / "demo" / name)) for name in files}
+    for name, label in files.items():
+        assert round((tmp_path / "demo" / name).stat().st_size / 1e3, 1) == measured[label][0], name
+    ops = {name: {node.op_type for node in model.graph.node} for name, model in written.items()}
+    assert "QuantizeLinear" not in ops["original.onnx"]
+    assert "QuantizeLinear" in ops["original.int8.onnx"] and "BitShift" not in ops["original.int8.onnx"]
+    props = {p.key: p.value for p in written["resnet20.onnx"].metadata_props}
+    assert props["vconvert.format"] == "compact" and json.loads(props["vconvert.quantization"])["type"] == "int8"
+    assert {"QuantizeLinear", "BitShift"} <= ops["resnet20.onnx"], "int8 primaries and bit-packed masks"
 
 
 def test_layout_doc_lists_every_module_as_the_code_says() -> None:

@@ -38,19 +38,23 @@ def demo(
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     table = Table(title="vconvert demo: ResNet-20 on digits, measured on the exported ONNX files")
-    for column in ("", "original", "vconvert", "ratio"):
+    for column in ("", "ONNX file", "top-1 (%)", "latency (ms)", "MACs"):
         table.add_column(column, justify="right" if column else "left")
-    before, after = result.original, result.vconvert
-    table.add_row("stored weights (KiB)", f"{before.stored_kib:,.1f}", f"{after.stored_kib:,.1f}",
-                  f"{before.stored_kib / after.stored_kib:.2f}x smaller")  # fmt: skip
-    table.add_row("ONNX file (MB)", f"{before.onnx_mb:.2f}", f"{after.onnx_mb:.2f}",
-                  f"{before.onnx_mb / after.onnx_mb:.2f}x smaller")  # fmt: skip
-    table.add_row("MACs per image", f"{before.macs / 1e6:.1f} M", f"{after.macs / 1e6:.1f} M",
-                  f"{after.macs / before.macs:.2f}x")  # fmt: skip
-    table.add_row("top-1, 360 test digits (%)", f"{before.top1:.2f}", f"{after.top1:.2f}",
-                  f"{after.top1 - before.top1:+.2f} points")  # fmt: skip
-    table.add_row("onnxruntime latency, batch 1 (ms)", f"{before.latency_ms:.2f}", f"{after.latency_ms:.2f}",
-                  f"{after.latency_ms / before.latency_ms:.2f}x")  # fmt: skip
+    base = result.original
+    for label, row in (("original (fp32)", base), ("INT8 PTQ (onnxruntime)", result.int8_ptq),
+                       ("vconvert (s=2 + int8)", result.vconvert)):  # fmt: skip
+        size, speed = row.onnx_bytes / base.onnx_bytes, row.latency_ms / base.latency_ms
+        table.add_row(
+            label,
+            f"{row.onnx_bytes / 1e3:,.1f} KB" + ("" if row is base else f" {size:.2f}x"),
+            f"{row.top1:.2f}",
+            f"{row.latency_ms:.2f}" + ("" if row is base else f" {speed:.2f}x"),
+            f"{row.macs / 1e6:.1f} M",
+        )
     console.print(table)
+    console.print(
+        "top-1 on the 360 held-out digits; latency: onnxruntime, batch 1, median, the three files side by side; "
+        "ratios against the original"
+    )
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.stages_s.items())
     console.print(f"artifacts in {result.workdir}/ ({stages})")
