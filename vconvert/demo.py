@@ -68,7 +68,7 @@ def run_demo(
     from vconvert.evaluate import evaluate_file
     from vconvert.export.checkpoint import export_checkpoint
     from vconvert.export.pipeline import export
-    from vconvert.export.quantize import calibration_images
+    from vconvert.export.quantize import calibration_images, calibration_source
     from vconvert.export.verify import compare
     from vconvert.io.checkpoint import load_checkpoint, save
     from vconvert.io.metadata import CheckpointMetadata
@@ -115,9 +115,12 @@ def run_demo(
     report = export_checkpoint(
         files["resnet20.ft.vc.pt"], files["resnet20.onnx"], compact=True, quantize="int8", compare_original=False
     )
+    finetuned = load_checkpoint(files["resnet20.ft.vc.pt"])
     original.eval()
     export(original, files["original.onnx"], input_shape=shape, measure=False)
-    calibration, _ = calibration_images("digits", shape, preprocessing)  # the images the vconvert file calibrated on
+    # the images export_checkpoint calibrated the vconvert file on: the recorded data and preprocessing
+    source = calibration_source(None, finetuned.metadata) or "digits"
+    calibration, _ = calibration_images(source, shape, finetuned.metadata.preprocessing)
     export(original, files["original.int8.onnx"], input_shape=shape, quantize="int8", calibration=calibration,
            measure=False)  # fmt: skip
     stages["export"] = time.perf_counter() - started
@@ -138,8 +141,7 @@ def run_demo(
     say(f"4/4 evaluate: the ONNX files in onnxruntime on the 360 held-out digits ({stages['evaluate']:.0f} s)")
 
     example = torch.randn(*shape)
-    finetuned = fold_model(load_checkpoint(files["resnet20.ft.vc.pt"]).model)
-    macs = {"original": count_macs(original, example), "vconvert": count_macs(finetuned, example)}
+    macs = {"original": count_macs(original, example), "vconvert": count_macs(fold_model(finetuned.model), example)}
     macs["int8_ptq"] = macs["original"]
     rows = {
         key: DemoRow(files[name].stat().st_size, macs[key], accuracy[key], latency[key])
