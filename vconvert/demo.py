@@ -119,8 +119,8 @@ def run_demo(
     original.eval()
     export(original, files["original.onnx"], input_shape=shape, measure=False)
     # the images export_checkpoint calibrated the vconvert file on: the recorded data and preprocessing
-    source = calibration_source(None, finetuned.metadata) or "digits"
-    calibration, _ = calibration_images(source, shape, finetuned.metadata.preprocessing)
+    source = calibration_source(None, finetuned.metadata)  # recorded by finetune; the export above needed it too
+    calibration, _ = calibration_images(str(source), shape, finetuned.metadata.preprocessing)
     export(original, files["original.int8.onnx"], input_shape=shape, quantize="int8", calibration=calibration,
            measure=False)  # fmt: skip
     stages["export"] = time.perf_counter() - started
