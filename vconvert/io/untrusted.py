@@ -19,16 +19,16 @@ The loading policy (docs/FORMAT.md §9):
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import functools
 import importlib
 import importlib.util
+import inspect
 import io
 import os
 import pickle
 import pickletools
 import re
+import stat
 import sys
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -41,18 +41,16 @@ import torch
 from torch import Tensor, nn
 
 from vconvert.errors import BadInputError, UntrustedCodeError, first_line
+from vconvert.io.budget import check_allocation
+from vconvert.io.pickled_modules import MODULE_PACKAGES, RefusedPickle, allowed_global, load_pickled_modules
 
-# Module prefixes whose classes a pickled model may use without --trust: any class from the model
-# libraries, only nn.Module subclasses from torch itself (no torch.fx GraphModule, no functions).
-MODEL_LIBRARIES = ("torchvision.models", "torchvision.ops", "timm", "sample_models")
-TORCH_MODULE_PREFIXES = ("torch.nn", "torch.ao.nn")
-SAMPLES_PACKAGE = "sample_models"
 # Keyword arguments of a model builder that load weights from a file or the network: never from a file.
 FILE_ARCH_REFUSED_KWARGS = frozenset(
     {
         "weights",
         "weights_backbone",
         "pretrained",
+        "pretrained_backbone",
         "pretrained_cfg",
         "pretrained_cfg_overlay",
         "pretrained_strict",
@@ -63,16 +61,13 @@ FILE_ARCH_REFUSED_KWARGS = frozenset(
         "model_dir",
     }
 )
-# Harmless non-model globals that torch.save(model) pickles contain (e.g. norm_layer=partial(...)).
-_HARMLESS_GLOBALS: dict[str, Any] = {
-    "functools.partial": functools.partial,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "builtins.slice": slice,
-    "builtins.range": range,
-    "collections.OrderedDict": collections.OrderedDict,
-}
-_KNOWN_LIBRARIES_TEXT = "torch.nn, torchvision, timm, sample_models"
+# Builder parameters that download weights when left at their default: always passed as "none" unless the user
+# typed a value (torchvision's detection/segmentation builders default `weights_backbone` to ImageNet weights).
+DOWNLOAD_PARAMETERS = {"weights": None, "weights_backbone": None, "pretrained": False, "pretrained_backbone": False}
+SAMPLES_PACKAGE = "sample_models"
+_KNOWN_LIBRARIES_TEXT = "torch.nn, torchvision's and timm's models and layers, sample_models"
+# Zip members torch.save writes are stored, not compressed: a member that inflates more than this is hostile.
+MAX_ZIP_INFLATION = 100
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 _MODULE_KEYS = ("model", "module", "net")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -118,6 +113,7 @@ class BaseSpec:
             and (pickled is None or isinstance(pickled, bytes))
             and isinstance(source, str)
             and (arch is None) != (pickled is None)
+            and kwargs_depth_problem(kwargs) is None
         )
         if not valid:
             raise BadInputError(
@@ -230,8 +226,28 @@ def _looks_like_path(value: str) -> bool:
         return True
 
 
+MAX_KWARGS_DEPTH = 32
+
+
+def kwargs_depth_problem(value: Any, limit: int = MAX_KWARGS_DEPTH) -> str | None:
+    """Why ``value`` (JSON-like data read from a file) is nested too deeply to walk, or None; iterative, so a
+    hostile depth never reaches Python's recursion limit."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return f"it is nested more than {limit} levels deep"
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend((child, depth + 1) for child in item)
+    return None
+
+
 def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
     """Why keyword arguments read from a file are not plain, offline JSON data (None if they are)."""
+    if (problem := kwargs_depth_problem(value)) is not None:
+        return problem
     if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
         return None
     if isinstance(value, str):
@@ -324,6 +340,37 @@ def _import_from_here_too(module_name: str) -> ModuleType:
             sys.path.remove(here)
 
 
+def _downloading_function(builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+    """The function whose parameters decide downloads: the registered builder behind torchvision's get_model."""
+    if getattr(builder, "__module__", "").startswith("torchvision.models") and builder.__name__ == "get_model":
+        import torchvision.models as tv_models
+
+        name = kwargs.get("name")
+        if isinstance(name, str) and name in tv_models.list_models():
+            return tv_models.get_model_builder(name)
+    return builder
+
+
+def offline_kwargs(builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus every download parameter the builder takes (:data:`DOWNLOAD_PARAMETERS`) set to "none"
+    where ``kwargs`` does not set it, so that no default (e.g. ``weights_backbone``) reaches the network."""
+    try:
+        parameters = inspect.signature(_downloading_function(builder, kwargs)).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    extra = {
+        name: value
+        for name, value in DOWNLOAD_PARAMETERS.items()
+        if name not in kwargs and (name in parameters or (takes_any and name == "pretrained" and _is_timm(builder)))
+    }
+    return {**kwargs, **extra}
+
+
+def _is_timm(builder: Callable[..., Any]) -> bool:
+    return getattr(builder, "__module__", "").split(".")[0] == "timm"
+
+
 def _normalise_arch(spec: str) -> str:
     """Canonical "package.module:function" form of an arch string."""
     module_name, attribute = _split_arch(spec)
@@ -337,6 +384,14 @@ def _build_arch(
     if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
         raise BadInputError("`arch_kwargs` must be a JSON object with string keys, e.g. '{\"num_classes\": 10}'.")
     builder = resolve_arch(spec, trust=trust, typed_by_user=typed_by_user, origin=origin, kwargs=kwargs)
+    if typed_by_user and not trust:
+        downloading = [key for key in DOWNLOAD_PARAMETERS if kwargs.get(key) not in (None, False)]
+        if downloading:
+            raise UntrustedCodeError(
+                f"`arch_kwargs` sets {downloading[0]!r}, which downloads weights from the network: the model file "
+                "holds the weights, so drop it (or pass `trust=True` to allow the download)."
+            )
+    kwargs = offline_kwargs(builder, kwargs)
     try:
         model = builder(**kwargs)
     except Exception as error:
@@ -360,11 +415,14 @@ def _check_input_file(path: str | Path, what: str = "Model file") -> Path:
     if path.is_dir():
         raise BadInputError(f"{what} {str(path)!r} is a directory, not a file: give the path of the file itself.")
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except OSError as error:
         raise BadInputError(
             f"{what} {str(path)!r} cannot be read ({error.strerror}): check its permissions."
         ) from error
+    if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
+        raise BadInputError(f"{what} {str(path)!r} is not a regular file (a pipe or device): give a saved file.")
+    size = status.st_size
     if size == 0:
         raise BadInputError(f"{what} {str(path)!r} is empty: it was probably not written completely, save it again.")
     if not os.access(path, os.R_OK):
@@ -382,19 +440,42 @@ def _opened(source: Path | bytes) -> Iterator[BinaryIO]:
             yield stream
 
 
-def _file_kind(source: Path | bytes, label: str) -> str:
-    """The file's format: "zip" (torch.save) or "legacy" (pre-1.6 torch.save); BadInputError for anything else."""
+@dataclass
+class TorchFile:
+    """What the container of a torch.save file says before anything in it is unpickled."""
+
+    kind: str  # "zip" (torch.save) or "legacy" (pre-1.6 torch.save)
+    storage_bytes: dict[str, int] = field(default_factory=dict)  # zip: size of each data/<key> record
+
+
+def _check_zip_members(members: list[zipfile.ZipInfo], label: str) -> None:
+    """Refuse an archive whose members would inflate absurdly or, all together, past the memory budget,
+    before any member is inflated (sizes from the central directory)."""
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED and member.file_size > MAX_ZIP_INFLATION * max(
+            member.compress_size, 1
+        ):
+            raise BadInputError(
+                f"{label} holds a zip member that would inflate {member.file_size // max(member.compress_size, 1)}x "
+                f"(torch.save stores its members uncompressed): the file is damaged or hostile."
+            )
+    check_allocation(sum(member.file_size for member in members), label)
+
+
+def _file_kind(source: Path | bytes, label: str) -> TorchFile:
+    """The file's container, checked; BadInputError for anything that is not a torch.save file."""
     with _opened(source) as stream:
         head = stream.read(len(_LEGACY_MAGIC))
         stream.seek(0)
         if head.startswith(b"PK"):
             try:
                 with zipfile.ZipFile(stream) as archive:
-                    names = archive.namelist()
+                    members = archive.infolist()
             except (zipfile.BadZipFile, OSError, ValueError) as error:
                 raise BadInputError(
                     f"{label} is truncated or corrupt (its zip archive cannot be opened): copy or save it again."
                 ) from error
+            names = [member.filename for member in members]
             if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
                 raise BadInputError(
                     f"{label} is a TorchScript archive, not a torch.save file: give the eager model's state_dict with "
@@ -402,9 +483,15 @@ def _file_kind(source: Path | bytes, label: str) -> str:
                 )
             if not any(name.endswith("/data.pkl") for name in names):
                 raise BadInputError(f"{label} is a zip file but not a PyTorch file written by torch.save.")
-            return "zip"
+            _check_zip_members(members, label)
+            storages = {}
+            for member in members:
+                parts = member.filename.split("/")
+                if len(parts) == 3 and parts[1] == "data":
+                    storages[parts[2]] = member.file_size
+            return TorchFile("zip", storages)
     if head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC[2:]:  # the pre-1.6 torch.save format
-        return "legacy"
+        return TorchFile("legacy")
     raise BadInputError(f"{label} is not a PyTorch file (torch.save writes a zip archive): check the path.")
 
 
@@ -456,89 +543,82 @@ def _legacy_globals(source: Path | bytes) -> list[str]:
     return [name for name in found if name not in safe]
 
 
-def _resolve_global(name: str) -> Any | None:
-    """The object a pickled global names, if it is allowlisted; None if it is not (nothing imported then).
-
-    Allowed: any class from :data:`MODEL_LIBRARIES`, nn.Module subclasses under
-    :data:`TORCH_MODULE_PREFIXES`, and a few harmless builtins. Only modules under those prefixes are
-    ever imported, and the object's own ``__module__.__qualname__`` must equal ``name``.
-    """
-    if name in _HARMLESS_GLOBALS:
-        return _HARMLESS_GLOBALS[name]
-    if _under(name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
-        return None
-    prefixes = MODEL_LIBRARIES + TORCH_MODULE_PREFIXES
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        if not _under(module_name, prefixes):
-            continue
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for part in parts[cut:]:
-            obj = getattr(obj, part, None)
-        if not isinstance(obj, type) or f"{obj.__module__}.{obj.__qualname__}" != name:
-            return None
-        if _under(obj.__module__, TORCH_MODULE_PREFIXES) and not issubclass(obj, nn.Module):
-            return None
-        return obj
-    return None
+def _module_packages() -> tuple[str, ...]:
+    """The packages whose module classes a pickle may use: the shipped samples only when they are the ones
+    ``import sample_models`` gives (not a folder of that name elsewhere on sys.path)."""
+    if _is_shipped_samples():
+        return MODULE_PACKAGES
+    return tuple(package for package in MODULE_PACKAGES if package != SAMPLES_PACKAGE)
 
 
-def _untrusted_message(label: str, names: list[str]) -> str:
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def _untrusted_message(label: str, reason: str) -> str:
     return (
-        f"{label} is a pickle that uses {shown}, which is not from a known model library ({_KNOWN_LIBRARIES_TEXT}), "
-        "so loading it would run code from the file: pass `trust=True` if you trust the file, or save "
-        "model.state_dict() instead and pass `arch` package.module:function."
+        f"{label} is a pickle that {reason}, so loading it would run code from the file (vconvert rebuilds pickled "
+        f"models only from the module classes of {_KNOWN_LIBRARIES_TEXT}, the way torch.save writes them): pass "
+        "`trust=True` if you trust the file, or save model.state_dict() instead and pass `arch` "
+        "package.module:function."
     )
 
 
-def _load_torch_file(source: Path | bytes, label: str, *, trust: bool) -> Any:
-    """Read a torch.save file under the allowlist / trust policy and return the unpickled object."""
-    kind = _file_kind(source, label)
-    try:
-        if kind == "zip":
-            with _opened(source) as stream:
-                needed = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
-        else:
-            needed = _legacy_globals(source)
-    except Exception as error:
-        raise BadInputError(f"{label} is truncated or corrupt ({first_line(error)}): copy or save it again.") from error
-    allowed: list[tuple[Any, str]] = []
-    refused: list[str] = []
-    for name in dict.fromkeys(needed):
-        obj = _resolve_global(name)
-        if obj is None:
-            refused.append(name)
-        else:
-            allowed.append((obj, name))
-    if kind == "legacy" and allowed and not trust:  # its modules carry source code weights_only cannot read
-        raise UntrustedCodeError(
-            f"{label} is a pickled model in the pre-1.6 torch.save format, which cannot be loaded without running "
-            "code from the file: pass `trust=True` if you trust the file, or save model.state_dict() and pass `arch` "
-            "package.module:function."
-        )
-    if refused and not trust:
-        raise UntrustedCodeError(_untrusted_message(label, refused))
+def _full_unpickle(source: Path | bytes, label: str) -> Any:
+    """torch.load with pickle's own unpickler: runs whatever the file asks (only ever with ``trust``)."""
     try:
         with _opened(source) as stream:
-            if refused or (kind == "legacy" and allowed):  # trusted: a full unpickle, may run code from the file
-                return torch.load(stream, map_location="cpu", weights_only=False)
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(stream, map_location="cpu", weights_only=True)
+            return torch.load(stream, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as error:
         raise BadInputError(
             f"{label} needs code that cannot be imported here ({first_line(error)}): install the package that defines "
             "the model, or save model.state_dict() and pass `arch` package.module:function."
         ) from error
     except Exception as error:
-        raise BadInputError(
-            f"{label} could not be read ({type(error).__name__}: {first_line(error)}): it may be truncated or corrupt, "
-            "save it again."
-        ) from error
+        raise _unreadable(label, error) from error
+
+
+def _unreadable(label: str, error: BaseException) -> BadInputError:
+    return BadInputError(
+        f"{label} could not be read ({type(error).__name__}: {first_line(error)}): it may be truncated or corrupt, "
+        "save it again."
+    )
+
+
+def _load_torch_file(source: Path | bytes, label: str, *, trust: bool) -> Any:
+    """Read a torch.save file under the trust policy (docs/FORMAT.md §9) and return the unpickled object.
+
+    Plain data and tensors: torch's ``weights_only`` unpickler. Pickled modules of known libraries:
+    :func:`~vconvert.io.pickled_modules.load_pickled_modules` (no constructor runs). Anything else, or
+    a legacy-format pickled model: only with ``trust``, by a full unpickle.
+    """
+    container = _file_kind(source, label)
+    try:
+        if container.kind == "zip":
+            with _opened(source) as stream:
+                needed = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
+        else:
+            needed = _legacy_globals(source)
+    except Exception as error:
+        raise BadInputError(f"{label} is truncated or corrupt ({first_line(error)}): copy or save it again.") from error
+    packages = _module_packages()
+    refused = [name for name in dict.fromkeys(needed) if allowed_global(name, packages) is None]
+    if refused and not trust:
+        shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise UntrustedCodeError(_untrusted_message(label, f"uses {shown}"))
+    if refused or (container.kind == "legacy" and needed):
+        if not trust:  # a legacy file's modules carry source code that cannot be read without running it
+            raise UntrustedCodeError(_untrusted_message(label, "is a pickled model in the pre-1.6 torch.save format"))
+        return _full_unpickle(source, label)
+    try:
+        if not needed:  # plain data and tensors only
+            with _opened(source) as stream:
+                return torch.load(stream, map_location="cpu", weights_only=True)
+        with _opened(source) as stream:
+            data = stream.read()
+        return load_pickled_modules(data, container.storage_bytes, packages)
+    except RefusedPickle as error:
+        if trust:
+            return _full_unpickle(source, label)
+        raise UntrustedCodeError(_untrusted_message(label, str(error))) from error
+    except Exception as error:
+        raise _unreadable(label, error) from error
 
 
 def _is_state_dict(obj: Any) -> bool:
