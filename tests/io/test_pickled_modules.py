@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -196,3 +198,45 @@ def test_state_dicts_still_load_with_torch_weights_only(tmp_path: Path) -> None:
     (tmp_path / "w.pt").write_bytes(buffer.getvalue())
     model, spec = load_model(tmp_path / "w.pt", arch="sample_models.resnet_cifar:resnet8")
     assert spec.arch == "sample_models.resnet_cifar:resnet8" and isinstance(model, nn.Module)
+
+
+MYNET = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.conv(x)).mean((2, 3)))
+"""
+
+
+def _vconvert(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed CLI run in ``folder`` as a user runs it (a fresh interpreter, no PYTHONPATH)."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    command = [str(Path(sys.executable).with_name("vconvert")), *args]
+    return subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_trust_imports_a_pickled_models_class_from_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "mynet.py").write_text(MYNET)
+    save = "import torch, mynet; torch.save(mynet.Net(), 'mynet_full.pt')"
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": "."})
+    refused = _vconvert(tmp_path, "inspect", "mynet_full.pt")
+    assert refused.returncode == 2 and "mynet.Net" in refused.stderr and "--trust" in refused.stderr
+    trusted = _vconvert(tmp_path, "inspect", "mynet_full.pt", "--trust", "--input-shape", "1,3,16,16")
+    assert trusted.returncode == 0, trusted.stderr
+
+
+def test_a_class_defined_in_the_saving_script_is_explained_in_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text(MYNET + "\ntorch.save(Net(), 'net.pt')\n")
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, check=True)
+    result = _vconvert(tmp_path, "inspect", "net.pt", "--trust", "--input-shape", "1,3,16,16")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "defined in the script that saved it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

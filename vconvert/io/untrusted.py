@@ -323,21 +323,32 @@ def resolve_arch(
     return obj
 
 
+@contextlib.contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """Put the working directory on ``sys.path`` (if it is not there) for the duration: code the user chose
+    (a typed arch, a pickle loaded with ``trust``) may live in a file next to where vconvert runs."""
+    here = os.getcwd()
+    if here in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
+
+
 def _import_from_here_too(module_name: str) -> ModuleType:
     """Import ``module_name``; a top-level module that is not installed is also looked up in the working
     directory, as ``python -m`` and other Python command-line tools do (only for archs the user chose)."""
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        here = os.getcwd()
-        if error.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+        if error.name != module_name.split(".")[0]:
             raise
-    sys.path.insert(0, here)
-    try:
+    with _working_directory_importable():
         return importlib.import_module(module_name)
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(here)
 
 
 def _downloading_function(builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callable[..., Any]:
@@ -563,15 +574,28 @@ def _untrusted_message(label: str, reason: str) -> str:
 def _full_unpickle(source: Path | bytes, label: str) -> Any:
     """torch.load with pickle's own unpickler: runs whatever the file asks (only ever with ``trust``)."""
     try:
-        with _opened(source) as stream:
+        with _opened(source) as stream, _working_directory_importable():
             return torch.load(stream, map_location="cpu", weights_only=False)
-    except (ImportError, AttributeError) as error:
-        raise BadInputError(
-            f"{label} needs code that cannot be imported here ({first_line(error)}): install the package that defines "
-            "the model, or save model.state_dict() and pass `arch` package.module:function."
-        ) from error
+    except AttributeError as error:
+        if "__main__" in str(error):
+            raise BadInputError(
+                f"{label} was saved from a class defined in the script that saved it (in `__main__`), which no "
+                "other program can import: move the class into a file of its own (e.g. mynet.py next to where you "
+                "run vconvert) and save the model again, or save model.state_dict() and pass `arch` mynet:Net."
+            ) from error
+        raise _cannot_import(label, error) from error
+    except ImportError as error:
+        raise _cannot_import(label, error) from error
     except Exception as error:
         raise _unreadable(label, error) from error
+
+
+def _cannot_import(label: str, error: BaseException) -> BadInputError:
+    return BadInputError(
+        f"{label} needs code that cannot be imported here ({first_line(error)}): its module must be installed or be "
+        "a file in the folder you run vconvert from; or save model.state_dict() and pass `arch` "
+        "package.module:function."
+    )
 
 
 def _unreadable(label: str, error: BaseException) -> BadInputError:
