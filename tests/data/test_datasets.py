@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import noise_image_folder
 
-from vconvert.data.datasets import calibration_batches, open_split
+from vconvert.data.datasets import ImageFolderData, calibration_batches, open_split
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -24,3 +24,20 @@ def test_calibration_images_are_the_evaluation_images(tmp_path: Path, side: int)
     assert len(got) == len(expected) == 6
     for a, b in zip(got, expected, strict=True):
         assert a.shape == (3, side, side) and torch.equal(a, b)
+
+
+def test_folder_lists_what_torchvision_lists_in_the_same_order(tmp_path: Path) -> None:
+    """Reading folders as untrusted input keeps torchvision's ImageFolder classes, samples and order (seeded
+    subsets pick the same images as before) on an ordinary folder: nested subfolders, odd names, other files."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "data"
+    for relative in ("b/x.png", "b/sub/deeper/y.JPG", "b/sub/a.png", "b/a-b.png", "a/Z.png", "a/z/0.bmp", "c_/1.png"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / relative, format="BMP" if relative.endswith("bmp") else None)
+    (root / "a" / "notes.txt").write_text("not an image")
+    ours = ImageFolderData(root, root)
+    theirs = ImageFolder(str(root))
+    assert ours.classes == theirs.classes and ours.samples == theirs.samples and ours.targets == theirs.targets
+    assert not ours.skipped
