@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,77 @@ def test_every_option_the_readme_names_is_a_vconvert_option() -> None:
         assert option not in everywhere, f"{option} is a vconvert option now"
         if script:
             assert f'"{option}"' in (ROOT / script).read_text(), f"{script} has no {option} option"
+
+
+# --------------------------------------------------------------------------- finetune -o never overwrites its input
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import converted_checkpoint
+
+    return converted_checkpoint(tmp_path_factory.mktemp("finetune-output") / "in.vc.pt")
+
+
+def _tiny_checkpoint(made: Path, folder: Path) -> Path:
+    return Path(shutil.copy(made, folder / "in.vc.pt"))
+
+
+def _linked(how: str, target: Path, link: Path) -> Path:
+    if how == "symlink":
+        link.symlink_to(target)
+    else:
+        os.link(target, link)
+    return link
+
+
+@pytest.mark.parametrize(
+    "case", ["same path", "dotted path", "symlink", "hard link", "the run's best file", "the run's metrics file"]
+)
+def test_finetune_refuses_an_output_that_would_overwrite_its_input(
+    case: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from conftest import error_message
+
+    source = _tiny_checkpoint(tiny_checkpoint, tmp_path)
+    if case in ("symlink", "hard link"):
+        source = _linked(case.split()[0], source, tmp_path / "linked.vc.pt")
+    elif case == "the run's best file":  # finetune run.best.vc.pt -o run.vc.pt would write run.best.vc.pt
+        source = source.rename(tmp_path / "run.best.vc.pt")
+    elif case == "the run's metrics file":
+        source = source.rename(tmp_path / "run.metrics.jsonl")
+    output = {
+        "same path": source,
+        "dotted path": tmp_path / "sub" / ".." / source.name,
+        "symlink": tmp_path / "in.vc.pt",
+        "hard link": tmp_path / "in.vc.pt",
+        "the run's best file": tmp_path / "run.vc.pt",
+        "the run's metrics file": tmp_path / "run.vc.pt",
+    }[case]
+    (tmp_path / "sub").mkdir()
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    result = CliRunner().invoke(app, ["finetune", str(source), "-o", str(output), "--data", "digits"])
+    assert result.exit_code == 2, result.output + result.stderr
+    message = error_message(result)
+    assert "would overwrite its input checkpoint" in message and "choose another --output" in message, message
+    assert "epoch 1" not in result.output + result.stderr  # refused before any training
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_finetune_refuses_run_files_that_are_one_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from conftest import error_message
+
+    source = _tiny_checkpoint(tiny_checkpoint, tmp_path)
+    (tmp_path / "run.best.vc.pt").symlink_to(tmp_path / "run.vc.pt")
+    (tmp_path / "run.vc.pt").write_bytes(b"last")
+    result = CliRunner().invoke(app, ["finetune", str(source), "-o", str(tmp_path / "run.vc.pt"), "--data", "digits"])
+    assert result.exit_code == 2 and "are one file" in error_message(result), result.output + result.stderr
+    assert (tmp_path / "run.vc.pt").read_bytes() == b"last"
+
+
+def test_finetune_resume_may_name_its_output_as_input(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--resume reads OUTPUT's last epoch, not FILE: FILE == OUTPUT is how a run is resumed."""
+    from conftest import error_message
+
+    source = _tiny_checkpoint(tiny_checkpoint, tmp_path)
+    result = CliRunner().invoke(app, ["finetune", str(source), "-o", str(source), "--resume", "--data", "digits"])
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "holds no fine-tuning state" in error_message(result)

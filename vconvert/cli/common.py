@@ -15,9 +15,10 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from vconvert.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from vconvert.errors import BadInputError, VConvertError, VConvertWarning
+from vconvert.errors import BadInputError, VConvertError, VConvertWarning, shown
 
 console = Console()
 error_console = Console(stderr=True)
@@ -36,6 +37,22 @@ def as_flags(text: str) -> str:
     return _PARAMETER.sub(lambda m: FLAG_FOR_PARAMETER.get(m.group(1), "--" + m.group(1).replace("_", "-")), text)
 
 
+# What a message shows of a file (names, notes, other libraries' errors) is escaped and cut where it is
+# printed: one line of plain text (no control characters, no rich markup), its end (the advice) kept.
+MESSAGE_LIMIT, MESSAGE_TAIL = 600, 200
+
+
+def one_line(text: str) -> str:
+    """A library message as the CLI prints it: flags for parameters, control characters escaped, at most
+    ``MESSAGE_LIMIT`` characters (cut in the middle)."""
+    return shown(as_flags(text), MESSAGE_LIMIT, tail=MESSAGE_TAIL)
+
+
+def labelled(label: str, style: str, text: str) -> Text:
+    """``label`` in ``style``, then ``text`` as plain text (never read as rich markup)."""
+    return Text.assemble((label, style), " ", one_line(text))
+
+
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
     """Show each VConvertWarning (once) as one "warning:" line on stderr; other warnings as Python does."""
@@ -44,11 +61,10 @@ def one_line_warnings() -> Iterator[None]:
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
             if issubclass(category, VConvertWarning):
-                error_console.print(
-                    f"[bold yellow]warning:[/] {as_flags(str(message))}", highlight=False, soft_wrap=True
-                )
-            else:
-                show_other(message, category, filename, lineno, file, line)
+                error_console.print(labelled("warning:", "bold yellow", str(message)), soft_wrap=True)
+            else:  # other libraries' warnings as Python shows them, their message escaped when it must be
+                text = shown(message, MESSAGE_LIMIT, tail=MESSAGE_TAIL)
+                show_other(message if text == str(message) else text, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         warnings.simplefilter("default", VConvertWarning)
@@ -59,7 +75,7 @@ class _ConsoleLines(logging.Handler):
     """vconvert's info lines (what a stage feeds the model, and from where) as plain lines on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        error_console.print(as_flags(record.getMessage()), highlight=False, soft_wrap=True)
+        error_console.print(Text(one_line(record.getMessage())), soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -87,7 +103,7 @@ def explained_errors(command: F) -> F:
         except VConvertError as error:
             if kwargs.get("debug"):
                 raise
-            error_console.print(f"[bold red]error:[/] {as_flags(str(error))}", highlight=False, soft_wrap=True)
+            error_console.print(labelled("error:", "bold red", str(error)), soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
 
     return run  # type: ignore[return-value]

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.text import Text
 
 from vconvert.cli.common import (
     ArchKwargsOpt,
@@ -28,13 +29,14 @@ from vconvert.cli.common import (
     console,
     explained_errors,
     fitting_progress,
+    labelled,
     parse_kwargs,
     parse_preprocessing,
     parse_shape,
     progress_bar,
 )
 from vconvert.data.datasets import describe_input, log
-from vconvert.errors import BadInputError
+from vconvert.errors import BadInputError, shown
 from vconvert.io.metadata import CheckpointMetadata
 
 
@@ -118,12 +120,12 @@ def compress(
     """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""
     from vconvert.convert.compress import compress as compress_model
     from vconvert.io.checkpoint import save
-    from vconvert.io.files import check_writable
+    from vconvert.io.files import check_writable, same_file
 
     shape = parse_shape(input_shape or DEFAULT_INPUT_SHAPE)
     output = output or file.with_name(file.name.split(".")[0] + ".vc.pt")
-    if output.resolve() == file.resolve():
-        raise BadInputError(f"The output {output} would overwrite the input model; choose another -o.")
+    if same_file(output, file):
+        raise BadInputError(f"The output {shown(output)} would overwrite the input model; choose another -o.")
     check_writable(output)
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
@@ -167,9 +169,10 @@ def compress(
 
     console.print(layer_table(plan.table_rows(), title=f"vconvert compress {file.name}"))
     if plan.traced_with != "fx":
-        console.print(f"[yellow]note:[/] {plan.trace_note}")
+        console.print(labelled("note:", "yellow", plan.trace_note), soft_wrap=True)
     if plan.choice_note:
-        console.print(plan.choice_note)
+        console.print(Text(shown(plan.choice_note, None)), soft_wrap=True)
     if calib_data is not None:
         console.print(f"BatchNorm statistics recalibrated on {metadata.bn_recalibration['images']} images.")
-    console.print(f"{plan_summary(plan)}\nwrote {output}")
+    console.print(plan_summary(plan))
+    console.print(Text(f"wrote {shown(output, None)}"), soft_wrap=True)

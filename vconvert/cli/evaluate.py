@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from vconvert.cli.common import (
     ArchKwargsOpt,
@@ -20,6 +21,7 @@ from vconvert.cli.common import (
     parse_kwargs,
     parse_shape,
 )
+from vconvert.errors import shown
 
 
 @explained_errors
@@ -47,6 +49,9 @@ def evaluate(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console.print(
-            f"{file.name} ({result.kind}) on {result.data}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% "
-            f"({result.images} images)"
+            Text(
+                f"{shown(file.name)} ({result.kind}) on {shown(result.data)}: top-1 {result.top1:.2f}%, "
+                f"top-5 {result.top5:.2f}% ({result.images} images)"
+            ),
+            soft_wrap=True,
         )

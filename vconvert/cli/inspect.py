@@ -8,6 +8,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.text import Text
 
 from vconvert.cli.common import (
     ArchKwargsOpt,
@@ -23,9 +24,11 @@ from vconvert.cli.common import (
     TrustOpt,
     console,
     explained_errors,
+    labelled,
     parse_shape,
 )
 from vconvert.cli.compress import load_input_model, plan_summary
+from vconvert.errors import shown
 from vconvert.io.metadata import CheckpointMetadata
 
 
@@ -75,10 +78,10 @@ def inspect(
 
     console.print(layer_table(plan.table_rows(), title=title))
     if plan.traced_with != "fx":
-        console.print(f"[yellow]note:[/] {plan.trace_note}")
+        console.print(labelled("note:", "yellow", plan.trace_note), soft_wrap=True)
     console.print(plan_summary(plan))
     for note in notes:
-        console.print(note, highlight=False)
+        console.print(Text(note), soft_wrap=True)
 
 
 def _numbers(value: object) -> str | None:
@@ -89,7 +92,8 @@ def _numbers(value: object) -> str | None:
 
 def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
     """What a .vc.pt says about its input and its training, as lines under the inspect table (the fine-tuning
-    record is plain data read from a file, so anything malformed in it is left out rather than trusted)."""
+    record is plain data read from a file, so anything malformed in it is left out rather than trusted, and
+    the values it shows are escaped and capped by :func:`shown`)."""
     lines = []
     shape, pre = _numbers(metadata.input_shape), metadata.preprocessing or {}
     if shape:
@@ -101,9 +105,9 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
         config = tuned.get("config") if isinstance(tuned.get("config"), dict) else {}
         data = (metadata.data or {}).get("source")
         lines.append(
-            f"fine-tuned: {tuned.get('epochs_done')} of {config.get('epochs')} epochs"
-            + (f" on {data}" if isinstance(data, str) else "")
-            + f", masks {config.get('masks')}, validation top-1 {tuned['val_top1']:.2f}%; fit err is the "
+            f"fine-tuned: {shown(tuned.get('epochs_done'))} of {shown(config.get('epochs'))} epochs"
+            + (f" on {shown(data)}" if isinstance(data, str) else "")
+            + f", masks {shown(config.get('masks'))}, validation top-1 {tuned['val_top1']:.2f}%; fit err is the "
             "compress-time fit, masks is the density now."
         )
     else:

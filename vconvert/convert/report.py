@@ -7,9 +7,11 @@ from collections.abc import Iterable
 import torch
 from rich import box
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vconvert.errors import shown
 from vconvert.nn.versatile import VersatileConv2d
 
 KIB = 8 * 1024  # bits per KiB
@@ -71,16 +73,17 @@ LAYER_TABLE_CAPTION = (
 
 def layer_table(rows: list[dict], title: str) -> Table:
     """A rich table of per-layer rows (dicts with the keys of ``ConversionPlan.table_rows``) that fits an
-    80-column terminal: long names and skip reasons wrap instead of being cut."""
+    80-column terminal: long names and skip reasons wrap instead of being cut. Names, shapes, decisions and
+    the title may come from a file: they are shown as plain text, escaped and capped (:func:`shown`)."""
     table = Table(
-        title=title,
+        title=Text(shown(title)),
         caption=LAYER_TABLE_CAPTION,
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
         caption_justify="left",
     )
-    longest = max((len(row["name"]) for row in rows), default=5)
+    longest = max((len(shown(row["name"])) for row in rows), default=5)
     table.add_column("layer", no_wrap=longest <= 32, min_width=min(longest, 32), overflow="fold")
     table.add_column("shape", no_wrap=True)
     table.add_column("decision", overflow="fold", min_width=10)
@@ -91,9 +94,9 @@ def layer_table(rows: list[dict], title: str) -> Table:
         if mode and row.get("secondary"):
             mode += f" s={row['secondary']}"
         table.add_row(
-            row["name"],
-            row["shape"],
-            mode or row["decision"],
+            Text(shown(row["name"])),
+            Text(shown(row["shape"])),
+            Text(shown(mode or row["decision"])),
             f"{format_kib(row['dense_bits'])}→{format_kib(row['stored_bits'] or row['dense_bits'])}",
             f"{row['dense_bits'] / row['stored_bits']:.2f}x" if row.get("stored_bits") else "",
             f"{row['fit_error']:.3f}" if row.get("fit_error") is not None else "",

@@ -58,6 +58,7 @@ from vconvert.train.resume import (
     _check_resume_state,
     _output_paths,
     _rng_state,
+    check_outputs_spare_input,
     restore_training_state,
 )
 from vconvert.validate import check_like
@@ -311,6 +312,7 @@ def finetune(
     """
     env = setup_distributed()
     last_path, best_path, metrics_path = _output_paths(Path(output))
+    check_outputs_spare_input(checkpoint_path, (last_path, best_path, metrics_path), resume)
     for path in (last_path, best_path, metrics_path):
         check_writable(path)
     config.validate(env.world)

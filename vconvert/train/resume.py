@@ -17,7 +17,7 @@ from vconvert.data.datasets import (
 )
 from vconvert.errors import BadInputError
 from vconvert.io.checkpoint import Checkpoint, save
-from vconvert.io.files import atomic_write_bytes
+from vconvert.io.files import atomic_write_bytes, same_file
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.train.config import EpochMetrics, FinetuneConfig
 from vconvert.train.ema import WeightAverage
@@ -33,6 +33,28 @@ from vconvert.validate import check_fields, check_float, check_int, check_like, 
 def _output_paths(output: Path) -> tuple[Path, Path, Path]:
     stem = output.name[: -len(".vc.pt")] if output.name.endswith(".vc.pt") else output.stem
     return output, output.with_name(f"{stem}.best.vc.pt"), output.with_name(f"{stem}.metrics.jsonl")
+
+
+OUTPUT_ROLES = ("last-epoch checkpoint", "best-epoch checkpoint", "metrics file")
+
+
+def check_outputs_spare_input(checkpoint_path: str | Path, outputs: tuple[Path, Path, Path], resume: bool) -> None:
+    """Refuse (BadInputError, before any work) a run whose files (``outputs``: last, best, metrics, as
+    :func:`_output_paths` names them) would overwrite its input checkpoint or each other, whether by the
+    same path or the same file through a symlink or a hard link. A resumed run reads its last-epoch file,
+    not ``checkpoint_path``: that one may be the input."""
+    for index, (role, path) in enumerate(zip(OUTPUT_ROLES, outputs, strict=True)):
+        if not (resume and index == 0) and same_file(path, checkpoint_path):
+            same = "" if Path(path) == Path(checkpoint_path) else f" {path} (the same file)"
+            raise BadInputError(
+                f"The run would overwrite its input checkpoint {checkpoint_path} with its {role}{same}; "
+                "choose another `output`."
+            )
+        for other_role, other in zip(OUTPUT_ROLES[index + 1 :], outputs[index + 1 :], strict=True):
+            if same_file(path, other):
+                raise BadInputError(
+                    f"The run's {role} {path} and its {other_role} {other} are one file; choose another `output`."
+                )
 
 
 def _rng_state() -> dict:
