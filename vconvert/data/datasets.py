@@ -2,7 +2,7 @@
 
 Images are converted to what the model takes: 1 channel (grey) or 3 (RGB) of 8 bits, whatever the
 file holds (16-bit grey is scaled down; CMYK, palette, alpha and grey images are converted), then
-resized. Everything in an image folder is untrusted input (docs/FORMAT.md §12): only regular files
+resized. Everything in an image folder is untrusted input (docs/FORMAT.md §13): only regular files
 are opened, linked folders are never descended, linked files are taken only when they lead inside the
 data folder, only the formats of :data:`IMAGE_FORMATS` are decoded (by content, whatever the name) and
 an image over :data:`MAX_IMAGE_PIXELS` is not decoded. A file that is not taken or cannot be decoded
