@@ -15,6 +15,7 @@ from sample_models.resnet_cifar import resnet8, resnet20
 from vconvert import compress, save
 from vconvert.cli.app import app
 from vconvert.data.datasets import open_split
+from vconvert.errors import BadInputError
 from vconvert.evaluate import evaluate_file, evaluate_model
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.io.untrusted import BaseSpec
@@ -191,3 +192,18 @@ def test_evaluate_model_that_rejects_the_images_is_one_sentence(tmp_path: Path) 
     )  # fmt: skip
     assert result.exit_code == 2 and "rejects the evaluation images" in result.stderr, result.output + result.stderr
     assert error_message(result) and "Traceback" not in result.stderr
+
+
+def test_a_small_memory_budget_evaluates_in_smaller_batches_with_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vconvert.io.budget import forward_peak_bytes
+
+    _, checkpoint, converted = _files(tmp_path)
+    full = evaluate_file(checkpoint, "digits", limit=32, batch=32)
+    peak = forward_peak_bytes(converted.eval(), [8, 1, 32, 32])
+    monkeypatch.setenv("VCONVERT_MEMORY_BUDGET", str(2 * peak / 1024**3))  # batch 8 fits, 16 does not
+    assert evaluate_file(checkpoint, "digits", limit=32, batch=32) == full
+    monkeypatch.setenv("VCONVERT_MEMORY_BUDGET", "0.002")  # the file and its check fit; one 256x256 image not
+    with pytest.raises(BadInputError, match=r"^Evaluating .* 1x256x256 in batches of 1 needs"):
+        evaluate_file(checkpoint, "digits", limit=32, input_shape=[1, 1, 256, 256])

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,16 @@ from vconvert.data.datasets import (
     open_split,
 )
 from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning, first_line
-from vconvert.validate import check_input_shape, check_preprocessing
+from vconvert.io.budget import (
+    ForwardRejected,
+    check_allocation,
+    check_forward,
+    forward_peak_bytes,
+    largest_fitting_batch,
+    meta_cannot_run,
+    tensor_bytes,
+)
+from vconvert.validate import check_input_shape, check_plain, check_preprocessing
 
 ONNX_PREPROCESSING_KEY = "vconvert.preprocessing"
 ONNX_INPUT_SHAPE_KEY = "vconvert.input_shape"
@@ -80,22 +90,29 @@ def _metadata_value(props: dict[str, str], keys: tuple[str, ...], path: Path) ->
     if key not in props:
         return key, None
     try:
-        return key, json.loads(props[key])
+        value = json.loads(props[key])
     except (ValueError, RecursionError) as error:
         raise BadInputError(
             f"{path}'s metadata {key} is not valid JSON ({type(error).__name__}): the file is damaged."
         ) from None
+    check_plain(value, f"{path}'s metadata {key}")
+    return key, value
 
 
-def onnx_metadata(path: Path) -> tuple[dict | None, list | None]:
-    """The preprocessing and the input shape (dynamic batch: None) an ONNX file's metadata_props record
-    (None for either when absent), with strict types and bounds."""
+def _load_onnx(path: Path):
+    """The ModelProto of an ONNX file (its weights inline; external data is not read)."""
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError and others for a file that is not ONNX
         raise BadInputError(f"{path} is not a readable ONNX file ({type(error).__name__}).") from None
+
+
+def onnx_metadata(path: Path, model=None) -> tuple[dict | None, list | None]:
+    """The preprocessing and the input shape (dynamic batch: None) an ONNX file's metadata_props record
+    (None for either when absent), with strict types and bounds (``model``: the file's proto, when loaded)."""
+    model = model if model is not None else _load_onnx(path)
     props = {prop.key: prop.value for prop in model.metadata_props}
     key, preprocessing = _metadata_value(props, (ONNX_PREPROCESSING_KEY, "preprocessing"), path)
     key, shape = _metadata_value(props, (ONNX_INPUT_SHAPE_KEY,), path)
@@ -103,6 +120,73 @@ def onnx_metadata(path: Path) -> tuple[dict | None, list | None]:
         check_preprocessing(preprocessing, f"{path}'s metadata {ONNX_PREPROCESSING_KEY}"),
         None if shape is None else check_input_shape(shape, f"{path}'s metadata {key}", batch=False),
     )
+
+
+def _without_values(tensor):
+    """A weight as shape inference needs it: its type and dims; values only for small ones (shapes, axes)."""
+    from onnx import TensorProto
+
+    if math.prod(tensor.dims) <= 1024:
+        return tensor
+    return TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+
+
+def _with_shape(value_info, shape: list[int]):
+    """A copy of a graph input's ValueInfoProto with every dimension fixed to ``shape``."""
+    from onnx import ValueInfoProto
+
+    fixed = ValueInfoProto()
+    fixed.CopyFrom(value_info)
+    for dim, size in zip(fixed.type.tensor_type.shape.dim, shape, strict=True):
+        dim.Clear()
+        dim.dim_value = int(size)
+    return fixed
+
+
+def onnx_peak_bytes(model, shape: list[int]) -> int:
+    """Peak bytes of the values an ONNX graph computes on a float32 input of ``shape``, the input included:
+    shapes inferred by ``onnx.shape_inference`` with the input's sizes fixed, each value held from the node
+    that makes it to the last node that reads it (values of unknown size count 0). Weights are not counted
+    (the file holds them)."""
+    from onnx import helper, shape_inference
+
+    weights = {tensor.name for tensor in model.graph.initializer}
+    graph_input = next((item for item in model.graph.input if item.name not in weights), None)
+    if graph_input is None:
+        return tensor_bytes(shape)
+    shaped = helper.make_model(
+        helper.make_graph(
+            model.graph.node,
+            model.graph.name,
+            [_with_shape(graph_input, shape), *(item for item in model.graph.input if item.name in weights)],
+            model.graph.output,
+            [_without_values(tensor) for tensor in model.graph.initializer],
+        ),
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
+        functions=model.functions,
+    )
+    try:
+        inferred = shape_inference.infer_shapes(shaped).graph
+    except Exception:  # a graph onnx cannot infer: only the input is sized
+        return tensor_bytes(shape)
+    sizes: dict[str, int] = {graph_input.name: tensor_bytes(shape)}
+    for info in [*inferred.value_info, *inferred.output]:
+        kind = info.type.tensor_type
+        dims = [dim.dim_value if dim.HasField("dim_value") else 0 for dim in kind.shape.dim]
+        if kind.elem_type and all(size > 0 for size in dims):
+            itemsize = helper.tensor_dtype_to_np_dtype(kind.elem_type).itemsize
+            sizes[info.name] = math.prod(dims) * itemsize
+    last_use = {name: len(inferred.node) for name in (item.name for item in inferred.output)}
+    for index, node in enumerate(inferred.node):
+        for name in node.input:
+            last_use[name] = max(last_use.get(name, index), index)
+    live = peak = sizes[graph_input.name]
+    for index, node in enumerate(inferred.node):
+        live += sum(sizes.get(name, 0) for name in node.output)
+        peak = max(peak, live)
+        live -= sum(sizes.get(name, 0) for name in {*node.input, *node.output} if last_use.get(name, index) <= index)
+    return peak
 
 
 def onnx_preprocessing(path: Path) -> dict:
@@ -165,21 +249,41 @@ def _default_size_origin(data: str) -> str:
     return f"digits' own {size}" if data == DIGITS else f"the default for folders, {size}; `input_shape` sets it"
 
 
+class _ResizedDigits(Dataset):
+    """The digits split resized one image at a time as it is read (never the whole split at once: at a size
+    a file records, 360 images can take tens of GB), then normalised as :func:`open_split` normalises it."""
+
+    def __init__(self, base, size: list[int]) -> None:
+        self.base, self.size = base, size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.nn.functional.interpolate(
+            self.base.images[index : index + 1], size=self.size, mode="bilinear", align_corners=False
+        )[0]
+        return self.base.transform(image), int(self.base.labels[index])
+
+
 def _split(
     data: str, preprocessing: dict, input_shape: list[int] | None, limit: int | None, size_from: str
 ) -> tuple[Dataset, DataSpec]:
     size = preprocessing.get("input_size") or (input_shape[2:] if input_shape else None)
     channels = input_shape[1] if input_shape else len(preprocessing["mean"]) if preprocessing.get("mean") else None
+    resized = data == DIGITS and size is not None and list(size) != default_image_size(DIGITS)
     dataset, spec, _ = open_split(
         data,
         False,
-        input_size=size,
+        input_size=None if resized else size,
         channels=channels,
         mean=preprocessing.get("mean"),
         std=preprocessing.get("std"),
         augment=False,
         size_from=size_from,
     )
+    if resized:
+        dataset, spec = _ResizedDigits(dataset, list(size)), replace(spec, input_size=list(size))
     return limited(dataset, limit, 0), spec
 
 
@@ -201,11 +305,35 @@ def _workers(dataset: Dataset, batch: int) -> int:
     return 2 if len(dataset) > batch else 0  # type: ignore[arg-type]
 
 
+def _in_flight(dataset: Dataset, batch: int) -> int:
+    """Batches of images held at once: the one the model runs, and two prefetched by each worker."""
+    return 1 + 2 * _workers(dataset, batch)
+
+
+def _onnx_batch(session, model, path: Path, shape: list[int], dataset: Dataset, batch: int) -> int:
+    """The batch to feed an ONNX graph within the memory budget: its fixed batch, else the largest of
+    ``batch``, ``batch``/2, ... that fits; each sized as the graph's values (:func:`onnx_peak_bytes`) plus the
+    image batches held at once, and refused (BadInputError) when even that one does not fit."""
+    declared = session.get_inputs()[0].shape[0]
+    fixed = declared if isinstance(declared, int) and declared > 0 else None
+
+    def needs(size: int) -> int:
+        images = [size, *shape[1:]]
+        return onnx_peak_bytes(model, images) + _in_flight(dataset, size) * tensor_bytes(images)
+
+    chosen = fixed or largest_fitting_batch(needs, batch)
+    check_allocation(
+        needs(chosen),
+        f"Evaluating {path} on batches of {chosen} images of {'x'.join(map(str, shape[1:]))}"
+        + (" (the graph's fixed batch)" if fixed else ""),
+    )
+    return chosen
+
+
 def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int, classes: int) -> tuple[float, float, int]:
-    """(top-1 %, top-5 %, images); a graph with a fixed batch gets batches of that size (the last padded)."""
+    """(top-1 %, top-5 %, images) on batches of ``batch`` (a graph's fixed batch: the last one padded)."""
     declared = session.get_inputs()[0]
     fixed = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 0 else None
-    batch = fixed or batch
     correct1 = correct5 = total = 0
     for images, labels in DataLoader(dataset, batch_size=batch, num_workers=_workers(dataset, batch)):
         if fixed and len(images) < fixed:
@@ -225,6 +353,33 @@ def _evaluate_onnx(session, path: Path, dataset: Dataset, batch: int, classes: i
         correct5 += topk_correct(logits, labels, 5)
         total += len(labels)
     return 100.0 * correct1 / max(1, total), 100.0 * correct5 / max(1, total), total
+
+
+def _model_batch(model: nn.Module, path: Path, shape: list[int], dataset: Dataset, batch: int) -> int:
+    """The batch to feed a PyTorch model within the memory budget: the largest of ``batch``, ``batch``/2, ...
+    whose forward peak (sized on the meta device) plus the image batches held at once fits; refused
+    (BadInputError) when even one image does not, or when the model refuses the shape."""
+
+    def needs(size: int) -> int:
+        images = [size, *shape[1:]]
+        try:
+            peak = forward_peak_bytes(model, images)
+        except Exception as error:  # a forward the meta device cannot run is sized for real below
+            if not meta_cannot_run(error):
+                raise ForwardRejected(first_line(error)) from None
+            peak = tensor_bytes(images)
+        return peak + (_in_flight(dataset, size) - 1) * tensor_bytes(images)
+
+    what = f"Evaluating {path} on images of {'x'.join(map(str, shape[1:]))}"
+    try:
+        chosen = largest_fitting_batch(needs, batch)
+        check_allocation(needs(chosen), f"{what} in batches of {chosen}")
+        check_forward(model, [chosen, *shape[1:]], f"{what} in batches of {chosen}")
+    except ForwardRejected as error:
+        raise BadInputError(
+            f"The model of {path} rejects the evaluation images ({error}): give the input shape it takes."
+        ) from None
+    return chosen
 
 
 def evaluate_file(
@@ -249,7 +404,8 @@ def evaluate_file(
     if not path.is_file():
         raise BadInputError(f"{path} does not exist; pass a .vc.pt, .onnx or model file.")
     if path.suffix == ".onnx":
-        preprocessing, recorded = onnx_metadata(path)
+        proto = _load_onnx(path)
+        preprocessing, recorded = onnx_metadata(path, proto)
         session = _onnx_session(path)
         data, data_from = choose_data(data, None, path)  # a damaged file is said first
         shape, size_from = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
@@ -257,6 +413,8 @@ def evaluate_file(
         preprocessing = {**(preprocessing or {}), "input_size": shape[2:]}  # the graph's sizes win
         dataset, spec = _split(data, preprocessing, shape, limit, size_from)
         log.info(describe_input(spec, size_from, normalisation_from, data_from))
+        batch = _onnx_batch(session, proto, path, shape, dataset, batch)
+        del proto
         top1, top5, images = _evaluate_onnx(session, path, dataset, batch, len(spec.classes))
         return Evaluation(str(path), "onnx", data, images, top1, top5)
     from vconvert.io.checkpoint import is_checkpoint, load_checkpoint
@@ -282,6 +440,7 @@ def evaluate_file(
     log.info(describe_input(spec, size_from, normalisation_from, data_from))
     _check_recorded_classes(recorded_classes, spec, path)
     image, _ = dataset[0]
+    batch = _model_batch(model.eval(), path, [1, *image.shape], dataset, batch)
     try:
         with torch.no_grad():
             check_class_count(model.eval()(image.unsqueeze(0)).shape[-1], len(spec.classes), "evaluate")

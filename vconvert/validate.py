@@ -18,6 +18,8 @@ MAX_SIDE = 4096  # pixels a side of an input image declared by a file
 MAX_CHANNELS = 64  # input channels of an image model
 MAX_BATCH = 65536  # the batch of a recorded example input (unused by vconvert beyond tracing)
 MAX_INT = 2**63 - 1  # integers read from a file fit in int64
+MAX_DEPTH = 32  # nesting of a mapping or list read from a file (vconvert writes at most ~8)
+NORMALISATION_LIMIT = 1e6  # |mean| ≤ this, std from 1/this to this: a normalisation float32 images can take
 
 
 def is_int(value: object) -> bool:
@@ -94,6 +96,42 @@ def check_input_shape(value: object, where: str, *, batch: bool = True) -> list[
     return [n, c, h, w]
 
 
+def check_normalisation(value: object, where: str, *, std: bool) -> float:
+    """A mean (``std`` False: |value| ≤ :data:`NORMALISATION_LIMIT`) or a std (from 1/limit to the limit):
+    bounds that float32 holds with room to spare, so that neither rounds to 0 or overflows when an image is
+    normalised (a std of 1e-320 is 0 in float32, a mean of 1e308 is infinite)."""
+    low, high = (1 / NORMALISATION_LIMIT, NORMALISATION_LIMIT) if std else (-NORMALISATION_LIMIT, NORMALISATION_LIMIT)
+    if not (is_number(value) and math.isfinite(value) and low <= value <= high):
+        raise BadInputError(
+            f"{where} must hold numbers from {low:g} to {high:g} (a normalisation float32 images can take), not "
+            f"{_show(value)}: the file is damaged."
+        )
+    return float(value)
+
+
+def check_plain(value: object, where: str, *, finite: bool = True, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse a JSON-like value read from a file (mappings, lists, scalars; tensors are leaves) that nests
+    deeper than ``max_depth`` (later stages walk it recursively: copying, writing, printing) or, with
+    ``finite``, holds a NaN or infinite float anywhere. Walked without recursion; the message names the
+    first key under ``where``."""
+    pending: list[tuple[object, int, str]] = [(value, 0, where)]
+    while pending:
+        item, depth, at = pending.pop()
+        if isinstance(item, (Mapping, list, tuple)):
+            if depth >= max_depth:
+                raise BadInputError(
+                    f"{at} nests deeper than {max_depth} levels (vconvert writes a few): the file is damaged."
+                )
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    name = f"{where}'s {_show(key)}" if depth == 0 else at  # the top-level field
+                    pending.extend([(key, depth + 1, name), (child, depth + 1, name)])
+            else:
+                pending.extend((child, depth + 1, at) for child in item)
+        elif finite and isinstance(item, float) and not math.isfinite(item):
+            raise BadInputError(f"{at} holds a {item!r} value: the file is damaged.")
+
+
 def check_image_size(value: object, where: str) -> list[int]:
     """Height and width, each from 1 to :data:`MAX_SIDE`."""
     return check_int_list(value, where, 2, 1, MAX_SIDE)
@@ -110,7 +148,7 @@ def check_preprocessing(value: object, where: str, channels: int | None = None) 
         items = data[key]
         if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= MAX_CHANNELS:
             raise BadInputError(f"{where}'s {key} must be a list of numbers, not {_show(items)}: the file is damaged.")
-        stats[key] = [check_float(item, f"{where}'s {key}", positive=key == "std") for item in items]
+        stats[key] = [check_normalisation(item, f"{where}'s {key}", std=key == "std") for item in items]
     if len(stats["mean"]) != len(stats["std"]) or (channels is not None and len(stats["mean"]) != channels):
         expected = f"{channels} (the model's input channels)" if channels is not None else "the same count"
         raise BadInputError(

@@ -252,3 +252,38 @@ def test_modes_on_resnet18(options: dict) -> None:
 def test_bad_mode_is_bad_input() -> None:
     with pytest.raises(BadInputError, match="mode must be one of"):
         compress(tvm.resnet18(weights=None), torch.randn(1, 3, 32, 32), mode="sparse")
+
+
+def _small_plan(**options: object) -> tuple[nn.Module, ConversionPlan]:
+    """A two-conv network and its compressed plan, one converted layer's options replaced by ``options``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    _, plan = compress(net, torch.randn(1, 3, 16, 16), convert_first=True, init="naive")
+    data = plan.to_dict()
+    layer = next(item for item in data["layers"] if item["decision"] == "converted")
+    layer["options"].update(options)
+    return net, ConversionPlan.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"secondary": 5_000_000, "mask_sharing": "shared"}, "secondary 5000000, more than its 16 output channels"),
+        ({"secondary": 2_000_000_000}, "secondary 2000000000, more than its 16 output channels"),
+        ({"mode": "channel", "channel_window": 4096, "secondary": 2}, "channel_window 4096, more than its"),
+    ],
+    ids=["shared-5e6", "per-filter-2e9", "channel-window"],
+)
+def test_apply_plan_refuses_options_beyond_the_convs_shape(options: dict, fragment: str) -> None:
+    net, plan = _small_plan(**options)
+    with pytest.raises(BadInputError, match=fragment):
+        apply_plan(net, plan)
+
+
+def test_apply_plan_sizes_its_layers_against_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, plan = _small_plan()
+    monkeypatch.setenv("VCONVERT_MEMORY_BUDGET", "0.000001")  # 1 KB: the layers take a few KB
+    with pytest.raises(BadInputError, match=r"^The checkpoint's plan \(\d versatile layers, the largest '\d'\) needs"):
+        apply_plan(net, plan)
+    monkeypatch.setenv("VCONVERT_MEMORY_BUDGET", "1")
+    assert sum(isinstance(m, VersatileConv2d) for m in apply_plan(net, plan).modules()) == len(plan.converted)

@@ -261,6 +261,29 @@ SkipOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.", metavar="")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.", metavar="")]
 
+
+def _apply_memory_budget(gb: float | None) -> float | None:
+    """Set the process's memory budget from --memory-budget (None: the default) as the command starts."""
+    from vconvert.io.budget import set_memory_budget
+
+    try:
+        set_memory_budget(gb)
+    except BadInputError as error:
+        raise typer.BadParameter(as_flags(str(error))) from None
+    return gb
+
+
+MemoryBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--memory-budget",
+        help="GB that a file may make vconvert allocate (shapes, plans, batches are sized first and refused "
+        "beyond it). Default: $VCONVERT_MEMORY_BUDGET, else half the RAM.",
+        callback=_apply_memory_budget,
+        metavar="GB",
+    ),
+]
+
 DataOpt = Annotated[
     str | None,
     typer.Option(

@@ -20,6 +20,7 @@ from vconvert.cli.common import (
     FileArg,
     JsonOpt,
     MaskSharingOpt,
+    MemoryBudgetOpt,
     MinParamsOpt,
     ModeOpt,
     SecondaryOpt,
@@ -115,6 +116,7 @@ def compress(
         str | None, typer.Option("--std", help="Per-channel input std, e.g. 0.229,0.224,0.225 (ImageNet's for RGB).")
     ] = None,
     as_json: JsonOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""

@@ -15,6 +15,7 @@ from vconvert.cli.common import (
     DataOpt,
     DebugOpt,
     JsonOpt,
+    MemoryBudgetOpt,
     TrustOpt,
     console,
     explained_errors,
@@ -36,6 +37,7 @@ def evaluate(
         str | None, typer.Option("--input-shape", help="N,C,H,W when the file records none.")
     ] = None,
     as_json: JsonOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Top-1/top-5 of a model file on the evaluation split, measured on the artifact itself."""

@@ -15,6 +15,7 @@ from rich.table import Table
 from vconvert.cli.common import (
     DebugOpt,
     JsonOpt,
+    MemoryBudgetOpt,
     TrustOpt,
     check_weight_bits,
     console,
@@ -149,6 +150,7 @@ def export(
     ] = None,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fold a converted model into plain convs, write ONNX and verify it in onnxruntime before reporting."""

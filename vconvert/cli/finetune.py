@@ -12,6 +12,7 @@ from vconvert.cli.common import (
     DataOpt,
     DebugOpt,
     JsonOpt,
+    MemoryBudgetOpt,
     TrustOpt,
     check_weight_bits,
     console,
@@ -149,6 +150,7 @@ def finetune(
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="Write TensorBoard logs here.")] = None,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a converted model with the original as teacher; writes OUTPUT, OUTPUT's .best.vc.pt

@@ -17,6 +17,7 @@ from vconvert.cli.common import (
     DebugOpt,
     InputShapeOpt,
     JsonOpt,
+    MemoryBudgetOpt,
     MinParamsOpt,
     ModeOpt,
     SecondaryOpt,
@@ -45,6 +46,7 @@ def inspect(
     min_params: MinParamsOpt = 0,
     skip: SkipOpt = None,
     as_json: JsonOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Per-layer table of a .vc.pt (sizes, ratio, fit error, mask density) or of a plain model's convs."""

@@ -227,11 +227,36 @@ class ConversionPlan:
         return rows
 
 
-def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
-    """Swap in (untrained) VersatileConv2d layers where ``plan`` converted a conv, by qualified name.
+def check_options_fit(conv: nn.Conv2d, options: dict, name: str) -> None:
+    """Refuse options that ask for more than the conv's shape allows (docs/ALGEBRA.md §1): a learned layer's
+    ``secondary`` slots beyond its output channels would hold no output (shared masks would still allocate
+    a row for each), a channel window beyond its input channels holds no channel."""
+    mode, secondary, window = options.get("mode"), options.get("secondary"), options.get("channel_window")
+    if mode == "learned" and isinstance(secondary, int) and secondary > conv.out_channels:
+        raise BadInputError(
+            f"The checkpoint's plan gives layer {name!r} secondary {secondary}, more than its {conv.out_channels} "
+            "output channels: the file is damaged."
+        )
+    if isinstance(window, int) and window > conv.in_channels:
+        raise BadInputError(
+            f"The checkpoint's plan gives layer {name!r} channel_window {window}, more than its {conv.in_channels} "
+            "input channels: the file is damaged."
+        )
 
-    Used to rebuild a converted model from its base before loading the converted state_dict.
-    """
+
+def layer_bytes(layer: nn.Module) -> int:
+    """Bytes of a layer's parameters and buffers (a layer on the meta device is sized without allocating)."""
+    tensors = [*layer.parameters(), *layer.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _planned_layers(model: nn.Module, plan: ConversionPlan) -> dict[str, tuple[nn.Conv2d, dict]]:
+    """Each converted conv of ``plan`` in ``model`` with its options, once they fit the conv and the layers
+    they ask for, built first on the meta device, fit the memory budget together."""
+    from vconvert.io.budget import check_allocation
+
+    planned: dict[str, tuple[nn.Conv2d, dict]] = {}
+    sizes: dict[str, int] = {}
     for decision in plan.converted:
         try:
             conv = model.get_submodule(decision.name)
@@ -241,14 +266,34 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
             ) from error
         if not isinstance(conv, nn.Conv2d):
             raise BadInputError(f"The checkpoint's plan names {decision.name!r}, which is not a Conv2d in the base.")
+        options = decision.options or {}
+        check_options_fit(conv, options, decision.name)
         try:
-            layer = VersatileConv2d.shaped_like(conv, **(decision.options or {}))
-        except (ValueError, TypeError) as error:
+            sizes[decision.name] = layer_bytes(VersatileConv2d.shaped_like(conv, device="meta", **options))
+        except (ValueError, TypeError, RuntimeError) as error:
             raise BadInputError(
                 f"The checkpoint's plan gives layer {decision.name!r} options it cannot take ({error}): the file is "
                 "damaged."
-            ) from error
-        model.set_submodule(decision.name, layer)
+            ) from None
+        planned[decision.name] = (conv, options)
+    if sizes:
+        largest = max(sizes, key=sizes.__getitem__)
+        check_allocation(
+            sum(sizes.values()),
+            f"The checkpoint's plan ({len(sizes)} versatile layers, the largest {largest!r})",
+        )
+    return planned
+
+
+def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
+    """Swap in (untrained) VersatileConv2d layers where ``plan`` converted a conv, by qualified name.
+
+    Used to rebuild a converted model from its base before loading the converted state_dict. Every layer
+    is checked against its conv and sized on the meta device (:func:`check_options_fit`, the memory budget)
+    before any is built.
+    """
+    for name, (conv, options) in _planned_layers(model, plan).items():
+        model.set_submodule(name, VersatileConv2d.shaped_like(conv, **options))
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from vconvert.errors import BadInputError, first_line
-from vconvert.export.pipeline import ExportReport, export
+from vconvert.export.pipeline import ExportReport, check_export_memory, export
 from vconvert.io.files import check_writable
 from vconvert.io.metadata import CheckpointMetadata
 
@@ -47,6 +47,28 @@ def load_verification_images(
     if len(images) < 4:
         return None, f"random normal inputs ({folder} holds fewer than 4 images)"
     return [images[:1], images], f"4 real images from {folder}"
+
+
+def check_calibration_memory(model: Any, source: str | Path, shape: Sequence[int], limit: int) -> None:
+    """Refuse (BadInputError) int8 calibration that does not fit the memory budget: the images are prepared
+    all at once (up to ``limit``; for digits the whole training split is resized first), and each
+    calibration batch runs through the model (its forward's peak sized on the meta device)."""
+    from vconvert.export.quantize import calibration_batch_size
+    from vconvert.io.budget import ForwardRejected, check_allocation, check_forward, tensor_bytes
+
+    image = [1, *(int(v) for v in shape[1:])]
+    count = limit
+    if str(source) == "digits":
+        from vconvert.data.datasets import digits_tensors
+
+        count += len(digits_tensors("train")[1])
+    size = "x".join(map(str, image[1:]))
+    check_allocation(count * tensor_bytes(image), f"Calibrating on {limit} images of {source} at {size}")
+    batch = [calibration_batch_size(shape), *image[1:]]
+    try:
+        check_forward(model, batch, f"Calibrating on batches of {batch[0]} images at {size}")
+    except ForwardRejected as error:
+        raise BadInputError(f"The model rejects calibration batches of shape {batch} ({error}).") from None
 
 
 def export_checkpoint(
@@ -87,6 +109,7 @@ def export_checkpoint(
     if not checkpoint.finetuned:
         log.info(f"{Path(path).name} is {NOT_FINETUNED}")
     shape = list(input_shape or checkpoint.metadata.input_shape)
+    check_export_memory(checkpoint.model, shape)  # before any image is read
     inputs, note = load_verification_images(checkpoint.metadata, shape)
     metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
     if checkpoint.metadata.preprocessing:
@@ -106,6 +129,7 @@ def export_checkpoint(
         line = describe_input(None, size_from, normalisation_from, data_from, shape=shape, preprocessing=recorded,
                               data=source)  # fmt: skip
         log.info(f"calibration {line}")
+        check_calibration_memory(checkpoint.model, source, shape, calib_images)
         calibration, calibration_note = calibration_images(
             source, shape, recorded, limit=calib_images, size_from=size_from
         )

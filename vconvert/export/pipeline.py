@@ -219,6 +219,24 @@ def _check_request(
     return layers
 
 
+VERIFY_BATCHES = (1, 4)  # the random verification batches; the tracing example has batch 2
+
+
+def check_export_memory(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """Refuse (BadInputError) an export whose largest batch (:data:`VERIFY_BATCHES`) does not fit the memory
+    budget: the images and the forward's peak, sized on the meta device (:func:`vconvert.io.budget.check_forward`),
+    stand for what each onnxruntime session holds; a shape the model refuses is said, never run."""
+    from vconvert.io.budget import ForwardRejected, check_forward
+
+    shape = [max(VERIFY_BATCHES), *(int(v) for v in input_shape[1:])]
+    try:
+        check_forward(model, shape, f"Exporting at input shape {list(input_shape)} (verification batch {shape})")
+    except ForwardRejected as error:
+        raise BadInputError(
+            f"The model rejects an input of shape {shape} ({error}): give `input_shape` the shape it takes."
+        ) from None
+
+
 def _example_and_inputs(input_shape: Sequence[int], inputs: Sequence[Tensor] | None) -> tuple[Tensor, Sequence[Tensor]]:
     """The tracing example (batch 2: torch.export specialises a size-1 axis to a constant, and the batch
     must stay dynamic) and the verification batches (random normal at batch 1 and 4 unless given)."""
@@ -226,7 +244,7 @@ def _example_and_inputs(input_shape: Sequence[int], inputs: Sequence[Tensor] | N
     example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
     if inputs is None:
         generator = torch.Generator().manual_seed(1)
-        inputs = [torch.randn(b, channels, height, width, generator=generator) for b in (1, 4)]
+        inputs = [torch.randn(b, channels, height, width, generator=generator) for b in VERIFY_BATCHES]
     return example, inputs
 
 
@@ -422,6 +440,7 @@ def export(
     steps = _Steps(progress)
     output = check_writable(output)
     layers = _check_request(model, input_shape, compact, ring, quantize, calibration, weight_bits)
+    check_export_memory(model, input_shape)
     quantized = quantize == "int8"
     bits = primary_bits(model, weight_bits) if quantized else None
     if bits is not None and needs_requantization(model, bits):

@@ -9,9 +9,13 @@ gives the default for a whole session, e.g. a CI run).
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from vconvert.errors import BadInputError
+from vconvert.errors import BadInputError, first_line
 
 DEFAULT_RAM_FRACTION = 0.5
 ENVIRONMENT_VARIABLE = "VCONVERT_MEMORY_BUDGET"
@@ -73,3 +77,130 @@ def check_allocation(size: float, what: str) -> None:
             "the file is damaged or hostile, or, if you trust it and the machine has the memory, raise "
             "`memory_budget` (GB)."
         )
+
+
+# --------------------------------------------------------------------------- sizing from shapes
+FLOAT_BYTES = 4  # every image tensor vconvert builds is float32
+
+
+def tensor_bytes(shape: Sequence[int], element_size: int = FLOAT_BYTES) -> int:
+    """Bytes of a dense tensor of ``shape`` (exact Python integers: no overflow for absurd shapes)."""
+    return math.prod(int(size) for size in shape) * element_size
+
+
+class ForwardRejected(Exception):
+    """The model's own forward refuses an input of the shape asked (a shape mismatch, not the budget); the
+    caller says which file and shape in its own sentence."""
+
+
+def meta_cannot_run(error: BaseException) -> bool:
+    """Whether ``error`` says an op cannot run on the meta device (it reads values: ``.item()``, ``.tolist()``,
+    a data-dependent size), as opposed to a shape the model refuses."""
+    return isinstance(error, NotImplementedError) or "meta" in str(error).lower()
+
+
+def _fresh_tensors(func: Any, outputs: Any) -> list[Any]:
+    """The tensors of ``outputs`` that ``func`` allocated (views and in-place results alias an input)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    schema = getattr(func, "_schema", None)
+    returns = schema.returns if schema is not None else []
+    if any(item.alias_info is not None for item in returns):
+        return []
+    return [leaf for leaf in tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+
+
+def _live_bytes_mode(held: int | None, what: str) -> Any:
+    """A dispatch mode that follows the bytes held by the tensors a forward allocates and frees (freed when
+    Python drops them, exactly as a real no-grad forward frees them) and records the peak. With ``held``
+    (a real forward; the bytes already held for its input), each op is first worked out on the meta device
+    and refused when ``held`` plus what is live plus its outputs exceed the budget; a shape the op refuses
+    there is raised as :class:`ForwardRejected` before it runs for real."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map_only
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = self.peak = 0
+            self.finalizers: list[weakref.finalize] = []
+
+        def _free(self, size: int) -> None:
+            self.live -= size
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if held is not None:
+                meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+                try:
+                    shaped = func(*meta_args, **meta_kwargs)
+                except Exception as error:  # an op that reads values: it runs unsized (a scalar, a small index)
+                    if not meta_cannot_run(error):
+                        raise ForwardRejected(first_line(error)) from None
+                else:
+                    size = sum(t.numel() * t.element_size() for t in _fresh_tensors(func, shaped))
+                    check_allocation(held + self.live + size, what)
+            outputs = func(*args, **kwargs)
+            for tensor in _fresh_tensors(func, outputs):
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.finalizers.append(weakref.finalize(tensor, self._free, size))
+            self.peak = max(self.peak, self.live)
+            return outputs
+
+        def __exit__(self, *exc: object) -> Any:
+            for finalizer in self.finalizers:
+                finalizer.detach()
+            return super().__exit__(*exc)
+
+    return LiveBytes()
+
+
+def forward_peak_bytes(model: Any, shape: Sequence[int]) -> int:
+    """Peak bytes of a no-grad forward of ``model`` (eval mode) on a float32 input of ``shape``, the input
+    included, worked out on the meta device (nothing allocated): each intermediate tensor counts from the op
+    that makes it until Python frees it. Raises what the forward raises there (see :func:`meta_cannot_run`)."""
+    import torch
+
+    meta = {name: tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    example = torch.empty(*shape, device="meta")
+    mode = _live_bytes_mode(None, "")
+    with torch.no_grad(), mode:
+        torch.func.functional_call(model, meta, (example,))
+    return tensor_bytes(shape) + mode.peak
+
+
+def check_forward(model: Any, shape: Sequence[int], what: str) -> None:
+    """Refuse (BadInputError, ``what`` starting the sentence) a forward of ``model`` on ``shape`` that needs
+    more than the budget: the input first, then the peak of the forward on the meta device. A forward the
+    meta device cannot run (it reads values) runs for real, each op sized on the meta device before it
+    allocates. A shape the model refuses raises :class:`ForwardRejected` and never runs for real."""
+    import torch
+
+    check_allocation(tensor_bytes(shape), what)
+    try:
+        check_allocation(forward_peak_bytes(model, shape), what)
+        return
+    except BadInputError:
+        raise
+    except Exception as error:  # the user's forward: whatever it raises on the meta device
+        if not meta_cannot_run(error):
+            raise ForwardRejected(first_line(error)) from None
+    try:
+        with torch.no_grad(), _live_bytes_mode(tensor_bytes(shape), what):
+            model(torch.zeros(*shape))
+    except (BadInputError, ForwardRejected):
+        raise
+    except Exception as error:  # whatever the user's model raises
+        raise ForwardRejected(first_line(error)) from None
+
+
+def largest_fitting_batch(per_batch: Callable[[int], int], batch: int) -> int:
+    """The largest of ``batch``, ``batch``/2, ... , 1 whose ``per_batch`` bytes fit the budget (1 when none
+    does: the caller then refuses at batch 1)."""
+    budget = memory_budget_bytes()
+    while batch > 1 and per_batch(batch) > budget:
+        batch //= 2
+    return max(1, batch)

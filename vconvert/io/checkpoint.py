@@ -183,24 +183,19 @@ def _check_index_ranges(model: nn.Module, path: Path) -> None:
 
 
 def _check_input_fits(model: nn.Module, input_shape: list[int], path: Path) -> None:
-    """The model accepts an input of the shape it was traced with (batch 1): run on the meta device, so only
-    shapes are worked out; a forward that cannot run there (a value read back in Python) runs for real."""
-    meta = {name: tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    """The model accepts an input of the shape it was traced with (batch 1) within the memory budget: the
+    input and the forward's peak are sized on the meta device, so only shapes are worked out; a forward that
+    cannot run there (a value read back in Python) runs for real, each op sized before it allocates. A shape
+    the model refuses (a channel mismatch) is refused without a real forward."""
+    from vconvert.io.budget import ForwardRejected, check_forward
+
+    shape = [1, *input_shape[1:]]
     try:
-        with torch.no_grad():
-            torch.func.functional_call(model, meta, (torch.empty(1, *input_shape[1:], device="meta"),))
-        return
-    except Exception:  # a shape mismatch, or a forward the meta device cannot run: ask the real one
-        pass
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape[1:]))
-    except Exception as error:  # whatever the user's model raises
-        reason = first_line(error)
+        check_forward(model, shape, f"A forward of {path}'s model on its recorded input shape {shape}")
+    except ForwardRejected as error:
         raise BadInputError(
-            f"{path}'s model rejects an input of its own recorded shape {[1, *input_shape[1:]]} ({reason}): the "
-            "file is damaged."
-        ) from error
+            f"{path}'s model rejects an input of its own recorded shape {shape} ({error}): the file is damaged."
+        ) from None
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:

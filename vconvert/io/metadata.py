@@ -12,7 +12,15 @@ from typing import Any
 from vconvert.data.datasets import DIGITS, DataSpec
 from vconvert.errors import BadInputError
 from vconvert.nn.quantize import QUANTIZERS
-from vconvert.validate import check_fields, check_input_shape, check_int, check_mapping, check_preprocessing, check_str
+from vconvert.validate import (
+    check_fields,
+    check_input_shape,
+    check_int,
+    check_mapping,
+    check_plain,
+    check_preprocessing,
+    check_str,
+)
 
 
 @dataclass
@@ -64,8 +72,12 @@ class CheckpointMetadata:
         """Checked metadata read from a file: ``input_shape`` (N,C,H,W within bounds, C = ``channels``, the
         model's input channels; ``default_shape``, the shape compress traced with, for files that record
         none), ``preprocessing`` (a mean and std per channel), ``bn_recalibration`` and ``data`` exactly as
-        vconvert writes them; the other fields as plain mappings or strings."""
+        vconvert writes them; the other fields as plain mappings or strings. Nothing may nest deeper than
+        :data:`~vconvert.validate.MAX_DEPTH` levels, and no float but the resume state's may be NaN or
+        infinite."""
         metadata = dict(check_mapping(value, where))
+        check_plain(metadata.get("finetune_state"), f"{where}'s finetune_state", finite=False)
+        check_plain({key: item for key, item in metadata.items() if key != "finetune_state"}, where)
         shape = metadata.pop("input_shape", None)
         shape = check_input_shape(shape if shape is not None else default_shape, f"{where}'s input_shape")
         if shape[1] != channels:
