@@ -630,10 +630,10 @@ def _skipped_clauses(skipped: Sequence[tuple[str, str]], max_pixels: int) -> lis
     """One clause per reason, in the order of the reasons: "N <what they are> (the first: <path>)"."""
     what = {
         UNDECODABLE: "file(s) that do not decode as images",
-        TOO_LARGE: f"image(s) of more than {max_pixels:,} pixels (the budget per image)",
-        NOT_REGULAR: "special file(s) (FIFOs, devices, sockets: never opened)",
-        OUTSIDE: "link(s) leading out of the data folder, nowhere or in a loop",
-        LINKED_FOLDER: "linked folder(s) (never followed)",
+        TOO_LARGE: f"image(s) over the budget of {max_pixels:,} pixels",
+        NOT_REGULAR: "special file(s) (FIFO, device, socket)",
+        OUTSIDE: "link(s) out of the data folder, dangling or looping",
+        LINKED_FOLDER: "linked folder(s), never followed",
     }
     clauses = []
     for reason, text in what.items():
