@@ -4,6 +4,7 @@ own), as plain text (rich markup in them is shown, not applied) and capped in le
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import warnings
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import converted_checkpoint, error_message, invoke
 
-from vconvert.cli.common import MESSAGE_LIMIT, info_lines, one_line_warnings
+from vconvert.cli.common import MESSAGE_LIMIT, SafeConsole, info_lines, one_line_warnings
 from vconvert.errors import SHOWN_LIMIT, VConvertWarning, shown
 
 EVIL = "\x1b[2J\nforged line\r\x9b31m[red]x[/red]"
@@ -142,3 +143,19 @@ def test_warnings_and_info_lines_are_one_escaped_line(capsys: pytest.CaptureFixt
         "warning: images in /data\\x1b[2J\\nforged line\\r\\x9b31m[red]x[/red] were skipped",
         "reading /data\\x1b[2J\\nforged line\\r\\x9b31m[red]x[/red]",
     ]
+
+
+def test_the_consoles_escape_control_characters_a_command_forgot() -> None:
+    """The safety net under every command's output: text with ESC or CSI comes out escaped, while rich's own
+    styles and cursor moves (a progress bar's) still reach the terminal."""
+    from rich.progress import Progress
+
+    out = io.StringIO()
+    terminal = SafeConsole(file=out, width=80, force_terminal=True)
+    terminal.print("from /data\x1b[2J\x9b31m [bold]styled[/]", highlight=False)
+    with Progress(console=terminal, transient=True) as progress:
+        progress.add_task("layer\x1b]0;title\x07", total=1)
+    text = out.getvalue()
+    assert "/data\\x1b[2J\\x9b31m" in text and "layer\\x1b]0;title" in text
+    assert "\x1b[1mstyled\x1b[0m" in text and "\x1b[2K" in text  # rich's own codes pass
+    assert "\x1b[2J" not in text.replace("\\x1b[2J", "") and "\x9b" not in text

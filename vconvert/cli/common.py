@@ -8,20 +8,38 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.segment import Segment
 from rich.text import Text
 
 from vconvert.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from vconvert.errors import BadInputError, VConvertError, VConvertWarning, shown
 
-console = Console()
-error_console = Console(stderr=True)
+_RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+class SafeConsole(Console):
+    """A rich Console that never writes a control character that is part of the text it prints: one a command
+    did not pass through :func:`shown` (ESC, CSI, ...) comes out escaped. The escape codes rich itself writes
+    (styles, cursor moves of progress bars) are not text and pass unchanged."""
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(
+            Segment(_RAW_CONTROL.sub(lambda m: shown(m.group()), text), style, control)
+            if not control and _RAW_CONTROL.search(text)
+            else Segment(text, style, control)
+            for text, style, control in buffer
+        )
+
+
+console = SafeConsole()
+error_console = SafeConsole(stderr=True)
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 4, 4096
 F = TypeVar("F", bound=Callable)
 
