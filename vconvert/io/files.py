@@ -68,7 +68,8 @@ def remove_stale_temps(path: Path, before: float) -> list[Path]:
                 continue
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_mtime < before:
+                own = not hasattr(os, "getuid") or info.st_uid == os.getuid()  # no owners on Windows
+                if stat.S_ISREG(info.st_mode) and own and info.st_mtime < before:
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
