@@ -20,6 +20,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from vconvert import VersatileConv2d, fold_model
+from vconvert import load as vconvert_load
 from vconvert.convert.compress import compress
 from vconvert.convert.report import count_macs, model_stored_bits
 from vconvert.errors import BadInputError, CheckFailedError
@@ -374,3 +375,28 @@ def test_parity_failure_says_how_much_and_writes_nothing(tmp_path: Path) -> None
         export(model, output, input_shape=[1, 3, 16, 16])
     assert "\n" not in str(caught.value)
     assert list(tmp_path.iterdir()) == [], "no file under the requested name, no temp file"
+
+
+def test_value_dependent_control_flow_falls_back_to_the_tracer_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import invoke, write_user_package
+
+    body = "y = self.b(self.a(x)).mean((2, 3)); return y if x.mean() > -10 else -y"
+    tiny_net = write_user_package(tmp_path, monkeypatch, "branchpkg", body)
+    torch.manual_seed(0)
+    torch.save(tiny_net().eval(), tmp_path / "tiny.pt")
+    checkpoint = tmp_path / "tiny.vc.pt"
+    compressed = invoke("compress", tmp_path / "tiny.pt", "--input-shape", "1,3,8,8", "-o", checkpoint, "--trust")
+    assert compressed.exit_code == 0, compressed.stderr
+    output = tmp_path / "tiny.onnx"
+    result = invoke("export", checkpoint, "-o", output, "--trust")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "TorchScript tracer" in warnings[0] and "branch" in warnings[0], result.stderr
+    assert "GraphModule" not in result.output + result.stderr  # no exporter dump
+    session = ort_session(output)
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_model(vconvert_load(checkpoint, trust=True))
+    expected = folded(x).detach().numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -15,11 +16,15 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from vconvert.errors import BadInputError, first_line
+from vconvert.errors import BadInputError, VConvertWarning, first_line
 
 OPSET = 18
 TWO_GB = 2**31 - 2**20  # protobuf's limit, with some room for the graph itself
 INPUT_NAME = "input"
+
+
+class TracedExportWarning(VConvertWarning):
+    """torch.export could not capture the model, so it was exported with the TorchScript tracer."""
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -45,10 +50,8 @@ def to_onnx(
         outputs = output_tensors(module(example))
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
+        with _exporter_quiet():
             program = torch.onnx.export(
                 module,
                 (example,),
@@ -61,15 +64,84 @@ def to_onnx(
                 verbose=False,
             )
     except Exception as error:
-        raise BadInputError(
-            f"torch.onnx could not export the folded model ({type(error).__name__}: {first_line(error, 200)}); "
-            "rerun with `debug=True` for the exporter's report."
-        ) from error
-    if program is None:
-        raise BadInputError("torch.onnx returned no program for the folded model.")
-    model = program.model_proto
+        model = _traced_fallback(module, example, output_names, dynamic_batch, error)
+    else:
+        if program is None:
+            raise BadInputError("torch.onnx returned no program for the folded model.")
+        model = program.model_proto
     strip_export_traces(model)
     return model
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Keep the exporters' own output (graph dumps, reports, log lines, warnings) off the terminal: vconvert
+    says in one sentence what happened (the full report with `debug=True`, as a traceback)."""
+    sink = io.StringIO()
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _traced_fallback(
+    module: nn.Module, example: Tensor, output_names: list[str], dynamic_batch: bool, cause: BaseException
+) -> onnx.ModelProto:
+    """Export with torch.onnx's TorchScript tracer when torch.export cannot capture the model (e.g. its forward
+    branches on a tensor's value): the tracer records the path the example input takes, so a one-line warning
+    says so; the parity check that follows runs on that path. Refused with the first error if the tracer fails too."""
+    reason = _export_failure(cause)
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")
+            logging.disable(logging.CRITICAL)
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=output_names,
+                dynamic_axes=axes,
+            )
+    except Exception:
+        raise BadInputError(
+            f"torch.onnx could not export the folded model ({reason}); rerun with `debug=True` for the exporter's "
+            "report."
+        ) from cause
+    finally:
+        logging.disable(logging.NOTSET)
+    branched = any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+    what = (
+        "records only the branch the example input took (the forward depends on tensor values, e.g. `if x.mean() > 0`)"
+        if branched
+        else "records the operations the example input ran"
+    )
+    warnings.warn(  # stacklevel 1: one place, so the original's export for the before/after table does not repeat it
+        f"torch.export could not capture the model ({_root_cause(cause).__class__.__name__}): exported with the "
+        f"TorchScript tracer instead, which {what}; parity with PyTorch is checked as usual.",
+        TracedExportWarning,
+        stacklevel=1,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _export_failure(error: BaseException) -> str:
+    """The root cause of an exporter failure in a few words (the innermost error's first line)."""
+    root = _root_cause(error)
+    return f"{type(root).__name__}: {first_line(root, 120)}"
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
