@@ -179,6 +179,13 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:  # an entry gone or unreadable since it was listed: nothing to follow
+        return False
+
+
 def _entry_problem(entry: os.DirEntry, data_root: str) -> str | None:
     """Why a folder entry (not a real folder) is not read: None for a regular file or a link leading to a
     regular file inside ``data_root``; else NOT_REGULAR, OUTSIDE (also a dangling link or a loop of links)
@@ -226,7 +233,7 @@ def scan_images(folder: str, data_root: str) -> tuple[list[str], list[tuple[str,
                 pending.append(entry.path)
                 continue
             named = entry.name.lower().endswith(IMAGE_EXTENSIONS)
-            if not named and not entry.is_symlink():
+            if not named and not _is_link(entry):
                 continue
             problem = _entry_problem(entry, data_root)
             if problem is None and named:
@@ -260,7 +267,7 @@ def class_folders(folder: Path | str) -> list[str]:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             names.append(entry.name)
-        elif entry.is_symlink() and os.path.isdir(entry.path):
+        elif _is_link(entry) and os.path.isdir(entry.path):
             raise _linked_folder_error(entry.name, folder, "Class folder")
     return sorted(names)
 
