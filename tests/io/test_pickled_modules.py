@@ -240,3 +240,14 @@ def test_a_class_defined_in_the_saving_script_is_explained_in_one_sentence(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "defined in the script that saved it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "finetune"])
+def test_an_onnx_file_given_for_a_checkpoint_says_so(command: str, tmp_path: Path) -> None:
+    from conftest import assert_one_sentence_error, invoke
+
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07\x12\x07pytorch")  # the start of a serialised ModelProto
+    result = invoke(command, onnx_file, *([] if command == "inspect" else ["-o", tmp_path / f"out.{command}"]))
+    assert_one_sentence_error(result, 2, "looks like an ONNX file", ".vc.pt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]

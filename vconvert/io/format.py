@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vconvert.errors import BadInputError, first_line
+from vconvert.errors import BadInputError, first_line, shown
 from vconvert.io.files import atomic_save
 from vconvert.io.untrusted import _check_input_file, _file_kind
 
@@ -63,7 +63,7 @@ def write_checkpoint(path: str | Path, payload: dict) -> None:
 def read_checkpoint(path: str | Path) -> dict:
     """Read a ``.vc.pt`` with ``torch.load(weights_only=True)`` and check its format."""
     path = _check_input_file(path, "Checkpoint")
-    label = f"Checkpoint {str(path)!r}"
+    label = f"Checkpoint '{shown(path)}'"
     _file_kind(path, label)
     try:
         with warnings.catch_warnings():  # a sparse tensor is refused later as a weight: no warning first
@@ -87,9 +87,9 @@ def read_checkpoint(path: str | Path) -> dict:
                 f"{label} is in format {found!r} but this vconvert reads {CHECKPOINT_FORMAT!r}: use the vconvert "
                 "version that wrote it, or re-create it with vconvert compress."
             )
-        shown = repr(found) if isinstance(found, str) and len(found) < 80 else f"a {type(found).__name__}"
+        described = f"'{shown(found, 80)}'" if isinstance(found, str) else f"a {type(found).__name__}"
         raise BadInputError(
-            f"{label} is not a vconvert checkpoint (format {shown}): create one with vconvert compress."
+            f"{label} is not a vconvert checkpoint (format {described}): create one with vconvert compress."
         )
     versions = data.get("versions")
     if not all(isinstance(key, str) for key in data) or not (

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from vconvert.errors import BadInputError, UntrustedCodeError, first_line
+from vconvert.errors import BadInputError, UntrustedCodeError, first_line, shown
 from vconvert.io.budget import check_allocation
 from vconvert.io.pickled_modules import MODULE_PACKAGES, RefusedPickle, allowed_global, load_pickled_modules
 
@@ -134,7 +134,7 @@ def _split_arch(spec: str, label: str = "`arch`") -> tuple[str, str]:
     spec = spec.strip()
     if not _ARCH_PATTERN.match(spec) or ("." not in spec and ":" not in spec):
         raise BadInputError(
-            f"{label} {spec!r} is not of the form package.module:function (e.g. torchvision.models:resnet18)."
+            f"{label} '{shown(spec)}' is not of the form package.module:function (e.g. torchvision.models:resnet18)."
         )
     if ":" in spec:
         module_name, attribute = spec.split(":", 1)
@@ -251,7 +251,9 @@ def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
     if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
         return None
     if isinstance(value, str):
-        return f"{where or 'a value'} = {value!r} looks like a path or URL" if _looks_like_path(value) else None
+        return (
+            f"{where or 'a value'} = '{shown(value, 80)}' looks like a path or URL" if _looks_like_path(value) else None
+        )
     if isinstance(value, list):
         return next((p for i, v in enumerate(value) if (p := _file_kwargs_problem(v, f"{where}[{i}]"))), None)
     if isinstance(value, dict):
@@ -259,7 +261,7 @@ def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
             if not isinstance(key, str):
                 return f"{where or 'a key'} is not a string"
             if key in FILE_ARCH_REFUSED_KWARGS:
-                return f"{key!r} loads weights or reaches the network"
+                return f"'{shown(key, 80)}' loads weights or reaches the network"
             if problem := _file_kwargs_problem(item, f"{where}.{key}" if where else key):
                 return problem
         return None
@@ -268,8 +270,8 @@ def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
 
 def _untrusted_arch(spec: str, where: str, why: str) -> UntrustedCodeError:
     return UntrustedCodeError(
-        f"The architecture {spec!r}{where} {why}, so building it would run code chosen by that file: pass `trust=True` "
-        "if you trust the file (you do if you compressed it yourself with that `arch`)."
+        f"The architecture '{shown(spec)}'{where} {why}, so building it would run code chosen by that file: pass "
+        "`trust=True` if you trust the file (you do if you compressed it yourself with that `arch`)."
     )
 
 
@@ -291,7 +293,7 @@ def resolve_arch(
     that file in messages. Import failures, a missing attribute or an object that is not callable
     raise :class:`BadInputError`.
     """
-    where = f" recorded in {origin}" if origin else ""
+    where = f" recorded in {shown(origin)}" if origin else ""
     label = "`arch`" if typed_by_user else "The arch"
     module_name, attribute = _split_arch(spec, label)
     if not typed_by_user and not trust:
@@ -305,20 +307,21 @@ def resolve_arch(
         module = _import_from_here_too(module_name)
     except Exception as error:
         raise BadInputError(
-            f"{label} {spec!r}{where} does not import ({type(error).__name__}: {error}): check the spelling, that "
-            "the package is installed, or run vconvert in the folder that holds the module."
+            f"{label} '{shown(spec)}'{where} does not import ({type(error).__name__}: {first_line(error)}): check the "
+            "spelling, that the package is installed, or run vconvert in the folder that holds the module."
         ) from error
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
             raise BadInputError(
-                f"{label} {spec!r}{where}: module {module_name!r} has no attribute {attribute!r}; "
+                f"{label} '{shown(spec)}'{where}: module '{shown(module_name)}' has no attribute '{shown(attribute)}'; "
                 "check the function name."
             )
         obj = getattr(obj, part)
     if not callable(obj):
         raise BadInputError(
-            f"{label} {spec!r}{where} names a {type(obj).__name__}, not a function or class that builds an nn.Module."
+            f"{label} '{shown(spec)}'{where} names a {type(obj).__name__}, not a function or class that builds an "
+            "nn.Module."
         )
     return obj
 
@@ -407,12 +410,12 @@ def _build_arch(
         model = builder(**kwargs)
     except Exception as error:
         raise BadInputError(
-            f"Building `arch` {spec!r} with `arch_kwargs` {dict(kwargs)!r} failed ({type(error).__name__}: "
-            f"{error}): check the arguments the function accepts."
+            f"Building `arch` '{shown(spec)}' with `arch_kwargs` {shown(dict(kwargs))} failed ({type(error).__name__}: "
+            f"{first_line(error)}): check the arguments the function accepts."
         ) from error
     if not isinstance(model, nn.Module):
         raise BadInputError(
-            f"`arch` {spec!r} returned a {type(model).__name__}, not an nn.Module: name a model builder."
+            f"`arch` '{shown(spec)}' returned a {type(model).__name__}, not an nn.Module: name a model builder."
         )
     return model
 
@@ -422,22 +425,22 @@ def _check_input_file(path: str | Path, what: str = "Model file") -> Path:
     """The path as a Path if it is an existing, non-empty regular file, else BadInputError."""
     path = Path(path)
     if not path.exists():
-        raise BadInputError(f"{what} {str(path)!r} does not exist: check the path.")
+        raise BadInputError(f"{what} '{shown(path)}' does not exist: check the path.")
     if path.is_dir():
-        raise BadInputError(f"{what} {str(path)!r} is a directory, not a file: give the path of the file itself.")
+        raise BadInputError(f"{what} '{shown(path)}' is a directory, not a file: give the path of the file itself.")
     try:
         status = path.stat()
     except OSError as error:
         raise BadInputError(
-            f"{what} {str(path)!r} cannot be read ({error.strerror}): check its permissions."
+            f"{what} '{shown(path)}' cannot be read ({error.strerror}): check its permissions."
         ) from error
     if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
-        raise BadInputError(f"{what} {str(path)!r} is not a regular file (a pipe or device): give a saved file.")
+        raise BadInputError(f"{what} '{shown(path)}' is not a regular file (a pipe or device): give a saved file.")
     size = status.st_size
     if size == 0:
-        raise BadInputError(f"{what} {str(path)!r} is empty: it was probably not written completely, save it again.")
+        raise BadInputError(f"{what} '{shown(path)}' is empty: it was probably not written completely, save it again.")
     if not os.access(path, os.R_OK):
-        raise BadInputError(f"{what} {str(path)!r} is not readable: check its permissions.")
+        raise BadInputError(f"{what} '{shown(path)}' is not readable: check its permissions.")
     return path
 
 
@@ -503,6 +506,11 @@ def _file_kind(source: Path | bytes, label: str) -> TorchFile:
             return TorchFile("zip", storages)
     if head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC[2:]:  # the pre-1.6 torch.save format
         return TorchFile("legacy")
+    if head[:1] == b"\x08" or (isinstance(source, Path) and source.suffix.lower() == ".onnx"):  # ModelProto field 1
+        raise BadInputError(
+            f"{label} looks like an ONNX file, not a PyTorch file: pass the .vc.pt (or the PyTorch model) it was "
+            "exported from; vconvert evaluate takes ONNX files."
+        )
     raise BadInputError(f"{label} is not a PyTorch file (torch.save writes a zip archive): check the path.")
 
 
@@ -624,8 +632,9 @@ def _load_torch_file(source: Path | bytes, label: str, *, trust: bool) -> Any:
     packages = _module_packages()
     refused = [name for name in dict.fromkeys(needed) if allowed_global(name, packages) is None]
     if refused and not trust:
-        shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
-        raise UntrustedCodeError(_untrusted_message(label, f"uses {shown}"))
+        names = ", ".join(shown(name, 80) for name in refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise UntrustedCodeError(_untrusted_message(label, f"uses {names}{more}"))
     if refused or (container.kind == "legacy" and needed):
         if not trust:  # a legacy file's modules carry source code that cannot be read without running it
             raise UntrustedCodeError(_untrusted_message(label, "is a pickled model in the pre-1.6 torch.save format"))
@@ -749,7 +758,7 @@ def load_model(
     libraries load with ``weights_only=True``; anything else needs ``trust=True``.
     """
     path = _check_input_file(path)
-    label = f"Model file {str(path)!r}"
+    label = f"Model file '{shown(path)}'"
     if arch is not None:
         kwargs = dict(arch_kwargs or {})
         model = _build_arch(arch, kwargs, trust=trust, typed_by_user=True, origin=None)
@@ -790,7 +799,7 @@ def build_base(spec: BaseSpec, *, trust: bool = False, origin: str | None = None
         return model.eval()
     if spec.pickled is None:
         raise BadInputError("The checkpoint's base-model spec has neither an arch nor a pickled model: re-create it.")
-    label = f"The pickled base model stored in the checkpoint (from {origin!r})"
+    label = f"The pickled base model stored in the checkpoint (from '{shown(origin)}')"
     obj = _load_torch_file(spec.pickled, label, trust=trust)
     model = _extract_module(obj)
     if model is None:
