@@ -231,3 +231,17 @@ def test_finetune_resume_may_name_its_output_as_input(tiny_checkpoint: Path, tmp
     result = CliRunner().invoke(app, ["finetune", str(source), "-o", str(source), "--resume", "--data", "digits"])
     assert result.exit_code == 2, result.output + result.stderr
     assert "holds no fine-tuning state" in error_message(result)
+
+
+def test_each_vconvert_warning_shows_once_even_when_a_library_resets_the_filters(capsys) -> None:
+    import warnings
+
+    from vconvert.cli.common import one_line_warnings
+    from vconvert.errors import VConvertWarning
+
+    with one_line_warnings():
+        for _ in range(3):
+            with warnings.catch_warnings():  # what onnxruntime, torch.onnx and Pillow wrappers do
+                pass
+            warnings.warn("the images are upsampled 4x", VConvertWarning, stacklevel=1)
+    assert capsys.readouterr().err.count("the images are upsampled 4x") == 1

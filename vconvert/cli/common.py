@@ -76,10 +76,13 @@ def one_line_warnings() -> Iterator[None]:
     """Show each VConvertWarning (once) as one "warning:" line on stderr; other warnings as Python does."""
     with warnings.catch_warnings():
         show_other = warnings.showwarning
+        already_shown: set[str] = set()  # Python's own "once" forgets whenever a library changes the filters
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
             if issubclass(category, VConvertWarning):
-                error_console.print(labelled("warning:", "bold yellow", str(message)), soft_wrap=True)
+                if str(message) not in already_shown:
+                    already_shown.add(str(message))
+                    error_console.print(labelled("warning:", "bold yellow", str(message)), soft_wrap=True)
             else:  # other libraries' warnings as Python shows them, their message escaped when it must be
                 text = shown(message, MESSAGE_LIMIT, tail=MESSAGE_TAIL)
                 show_other(message if text == str(message) else text, category, filename, lineno, file, line)
