@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import socket_guard
 
 from vconvert.io.metadata import CheckpointMetadata
+
+socket_guard.install()  # no stage may reach another machine (issue 27); loopback (torchrun, gloo) still works
+
+
+@pytest.fixture(autouse=True)
+def no_network() -> Iterator[None]:
+    """Fail the test if anything tried to reach a non-loopback address, even if the code swallowed the
+    SocketGuardError it got (subprocesses: ``socket_guard.child_environment``)."""
+    socket_guard.take_attempts()
+    yield
+    attempts = socket_guard.take_attempts()
+    assert not attempts, "the test tried to reach the network:\n" + "\n".join(attempts)
 
 
 def error_message(result) -> str:
