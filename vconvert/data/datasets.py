@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vconvert.errors import BadInputError, VConvertWarning
+from vconvert.errors import BadInputError, VConvertWarning, shown
 
 IMAGE_CHANNELS = (1, 3)  # what an image folder can feed: grey or RGB
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -66,10 +66,8 @@ class _TooManyPixels(BadInputError):
 
 
 def printable(text: object) -> str:
-    """``text`` with each non-printable character (control characters such as ESC or a line break,
-    bidirectional overrides, undecodable bytes of a file name) written as its Python escape, so that a
-    name read from a folder prints as one line of plain text."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    """``text`` (a name read from a folder) as one line of plain text: :func:`vconvert.errors.shown`, uncut."""
+    return shown(text, limit=None)
 
 
 def _open_regular(path: str) -> BinaryIO:
@@ -582,9 +580,9 @@ def _split_folder(root: Path, train: bool) -> Path:
         if folder is not None:
             return folder
     wanted = "train/" if train else "val/ or test/"
-    shown = printable(root)
+    root_text = printable(root)
     raise BadInputError(
-        f"Data folder {shown} has no {wanted} subfolder; lay it out as {shown}/{wanted}<class>/<image>."
+        f"Data folder {root_text} has no {wanted} subfolder; lay it out as {root_text}/{wanted}<class>/<image>."
     )
 
 
