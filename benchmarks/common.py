@@ -136,6 +136,38 @@ def cpu_model() -> str:
     return "unknown"
 
 
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> dict[str, Any]:
+    """This CPU's model, which of :data:`INT8_CPU_FLAGS` it has (/proc/cpuinfo), and how onnxruntime adds its
+    u8 x s8 products: exactly in int32 (VNNI, AMX, not x86) or in saturating int16 pairs (x86 without them, where
+    8-bit weights can lose accuracy: vconvert.export.saturation). Recorded in every results file."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    machine = platform.machine().lower()
+    exact = machine not in ("x86_64", "amd64", "i386", "i686") or bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    return {
+        "model": cpu_model(),
+        "machine": machine,
+        "flags": [flag for flag in INT8_CPU_FLAGS if flag in flags],
+        "int8_kernels": "exact int32 (VNNI/AMX or not x86)" if exact else "saturating int16 pairs (x86 without VNNI)",
+    }
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its int8-relevant flags, for Markdown results."""
+    info = cpu_flags()
+    return (
+        f"CPU: {info['model']} ({info['machine']}; {', '.join(info['flags']) or 'no listed flags'}; int8 kernels: "
+        f"{info['int8_kernels']})."
+    )
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15-minute load averages (other jobs on the machine skew wall times)."""
     return list(os.getloadavg())
@@ -143,14 +175,19 @@ def load_average() -> list[float]:
 
 # ---------------------------------------------------------------- writing results
 def write_json(path: Path, data: Any) -> None:
-    """``data`` as indented JSON at ``path`` (its folder made if missing)."""
+    """``data`` as indented JSON at ``path`` (its folder made if missing); a dict gains ``cpu_flags``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, dict) and "cpu_flags" not in data:  # every results file says which CPU measured it
+        data = {**data, "cpu_flags": cpu_flags()}
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_markdown(path: Path, lines: Sequence[str]) -> None:
-    """``lines`` as a Markdown file at ``path`` (its folder made if missing)."""
+    """``lines`` as a Markdown file at ``path`` (its folder made if missing), ending with :func:`cpu_line`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    lines = list(lines)
+    if not any(line.startswith("CPU: ") for line in lines):  # every results file says which CPU measured it
+        lines += ["", cpu_line()]
     path.write_text("\n".join(lines) + "\n")
 
 

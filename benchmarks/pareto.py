@@ -29,6 +29,10 @@ pick the same top-1 class: what the runtime's rounding leaves, next to what the 
     python benchmarks/pareto.py --quick                 # 2,000 training images, 2 epochs, 10,000 test images
     python benchmarks/pareto.py [--work DIR]            # 50,000 images, 15 epochs, 10,000 test images (hours on CPU)
            [--rows a,b] [--epochs E] [--train-limit N] [--eval-limit N] [--precision P] [--train-only]
+           [--int8-target any|vnni]
+
+Every int8 file (vconvert's, the INT8 PTQ and QAT peers alike) is written for ``--int8-target`` (default any:
+7-bit weights, exact on x86 CPUs without VNNI too; vnni: 8-bit weights, the tables before issue 28).
 
 ``--work DIR`` keeps the compressed and fine-tuned files there (git-ignored ``cache/`` is a good place):
 a second run with the same ``--work`` reuses every fine-tuned file whose recorded options match, so the
@@ -278,15 +282,17 @@ def quantization_aware_peer(recipe: dict[str, Any], budget: Budget, args: argpar
 
 
 def export_quantization_aware(trained: Path, output: Path, images: torch.Tensor, bits: int,
-                              min_agreement: float = 0.9) -> dict[str, Any]:  # fmt: skip
-    """A quantization-aware peer exported like ``vconvert export --quantize int8 --compact`` at its bit width;
-    returns what the export checked."""
+                              min_agreement: float = 0.9, int8_target: str = "any") -> dict[str, Any]:  # fmt: skip
+    """A quantization-aware peer exported like ``vconvert export --quantize int8 --compact --int8-target T`` at its
+    bit width; returns what the export checked."""
     from vconvert.export.pipeline import export as export_model
+    from vconvert.export.quantize import default_int8_target
 
     model = torch.load(trained, weights_only=False).eval()  # our own fine-tuned module, written by this script
-    report = export_model(model, output, input_shape=INPUT_SHAPE, measure=False, metadata=_preprocessing_metadata(),
-                          quantize="int8", compact=True, weight_bits=bits, calibration=list(images.split(32)),
-                          min_agreement=min_agreement)  # fmt: skip
+    with default_int8_target(int8_target):
+        report = export_model(model, output, input_shape=INPUT_SHAPE, measure=False,
+                              metadata=_preprocessing_metadata(), quantize="int8", compact=True, weight_bits=bits,
+                              calibration=list(images.split(32)), min_agreement=min_agreement)  # fmt: skip
     return report.quantization or {}
 
 
@@ -307,13 +313,15 @@ class ImageReader:
         return None if batch is None else {self.input_name: batch.numpy()}
 
 
-def int8_ptq(fp32: Path, output: Path, images: torch.Tensor) -> None:
-    """onnxruntime ``quantize_static``: QDQ, per-channel symmetric int8 weights, uint8 activations (MinMax)."""
+def int8_ptq(fp32: Path, output: Path, images: torch.Tensor, int8_target: str = "any") -> None:
+    """onnxruntime ``quantize_static``: QDQ, per-channel symmetric int8 weights, uint8 activations (MinMax); 7-bit
+    weights (``reduce_range``) for ``int8_target`` any, as vconvert's own int8 files (like with like)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     reader = type("Reader", (ImageReader, CalibrationDataReader), {})(images)
     quantize_static(str(fp32), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=int8_target == "any")  # fmt: skip
 
 
 def weight_only_int4(fp32: Path, output: Path) -> None:
@@ -385,7 +393,9 @@ def write(record: dict[str, Any], stem: Path) -> None:
         f"{record['epochs']} fine-tuning epochs on {record['train_images']} training images (batch "
         f"{record['batch_size']}, lr {record['lr']}, {record['precision']}, seed {record['seed']}); top-1 of each "
         f"ONNX file in onnxruntime on {record['eval_images']} test images; {record['calibration_images']} "
-        f"calibration images for INT8; latency measured side by side at the end on {record['device']}.",
+        f"calibration images for INT8, every int8 file written for --int8-target {record.get('int8_target', 'vnni')} "
+        f"({'7-bit weights, exact on every CPU' if record.get('int8_target') == 'any' else '8-bit weights'}); "
+        f"latency measured side by side at the end on {record['device']}.",
         "",
         "| artifact | method | bits | file bytes | file / fp32 | top-1 | Δ vs dense | latency b1 / fp32 | "
         "latency b64 / fp32 | MACs | epochs |",
@@ -507,6 +517,8 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--train-only", action="store_true", help="stop after fine-tuning (fill --work)")
     parser.add_argument("--output", type=Path, help="results stem (default pareto_cifar10[_quick])")
+    parser.add_argument("--int8-target", default="any", choices=("any", "vnni"),
+                        help="every int8 file: any (7-bit weights, exact on every CPU) or vnni (8-bit)")  # fmt: skip
     args = parser.parse_args()
     quick = args.quick
     budget = Budget(args.epochs or (2 if quick else 15), args.train_limit or (2000 if quick else None),
@@ -540,6 +552,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         "lr": budget.lr,
         "precision": budget.precision,
         "seed": budget.seed,
+        "int8_target": args.int8_target,
         "device": common.device_name(),
         "machine": {"platform": platform.platform(), **common.versions("python", "torch", "onnxruntime", "onnx"),
                     "load_average_start": common.load_average()},
@@ -566,9 +579,9 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         checked: dict[str, Any] = {}  # what an int8 export checked (vconvert's rows and the QAT peers)
         if row.method == "versatile":
             try:
+                int8 = ["--calib-data", str(args.cifar / "train"), "--int8-target", args.int8_target]
                 exported, _ = run("export", str(source), "-o", str(path), *row.export,
-                                  *(["--calib-data", str(args.cifar / "train")] if "--quantize" in row.export else []),
-                                  "--no-compare")  # fmt: skip
+                                  *(int8 if "--quantize" in row.export else []), "--no-compare")  # fmt: skip
                 checked = exported.get("quantization") or {}
             except RuntimeError as error:  # a refused export is a result too: recorded, the run goes on
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
@@ -576,13 +589,13 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
                 continue
         elif row.method == "qat" or (row.train and "quantize" in TRAININGS[row.train]):
             try:
-                checked = export_quantization_aware(source, path, images, row.bits)
+                checked = export_quantization_aware(source, path, images, row.bits, int8_target=args.int8_target)
             except VConvertError as error:  # a refused export is a result too
                 record.setdefault("failed", []).append({"artifact": row.name, "error": str(error)[-600:]})
                 print(f"{row.name}: export refused", flush=True)
                 continue
         elif row.int8:
-            int8_ptq(source, path, images)
+            int8_ptq(source, path, images, args.int8_target)
         elif row.method == "w4":
             weight_only_int4(source, path)
         else:
@@ -599,7 +612,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         if checked:
             record["rows"][-1]["export_checks"] = {key: checked.get(key) for key in (
                 "weight_bits", "top1_agreement", "agreement_images", "compact_equals_dense", "converted_as_qlinear",
-                "float_conv", "weights_equal_fake_quantised")}  # fmt: skip
+                "float_conv", "weights_equal_fake_quantised", "int8_target", "agreement")}  # fmt: skip
         if row.runs_int8_kernels:
             same, count = kernels_against_reference(path, images)
             record["rows"][-1]["kernels_vs_qdq_reference"] = {"same_top1": same, "images": count}

@@ -1,10 +1,11 @@
 """`vconvert demo`: the whole pipeline on the shipped sample model and the embedded digits data.
 
 compress (data-free fit) → fine-tune briefly with the original as teacher → export the product
-artifact: a compact int8 ONNX file (8-bit primaries, bit-packed masks, QLinearConv kernels; verified
-in onnxruntime) → evaluate the ONNX files themselves, next to the original network exported as fp32
-and through onnxruntime's post-training INT8 quantization (the first thing a user would try). Every
-artifact lands in one working folder; a second run overwrites it.
+artifact: a compact int8 ONNX file (7-bit primaries, bit-packed masks, QLinearConv kernels; verified
+in onnxruntime and under the int8 arithmetic of x86 CPUs without VNNI) → evaluate the ONNX files themselves,
+next to the original network exported as fp32 and through onnxruntime's post-training INT8 quantization (the
+first thing a user would try), both int8 files written for any CPU (``--int8-target any``: 7-bit weights, which
+no CPU's int8 kernels saturate). Every artifact lands in one working folder; a second run overwrites it.
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ def run_demo(
            measure=False)  # fmt: skip
     stages["export"] = time.perf_counter() - started
     quantization = report.quantization or {}
+    written_for = "exact on every CPU" if quantization.get("int8_target") == "any" else "for VNNI CPUs"
     say(
         f"3/4 export: versatile + int8 compact ONNX ({quantization.get('weight_bits')}-bit primaries, bit-packed "
-        f"masks, {quantization.get('qlinear_conv')} convs as QLinearConv), verified in onnxruntime → "
+        f"masks, {quantization.get('qlinear_conv')} convs as QLinearConv, {written_for}), "
+        f"verified in onnxruntime → "
         f"{files['resnet20.onnx']}; the original as fp32 → {files['original.onnx']} and through onnxruntime's "
         f"INT8 PTQ → {files['original.int8.onnx']}"
     )

@@ -186,7 +186,7 @@ def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp
     assert not any(name.endswith(("weight_zero_point", "bias_quantized_zero_point")) for name in dense), "zeros"
     folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, VersatileConv2d)):
-        encoded = encode_int8_layer(encode_layer(layer, fold.bn_scales[name]))
+        encoded = encode_int8_layer(encode_layer(layer, fold.bn_scales[name]), 7)  # the default target: 7 bits
         assert np.array_equal(dense[f"{name}.weight_quantized"], decode_int8_layer(encoded)), name
         assert np.array_equal(dense[f"{name}.weight_scale"], encoded.weight_scale), name
         # the int32 bias is requantized for these scales: step = input scale · s_o, within half a step

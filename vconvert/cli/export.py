@@ -63,11 +63,30 @@ def _int8_summary(report) -> str:
         f"{100 * info['top1_agreement']:.1f}% of {info['agreement_images']} calibration images "
         f"({info.get('calibration') or 'given'})"
     )
+    text += "; " + _target_note(info)
     if info["compact_equals_dense"]:
         text += "; compact and dense int8 outputs identical"
     if info["weights_equal_fake_quantised"]:
         text += "; its integers are the fine-tuned ones (dequantized weights equal the fake-quantised weights)"
     return text
+
+
+def _target_note(info: dict) -> str:
+    """Which CPUs the int8 file is exact on, and its agreement under the arithmetic of x86 without VNNI."""
+    check = info.get("agreement") or {}
+    images = info["agreement_images"]
+    if info.get("int8_target") == "any":
+        return (
+            f"written for any CPU (--int8-target any): {info['weight_bits']}-bit weights, largest |q| "
+            f"{check.get('max_abs_weight')}, so no u8 x s8 pair can saturate on x86 without VNNI and every CPU "
+            f"computes these integers"
+        )
+    saturating = check.get("saturating", float("nan"))
+    return (
+        f"written for VNNI/AMX/ARM dot-product CPUs (--int8-target vnni): {check.get('saturating_pairs', 0):,} weight "
+        f"pairs can saturate on x86 without VNNI, where the saturating reference agrees on {100 * saturating:.1f}% of "
+        f"{images} images (exact int32 {100 * check.get('exact', float('nan')):.1f}%; --int8-target any avoids it)"
+    )
 
 
 @contextlib.contextmanager
@@ -148,6 +167,23 @@ def export(
             "(finetune --weight-bits), else 8; another width warns with the top-1 change it causes.",
         ),
     ] = None,
+    int8_target: Annotated[
+        str,
+        typer.Option(
+            "--int8-target",
+            help="With --quantize int8, the CPUs the file will run on: any (7-bit weights: exact on every CPU, "
+            "including x86 without VNNI, whose int8 kernels saturate 8-bit weights) or vnni (8-bit weights for x86 "
+            "with VNNI or AMX and ARM with dot products). 4-bit primaries stay 4-bit.",
+        ),
+    ] = "any",
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement",
+            help="With --quantize int8: the share of calibration images (0 to 1) on which the int8 file must pick "
+            "the fp32 file's top-1 class, on this CPU and under the arithmetic of the CPUs --int8-target covers.",
+        ),
+    ] = 0.9,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
     memory_budget: MemoryBudgetOpt = None,
@@ -157,7 +193,7 @@ def export(
     from vconvert.errors import BadInputError
     from vconvert.export.checkpoint import export_checkpoint
     from vconvert.export.pipeline import RING_WITH_COMPACT
-    from vconvert.export.quantize import QUANTIZE_CHOICES
+    from vconvert.export.quantize import QUANTIZE_CHOICES, check_int8_target, check_min_agreement, default_int8_target
     from vconvert.io.files import check_writable
 
     if ring and compact:
@@ -173,9 +209,13 @@ def export(
     check_weight_bits(weight_bits)
     if weight_bits is not None and quantize != "int8":
         raise BadInputError("--weight-bits sets the width of int8 primaries: add --quantize int8 or drop it.")
+    check_int8_target(int8_target)
+    check_min_agreement(min_agreement)
+    if quantize != "int8" and (int8_target != "any" or min_agreement != 0.9):
+        raise BadInputError("--int8-target and --min-agreement apply to int8 files: add --quantize int8 or drop them.")
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
-    with progress_bar() as progress, _calibration_hint():
+    with progress_bar() as progress, _calibration_hint(), default_int8_target(int8_target):
         task = progress.add_task("export", total=None)
         report = export_checkpoint(
             file,
@@ -192,6 +232,7 @@ def export(
             calib_data=calib_data,
             calib_images=calib_images,
             weight_bits=weight_bits,
+            min_agreement=min_agreement,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
