@@ -199,3 +199,23 @@ def test_image_size_warning_is_for_upsampling_and_extreme_shrinking(
         warnings.simplefilter("always")
         check_image_size(tmp_path, paths, [size, size], "the test")
     assert any(issubclass(w.category, ImageSizeWarning) for w in caught) is warned
+
+
+@pytest.mark.parametrize(
+    ("command", "mean", "std", "fragment"),
+    [
+        ("compress", "125,123,114", "63,62,66", "--mean 0.4902,0.4824,0.4471"),
+        ("compress", "0.49,0.48,0.45", "0,0.2,0.2", "--std must be numbers from 1e-06 to 1"),
+        ("finetune", "125,123,114", STD, "looks like the 0-255 scale"),
+        ("finetune", MEAN, "63,62,66", "--std 0.2471,0.2431,0.2588"),
+    ],
+    ids=["compress-0-255", "compress-zero-std", "finetune-mean-0-255", "finetune-std-0-255"],
+)
+def test_normalisation_on_the_0_255_scale_is_refused_with_the_fix(
+    user: dict[str, Path], tmp_path: Path, command: str, mean: str, std: str, fragment: str
+) -> None:
+    output = tmp_path / "out.vc.pt"
+    source = ["compress", user["model"], "--arch", ARCH, "--input-shape", "1,3,32,32", "--calib-data", user["data"]]
+    start = source if command == "compress" else ["finetune", user["checkpoint"], "--data", user["data"]]
+    assert_refused(invoke(*start, "--mean", mean, "--std", std, "-o", output), fragment)
+    assert not output.exists()

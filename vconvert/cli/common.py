@@ -182,10 +182,26 @@ def parse_preprocessing(mean: str | None, std: str | None, shape: list[int], req
     if mean is None or std is None:
         raise BadInputError("Pass --mean and --std together.")
     return {
-        "mean": parse_floats(mean, "--mean", channels),
-        "std": parse_floats(std, "--std", channels),
+        "mean": parse_normalisation(mean, "--mean", channels),
+        "std": parse_normalisation(std, "--std", channels),
         "input_size": shape[2:],
     }
+
+
+def parse_normalisation(text: str, option: str, channels: int | None = None) -> list[float]:
+    """``--mean`` or ``--std`` as floats on the 0-1 scale vconvert reads images at: values on the 0-255 scale
+    (any above 1, e.g. 125,123,114) are refused with the fix, and so are a std that is not positive and NaN."""
+    values = parse_floats(text, option, channels)
+    if any(value > 1 for value in values):
+        scaled = ",".join(f"{value / 255:.4g}" for value in values)
+        raise BadInputError(
+            f"{option} {text} looks like the 0-255 scale, but vconvert reads images as 0-1: divide by 255 "
+            f"({option} {scaled})."
+        )
+    lowest = 1e-6 if option == "--std" else -1.0
+    if not all(lowest <= value <= 1 for value in values):
+        raise BadInputError(f"{option} must be numbers from {lowest:g} to 1 (images are read as 0-1), got {text!r}.")
+    return values
 
 
 def fitting_progress(progress: Progress, description: str) -> Callable[[int, int, str], None]:

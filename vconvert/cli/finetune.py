@@ -18,7 +18,7 @@ from vconvert.cli.common import (
     console,
     epoch_progress,
     explained_errors,
-    parse_floats,
+    parse_normalisation,
 )
 from vconvert.errors import BadInputError
 
@@ -176,7 +176,8 @@ def finetune(
         train_limit=train_limit, eval_limit=eval_limit, seed=seed, workers=workers, loader=loader, precision=precision,
         label_smoothing=label_smoothing, ema=ema, feature_weight=feature_distill, weight_bits=weight_bits,
         weight_quantizer=weight_quantizer or "lsq",
-        mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
+        mean=parse_normalisation(mean, "--mean") if mean else None,
+        std=parse_normalisation(std, "--std") if std else None,
     )  # fmt: skip
     main = setup_distributed().main
     progress, on_step = epoch_progress(epochs, enabled=main)
