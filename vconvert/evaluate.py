@@ -312,14 +312,16 @@ def _in_flight(dataset: Dataset, batch: int) -> int:
 
 def _onnx_batch(session, model, path: Path, shape: list[int], dataset: Dataset, batch: int) -> int:
     """The batch to feed an ONNX graph within the memory budget: its fixed batch, else the largest of
-    ``batch``, ``batch``/2, ... that fits; each sized as the graph's values (:func:`onnx_peak_bytes`) plus the
-    image batches held at once, and refused (BadInputError) when even that one does not fit."""
+    ``batch``, ``batch``/2, ... that fits; each sized as the graph's values (:func:`onnx_peak_bytes`, the
+    input included) plus the other image batches held at once (and, for a fixed batch, the padded copy of
+    the last one), and refused (BadInputError) when even that one does not fit."""
     declared = session.get_inputs()[0].shape[0]
     fixed = declared if isinstance(declared, int) and declared > 0 else None
 
     def needs(size: int) -> int:
         images = [size, *shape[1:]]
-        return onnx_peak_bytes(model, images) + _in_flight(dataset, size) * tensor_bytes(images)
+        others = _in_flight(dataset, size) - 1 + (1 if fixed else 0)
+        return onnx_peak_bytes(model, images) + others * tensor_bytes(images)
 
     chosen = fixed or largest_fitting_batch(needs, batch)
     check_allocation(

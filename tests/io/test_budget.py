@@ -155,9 +155,12 @@ def test_plan_channel_window_beyond_the_convs_inputs_is_refused(good: Path, tmp_
     refused("inspect", edited(good, tmp_path / "w.vc.pt", edit), fragments=("channel_window 100000, more than its",))
 
 
-def test_plan_layers_are_sized_against_the_budget(good: Path) -> None:
-    refused("inspect", good, "--memory-budget", "0.00001", fragments=("The checkpoint's plan (", "--memory-budget"))
+def test_the_option_sets_the_budget_of_the_command(good: Path) -> None:
+    # the file itself (791 KB) is over 10 KB; the plan's layers are sized too (tests/convert/test_convert.py)
+    refused("inspect", good, "--memory-budget", "0.00001", fragments=("more than the memory budget", "--memory-budget"))
     assert invoke("inspect", good, "--memory-budget", "1").exit_code == 0
+    result = invoke("inspect", good, "--memory-budget", "-3")
+    assert result.exit_code == 2 and "'--memory-budget': --memory-budget must be a positive" in result.output
 
 
 # --------------------------------------------------------------------------- recorded input shapes
@@ -363,7 +366,7 @@ def _one_sentence(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow  # three children, each importing torch (~5-15 s on a shared machine)
-def test_bounded_memory_channel_mismatch_and_4096_recorded_shape(good: Path, tmp_path: Path, limit: int) -> None:
+def test_bounded_memory_plan_channel_mismatch_and_4096_recorded_shape(good: Path, tmp_path: Path, limit: int) -> None:
     assert run_limited(["inspect", good], limit).returncode == 0  # the legitimate file fits the limit
 
     def channels(payload: dict) -> None:
@@ -371,6 +374,9 @@ def test_bounded_memory_channel_mismatch_and_4096_recorded_shape(good: Path, tmp
 
     bomb = edited(good, tmp_path / "channels.vc.pt", channels)
     assert "rejects an input" in _one_sentence(run_limited(["inspect", bomb, "--memory-budget", "8"], limit))
+    plan = edited(good, tmp_path / "plan.vc.pt", lambda p: converted_layer(p)["options"].update(
+        secondary=5_000_000, mask_sharing="shared"))  # fmt: skip
+    assert "more than its" in _one_sentence(run_limited(["inspect", plan], limit))
     big = edited(good, tmp_path / "big.vc.pt", lambda p: p["metadata"].update(input_shape=[1, 1, 4096, 4096]))
     output = tmp_path / "big.onnx"
     assert "Exporting at input shape" in _one_sentence(run_limited(["export", big, "-o", output], limit))
@@ -378,7 +384,7 @@ def test_bounded_memory_channel_mismatch_and_4096_recorded_shape(good: Path, tmp
 
 
 @pytest.mark.slow
-def test_bounded_memory_onnx_evaluate_at_4096(tmp_path: Path, limit: int) -> None:
+def test_bounded_memory_onnx_evaluate_at_4096_and_a_fixed_batch_of_65536(tmp_path: Path, limit: int) -> None:
     small = {"vconvert.input_shape": [None, 1, 32, 32], "vconvert.preprocessing": PREPROCESSING}
     legit = onnx_file(tmp_path / "m.onnx", ["N", 1, "H", "W"], small)
     assert run_limited(["evaluate", legit, "--data", "digits"], limit).returncode == 0
@@ -386,3 +392,6 @@ def test_bounded_memory_onnx_evaluate_at_4096(tmp_path: Path, limit: int) -> Non
     bomb = onnx_file(tmp_path / "big.onnx", ["N", 1, "H", "W"], large)
     message = _one_sentence(run_limited(["evaluate", bomb, "--data", "digits", "--memory-budget", "1"], limit))
     assert "batches of 1 images" in message
+    fixed = onnx_file(tmp_path / "fixed.onnx", [65536, 1, 32, 32], {"vconvert.preprocessing": PREPROCESSING})
+    message = _one_sentence(run_limited(["evaluate", fixed, "--data", "digits", "--memory-budget", "1"], limit))
+    assert "the graph's fixed batch" in message
