@@ -5,6 +5,11 @@ member can ask for far more memory than the machine has. Every such request is s
 *before* anything is allocated and compared with one budget: by default half of the machine's RAM,
 raised or lowered with ``memory_budget`` (GB; the ``VCONVERT_MEMORY_BUDGET`` environment variable
 gives the default for a whole session, e.g. a CI run).
+
+Sizes come from shapes (:func:`tensor_bytes`) and, for what a model does with an input of a recorded
+shape, from a forward worked out on the meta device (:func:`forward_peak_bytes`: the peak of the tensors a
+no-grad forward holds at once); :func:`check_forward` refuses a forward beyond the budget, and a shape the
+model refuses, without running it for real (docs/FORMAT.md §12).
 """
 
 from __future__ import annotations
