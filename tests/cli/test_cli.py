@@ -123,7 +123,8 @@ def test_help_lists_exactly_the_commands_and_the_group_options() -> None:
 def test_command_help_lists_exactly_the_options_its_function_declares(command: str) -> None:
     click_command = GROUP.commands[command]
     function = inspect.signature(click_command.callback).parameters
-    assert [param.name for param in click_command.params] == list(function), "one CLI parameter per argument"
+    declared = [name for name, param in function.items() if param.annotation not in ("typer.Context", typer.Context)]
+    assert [param.name for param in click_command.params] == declared, "one CLI parameter per argument"
     assert not any(getattr(param, "hidden", False) for param in click_command.params)
     assert _listed_options(_help(command)) == _declared(click_command)
 

@@ -234,9 +234,13 @@ def epoch_progress(epochs: int, enabled: bool = True) -> tuple[Progress, Callabl
 
     def on_step(step: int, steps: int, info: dict) -> None:
         if live:
-            progress.update(task, completed=step, total=steps, epoch=info["epoch"], status=f"loss {info['loss']:.3f}")
+            progress.update(
+                task, completed=step, total=steps, epoch=info["epoch"], epochs=info.get("epochs", epochs),
+                status=f"loss {info['loss']:.3f}",
+            )  # fmt: skip
         elif enabled and (step == 1 or step == steps or step % max(1, steps // 10) == 0):
-            error_console.print(f"epoch {info['epoch']}/{epochs} step {step}/{steps} loss {info['loss']:.3f}")
+            total = info.get("epochs", epochs)  # a resumed run's own count
+            error_console.print(f"epoch {info['epoch']}/{total} step {step}/{steps} loss {info['loss']:.3f}")
             error_console.file.flush()
 
     return progress, on_step

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from vconvert.cli.common import (
     DataOpt,
@@ -17,14 +19,35 @@ from vconvert.cli.common import (
     check_weight_bits,
     console,
     epoch_progress,
+    error_console,
     explained_errors,
     parse_normalisation,
 )
-from vconvert.errors import BadInputError
+from vconvert.errors import BadInputError, shown
+
+# Command-line parameters whose FinetuneConfig field has another name.
+FIELD_FOR_PARAMETER = {"feature_distill": "feature_weight"}
+
+
+def typed_options(context: typer.Context) -> set[str]:
+    """The FinetuneConfig fields the user set on the command line (or through the environment). Sources are
+    compared by name: typer may bring its own copy of click's ParameterSource."""
+    from dataclasses import fields
+
+    from vconvert.train.config import FinetuneConfig
+
+    names = {item.name for item in fields(FinetuneConfig)}
+    typed = {
+        FIELD_FOR_PARAMETER.get(name, name)
+        for name in context.params
+        if getattr(context.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    }
+    return typed & names
 
 
 @explained_errors
 def finetune(
+    context: typer.Context,
     file: Annotated[Path, typer.Argument(help="The .vc.pt written by compress.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The fine-tuned .vc.pt (last epoch).")],
     data: DataOpt = None,
@@ -185,18 +208,32 @@ def finetune(
     def on_epoch(metrics) -> None:
         if not as_json:
             console.print(
-                f"epoch {metrics.epoch}/{epochs}: loss {metrics.train_loss:.4f}, "
+                f"epoch {metrics.epoch}/{total[0]}: loss {metrics.train_loss:.4f}, "
                 f"train top-1 {metrics.train_top1:.2f}%, "
                 f"val top-1 {metrics.val_top1:.2f}% (top-5 {metrics.val_top5:.2f}%), "
                 f"{metrics.mask_flips} mask bits flipped, {metrics.images_per_s:.0f} img/s"
             )
             console.file.flush()  # a line per epoch also when stdout is a file or a pipe
 
-    with progress:
-        history = run_finetune(
-            file, output, config, trust=trust, resume=resume, on_epoch=on_epoch, progress=on_step,
-            tensorboard=tensorboard,
-        )  # fmt: skip
+    started = time.time()
+    total = [epochs]  # a resumed run may take its recorded epoch count: the steps report it
+
+    def on_training_step(step: int, steps: int, info: dict) -> None:
+        total[0] = info.get("epochs", total[0])
+        on_step(step, steps, info)
+
+    try:
+        with progress:
+            history = run_finetune(
+                file, output, config, trust=trust, resume=resume, typed_options=typed_options(context),
+                on_epoch=on_epoch, progress=on_training_step,
+                tensorboard=tensorboard,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        if main:
+            last_epoch = epoch_on_disk(output, started, resume)
+            error_console.print(Text(interrupted_message(file, output, last_epoch, resume)), soft_wrap=True)
+        raise typer.Exit(130) from None
     if not main:
         return
     best = max(history, key=lambda entry: entry.val_top1)
@@ -205,3 +242,28 @@ def finetune(
     else:
         console.print(f"wrote {output} (last epoch, val top-1 {history[-1].val_top1:.2f}%); best epoch {best.epoch} "
                       f"({best.val_top1:.2f}%) in its .best.vc.pt")  # fmt: skip
+
+
+def epoch_on_disk(output: Path, started: float, resumed: bool) -> int | None:
+    """The last epoch the run's files hold (its metrics file has a line per epoch written), or None."""
+    from vconvert.train.resume import _output_paths
+
+    metrics = _output_paths(output)[2]
+    try:
+        if not resumed and metrics.stat().st_mtime < started:
+            return None  # an earlier run's
+        lines = metrics.read_text().splitlines()
+        return int(json.loads(lines[-1])["epoch"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def interrupted_message(file: Path, output: Path, last_epoch: int | None, resumed: bool) -> str:
+    """What Ctrl-C left on disk and how to go on (the epoch under way is lost: files are written per epoch)."""
+    command = f"vconvert finetune {shown(file)} -o {shown(output)} --resume"
+    if last_epoch is not None:
+        held = f"{shown(output)} holds epoch {last_epoch} (the epoch under way is lost)"
+        return f"interrupted: {held}; continue with: {command}"
+    if resumed:
+        return f"interrupted before an epoch ended: {shown(output)} is as it was; continue with: {command}"
+    return "interrupted before the first epoch ended: no epoch was written (nothing on disk changed); run it again."

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -60,8 +60,9 @@ from vconvert.train.resume import (
     _rng_state,
     check_outputs_spare_input,
     restore_training_state,
+    resumed_config,
 )
-from vconvert.validate import check_like
+from vconvert.validate import check_like, check_mapping
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -101,10 +102,17 @@ def _check_finite(loss, loss_sum, env: Distributed, epoch: int, step: int, last_
 
 
 def _open_source(
-    checkpoint_path: str | Path, last_path: Path, config: FinetuneConfig, trust: bool, resume: bool
+    checkpoint_path: str | Path,
+    last_path: Path,
+    config: FinetuneConfig,
+    trust: bool,
+    resume: bool,
+    typed: Collection[str] | None,
+    world: int,
 ) -> tuple[Checkpoint, FinetuneConfig, dict | None, CheckpointMetadata, str]:
-    """(the checkpoint trained from, the config with its data resolved, the resume state or None, the
-    metadata every file of the run carries forward, where the data came from)."""
+    """(the checkpoint trained from, the config with its data resolved (resumed: the recorded options where
+    ``typed`` does not name them), the resume state or None, the metadata every file of the run carries forward,
+    where the data came from)."""
     if not resume:
         source = load_checkpoint(checkpoint_path, trust=trust)
         data, data_from = choose_data(config.data, source.metadata.recorded_data(), checkpoint_path)
@@ -114,9 +122,12 @@ def _open_source(
     source = load_checkpoint(last_path, trust=trust)
     data, data_from = choose_data(config.data, source.metadata.recorded_data(), last_path)
     config = replace(config, data=data)
+    typed = None if typed is None else {*typed, "data"}  # the data is resolved like a typed `data`
     state = source.metadata.finetune_state
     if state is None:
         raise BadInputError(f"`resume`: {last_path} holds no fine-tuning state to resume from.")
+    config = resumed_config(check_mapping(state, "`resume` state").get("config"), config, typed, last_path)
+    config.validate(world)
     state = _check_resume_state(state, config, source, last_path)
     return source, config, state, state["base_metadata"], data_from
 
@@ -278,7 +289,7 @@ def _train_epoch(run: _Run, epoch: int, progress: Callable[[int, int, dict], Non
         if run.average is not None:
             run.average.update(run.student)
         if progress and env.main:
-            progress(step + 1, steps, {"epoch": epoch + 1, "loss": loss_value})
+            progress(step + 1, steps, {"epoch": epoch + 1, "epochs": run.config.epochs, "loss": loss_value})
     return _all_reduce_sum(sums, env), flips
 
 
@@ -299,6 +310,7 @@ def finetune(
     *,
     trust: bool = False,
     resume: bool = False,
+    typed_options: Collection[str] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
     tensorboard: str | Path | None = None,
@@ -308,7 +320,8 @@ def finetune(
 
     ``progress(step, steps, info)`` is called during each epoch, ``on_epoch`` after it (rank 0 only).
     With ``resume`` the run continues from ``output``'s last completed epoch and ends with the same
-    weights as an uninterrupted run.
+    weights as an uninterrupted run; it takes the options the run recorded, except those named in
+    ``typed_options`` (None: all of ``config``), which must equal the recorded ones.
     """
     env = setup_distributed()
     last_path, best_path, metrics_path = _output_paths(Path(output))
@@ -316,10 +329,10 @@ def finetune(
     for path in (last_path, best_path, metrics_path):
         check_writable(path)
     config.validate(env.world)
-    use_bf16 = uses_bf16(config.precision, env.device)
     source, config, resume_state, base_metadata, data_from = _open_source(
-        checkpoint_path, last_path, config, trust, resume
+        checkpoint_path, last_path, config, trust, resume, typed_options, env.world
     )
+    use_bf16 = uses_bf16(config.precision, env.device)
 
     torch.manual_seed(config.seed)
     file = last_path if resume else checkpoint_path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from vconvert.train.masks import (
     canonicalise_masks_,
     drop_latent_weights_,
 )
-from vconvert.validate import check_fields, check_float, check_int, check_like, check_mapping
+from vconvert.validate import check_fields, check_float, check_int, check_like, check_mapping, is_int, is_number
 
 
 # --------------------------------------------------------------------------- the run
@@ -57,6 +58,58 @@ def check_outputs_spare_input(checkpoint_path: str | Path, outputs: tuple[Path, 
                 )
 
 
+# Fields of FinetuneConfig that may be None, and the type of their value otherwise.
+_OPTIONAL_FIELDS = {"data": str, "train_limit": int, "eval_limit": int, "weight_bits": int, "mean": list, "std": list}
+
+
+def _checked_config(value: object, path: Path) -> dict:
+    """The options a run recorded, checked as strictly as the command line checks typed ones: every field of
+    :class:`FinetuneConfig` and no other, each of its type (finite numbers; lists of finite numbers)."""
+    where = f"`resume`: {path}'s recorded options"
+    defaults = asdict(FinetuneConfig())
+    recorded = check_fields(value, where, tuple(defaults))
+    for name, default in defaults.items():
+        item = recorded[name]
+        expected = _OPTIONAL_FIELDS.get(name, type(default))
+        if item is None and name in _OPTIONAL_FIELDS:
+            continue
+        if expected is float and is_number(item):
+            check_float(item, f"{where} {name}")
+        elif expected is int and is_int(item):
+            check_int(item, f"{where} {name}", 0)
+        elif expected is list and isinstance(item, list) and all(is_number(v) for v in item):
+            for index, number in enumerate(item):
+                check_float(number, f"{where} {name}[{index}]")
+        elif type(item) is not expected:
+            raise BadInputError(f"{where}: {name} holds a {type(item).__name__}, not a {expected.__name__}: the file "
+                                "is damaged.")  # fmt: skip
+    return recorded
+
+
+def resumed_config(
+    recorded: object, config: FinetuneConfig, typed: Collection[str] | None, path: Path
+) -> FinetuneConfig:
+    """The options of a resumed run: the ones the caller set (``typed``: field names; None, as for a Python
+    caller's whole config, means all) must equal those the run recorded in ``path``, which give the rest."""
+    recorded = _checked_config(recorded, path)
+    typed = set(recorded) if typed is None else set(typed)
+    merged = {name: getattr(config, name) if name in typed else value for name, value in recorded.items()}
+    if merged != recorded:
+        raise BadInputError(
+            f"`resume`: {path} was written by a run with other options: {_differences({'config': recorded}, merged)}; "
+            "leave those options out (a resumed run takes the ones it was started with) or start a new run."
+        )
+    return FinetuneConfig(**merged)
+
+
+def _differences(state: dict, config: FinetuneConfig | dict) -> str:
+    """Each option that differs between the run that wrote a file (``state["config"]``) and ``config``."""
+    given = config if isinstance(config, dict) else asdict(config)
+    recorded = state["config"] if isinstance(state["config"], dict) else {}
+    changed = [name for name in given if recorded.get(name) != given[name]]
+    return "; ".join(f"`{name}` {given[name]!r} here, {recorded.get(name)!r} in the run" for name in changed[:6])
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -83,7 +136,7 @@ def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoin
     averaged = ("live_weights", "ema") if config.ema else ()
     state = check_fields(value, where, RESUME_FIELDS + averaged)
     if state["config"] != asdict(config):
-        raise BadInputError(f"`resume`: the options differ from those of the run that wrote {path}.")
+        raise BadInputError(f"`resume`: {path} was written by a run with other options: {_differences(state, config)}.")
     epoch = check_int(state["epoch"], f"{where} epoch", 1, config.epochs)
     check_float(state["best_top1"], f"{where} best_top1")
     history = state["history"]
