@@ -47,6 +47,23 @@ def load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trus
     return load_model(file, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust)
 
 
+def example_input(model, shape: list[int]) -> torch.Tensor:
+    """A random input of ``shape`` (``--input-shape``) to trace ``model`` with, sized first on the meta device:
+    a shape the model refuses, or a forward past the memory budget, is refused before anything is allocated."""
+    from vconvert.errors import first_line
+    from vconvert.io.budget import ForwardRejected, check_forward
+
+    typed = ",".join(map(str, shape))
+    try:
+        check_forward(model, shape, f"Tracing the model at --input-shape {typed}")
+    except ForwardRejected as error:
+        raise BadInputError(
+            f"The model rejects an input of --input-shape {typed} ({first_line(error.__cause__ or error, 120)}): "
+            "give the shape it takes, N,C,H,W (e.g. 1,3,224,224)."
+        ) from None
+    return torch.randn(*shape)
+
+
 def plan_summary(plan) -> str:
     converted = plan.converted
     errors = [layer.fit_error for layer in converted if layer.fit_error is not None]
@@ -131,7 +148,7 @@ def compress(
     check_writable(output)
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
-    example = torch.randn(*shape)
+    example = example_input(model, shape)
     with progress_bar() as progress:
         converted, plan = compress_model(
             model,

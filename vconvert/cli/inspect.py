@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.text import Text
 
@@ -28,7 +27,7 @@ from vconvert.cli.common import (
     labelled,
     parse_shape,
 )
-from vconvert.cli.compress import load_input_model, plan_summary
+from vconvert.cli.compress import example_input, load_input_model, plan_summary
 from vconvert.errors import shown
 from vconvert.io.metadata import CheckpointMetadata
 
@@ -64,7 +63,7 @@ def inspect(
         model, _ = load_input_model(file, arch, arch_kwargs, trust)
         _, plan = compress_model(
             model,
-            torch.randn(*parse_shape(input_shape)),
+            example_input(model, parse_shape(input_shape)),
             mode=mode,
             secondary=secondary,
             convert_first=convert_first,
