@@ -145,3 +145,17 @@ def test_bad_target_and_threshold_exit_2_in_one_sentence(args: list, fragments: 
         result = invoke("export", checkpoint, "-o", output, *args)
     assert_one_sentence_error(result, 2, *fragments)
     assert not output.exists()
+
+
+def test_layers_fine_tuned_at_8_bits_warn_when_written_at_7_and_keep_their_integers_for_vnni(tmp_path: Path) -> None:
+    from vconvert.export.pipeline import RequantizationWarning
+
+    model = _model()
+    for layer in model.modules():
+        if isinstance(layer, VersatileConv2d):
+            layer.set_weight_bits(8, "minmax")
+    with pytest.warns(RequantizationWarning, match=r"fine-tuned at 8 bits and are written at 7 for `int8_target` any"):
+        narrowed = _export(model, tmp_path / "any.onnx")
+    assert narrowed.quantization["weight_bits"] == 7 and not narrowed.quantization["weights_equal_fake_quantised"]
+    kept = _export(model, tmp_path / "vnni.onnx", "vnni")
+    assert kept.quantization["weight_bits"] == 8 and kept.quantization["weights_equal_fake_quantised"]

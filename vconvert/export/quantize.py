@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +185,22 @@ def _quantization_info(bits: int, requested: int, target: str, trained: bool, im
     }
 
 
+def _warn_narrowed(layers: Mapping[str, VersatileConv2d], requested: int, bits: int) -> None:
+    """Warn when layers fine-tuned at ``requested`` bits are written at fewer for the target (8 → 7 for any)."""
+    trained = sum(layer.weight_bits == requested for layer in layers.values())
+    if bits != requested and trained:
+        from vconvert.export.pipeline import RequantizationWarning
+
+        warnings.warn(
+            RequantizationWarning(
+                f"{trained} layer(s) were fine-tuned at {requested} bits and are written at {bits} for `int8_target` "
+                f"any (8-bit weights saturate on x86 CPUs without VNNI); pass `int8_target` vnni to keep their "
+                "integers for CPUs with VNNI, AMX or ARM dot products."
+            ),
+            stacklevel=3,
+        )
+
+
 def quantize_export(
     fp32_bytes: bytes,
     fp32_session: Any,
@@ -229,6 +246,7 @@ def quantize_export(
     if not calibration:
         raise MissingCalibrationError("Int8 quantization needs calibration images, and none were given.")
     requested, bits = bits, primary_width(bits, target)
+    _warn_narrowed(layers, requested, bits)
     trained_bits = bool(layers) and all(layer.weight_bits == bits for layer in layers.values())
     timings: dict[str, float] = {}
     clock = time.perf_counter()
