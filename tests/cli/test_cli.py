@@ -246,3 +246,19 @@ def test_each_vconvert_warning_shows_once_even_when_a_library_resets_the_filters
                 pass
             warnings.warn("the images are upsampled 4x", VConvertWarning, stacklevel=1)
     assert capsys.readouterr().err.count("the images are upsampled 4x") == 1
+
+
+def test_help_version_and_usage_errors_import_no_heavy_library() -> None:
+    """`vconvert --help`, `--version` and a usage error must not wait for torch & co. (issue 29 item 8): only
+    the commands that need them import them. Checked by what is imported, not by wall time."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "onnx", "onnxruntime", "torchvision", "sklearn", "numpy", "PIL", "timm")
+    for args in (["--version"], ["--help"], ["export", "--help"], ["compress"]):
+        probe = (
+            f"import sys\nfrom vconvert.cli import app\ntry:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])"
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout[-500:], done.stderr[-500:])

@@ -18,7 +18,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.segment import Segment
 from rich.text import Text
 
-from vconvert.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from vconvert.errors import BadInputError, VConvertError, VConvertWarning, shown
 
 _RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
@@ -178,6 +177,8 @@ def parse_preprocessing(mean: str | None, std: str | None, shape: list[int], req
             if required:
                 raise BadInputError(f"The model takes {channels} input channels: pass --mean and --std for them.")
             return None
+        from vconvert.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # the command's own data needs torch anyway
+
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_size": shape[2:]}
     if mean is None or std is None:
         raise BadInputError("Pass --mean and --std together.")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.text import Text
 
@@ -36,9 +35,7 @@ from vconvert.cli.common import (
     parse_shape,
     progress_bar,
 )
-from vconvert.data.datasets import describe_input, log
 from vconvert.errors import BadInputError, shown
-from vconvert.io.metadata import CheckpointMetadata
 
 
 def load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trust: bool):
@@ -47,9 +44,11 @@ def load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trus
     return load_model(file, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust)
 
 
-def example_input(model, shape: list[int]) -> torch.Tensor:
+def example_input(model, shape: list[int]):
     """A random input of ``shape`` (``--input-shape``) to trace ``model`` with, sized first on the meta device:
     a shape the model refuses, or a forward past the memory budget, is refused before anything is allocated."""
+    import torch
+
     from vconvert.errors import first_line
     from vconvert.io.budget import ForwardRejected, check_forward
 
@@ -138,8 +137,10 @@ def compress(
 ) -> None:
     """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""
     from vconvert.convert.compress import compress as compress_model
+    from vconvert.data.datasets import describe_input, log
     from vconvert.io.checkpoint import save
     from vconvert.io.files import check_writable, same_file
+    from vconvert.io.metadata import CheckpointMetadata
 
     shape = parse_shape(input_shape or DEFAULT_INPUT_SHAPE)
     output = output or file.with_name(file.name.split(".")[0] + ".vc.pt")

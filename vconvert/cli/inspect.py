@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
@@ -29,7 +29,9 @@ from vconvert.cli.common import (
 )
 from vconvert.cli.compress import example_input, load_input_model, plan_summary
 from vconvert.errors import shown
-from vconvert.io.metadata import CheckpointMetadata
+
+if TYPE_CHECKING:
+    from vconvert.io.metadata import CheckpointMetadata
 
 
 @explained_errors
