@@ -424,7 +424,9 @@ def evaluate_file(
     recorded_classes = None
     if is_checkpoint(path):
         checkpoint = load_checkpoint(path, trust=trust)
-        data, data_from = choose_data(data, checkpoint.metadata.recorded_data(), path)
+        data, data_from = choose_data(
+            data, checkpoint.metadata.recorded_data(), path, checkpoint.metadata.missing_data()
+        )
         model, kind = checkpoint.model, "vconvert checkpoint"
         preprocessing = checkpoint.metadata.preprocessing or {}
         recorded_classes = (checkpoint.metadata.data or {}).get("classes")

@@ -219,3 +219,35 @@ def test_normalisation_on_the_0_255_scale_is_refused_with_the_fix(
     start = source if command == "compress" else ["finetune", user["checkpoint"], "--data", user["data"]]
     assert_refused(invoke(*start, "--mean", mean, "--std", std, "-o", output), fragment)
     assert not output.exists()
+
+
+def test_recorded_data_paths_are_absolute_so_later_stages_run_from_any_folder(
+    user: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(user["root"])
+    compressed = tmp_path / "rel.vc.pt"
+    result = invoke(
+        "compress", "net.pt", "--arch", ARCH, "--input-shape", "1,3,32,32", "--mean", MEAN, "--std", STD,
+        "--calib-data", "images", "-o", compressed,
+    )  # fmt: skip
+    assert result.exit_code == 0, said(result)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    evaluated = invoke("evaluate", compressed, "--json")
+    assert evaluated.exit_code == 0, said(evaluated)
+    assert str(user["data"].resolve()) in said(evaluated)
+
+
+def test_a_recorded_folder_that_is_gone_is_named(user: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    data = shutil.copytree(user["data"], tmp_path / "moved")
+    compressed = tmp_path / "gone.vc.pt"
+    result = invoke(
+        "compress", user["model"], "--arch", ARCH, "--input-shape", "1,3,32,32", "--mean", MEAN, "--std", STD,
+        "--calib-data", data, "-o", compressed,
+    )  # fmt: skip
+    assert result.exit_code == 0, said(result)
+    shutil.rmtree(data)
+    assert_refused(invoke("evaluate", compressed), f"records {data}, which is not a folder here", "--data")

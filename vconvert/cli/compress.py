@@ -137,7 +137,7 @@ def compress(
 ) -> None:
     """Convert the eligible Conv2d layers of a model into versatile ones, initialised from its weights."""
     from vconvert.convert.compress import compress as compress_model
-    from vconvert.data.datasets import describe_input, log
+    from vconvert.data.datasets import absolute_data, describe_input, log
     from vconvert.io.checkpoint import save
     from vconvert.io.files import check_writable, same_file
     from vconvert.io.metadata import CheckpointMetadata
@@ -180,7 +180,7 @@ def compress(
             size_from=size_from,
         )  # fmt: skip
         used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
-        metadata.bn_recalibration = {"data": str(calib_data), "images": used}
+        metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used}
     save(output, converted, plan, base, model, metadata)
     if as_json:
         typer.echo(json.dumps({"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}, indent=2))

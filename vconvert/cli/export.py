@@ -3,9 +3,7 @@ print before/after."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -87,20 +85,6 @@ def _target_note(info: dict) -> str:
         f"pairs can saturate on x86 without VNNI, where the saturating reference agrees on {100 * saturating:.1f}% of "
         f"{images} images (exact int32 {100 * check.get('exact', float('nan')):.1f}%; --int8-target any avoids it)"
     )
-
-
-@contextlib.contextmanager
-def _calibration_hint() -> Iterator[None]:
-    """Say which options supply calibration images when int8 export found none."""
-    from vconvert.errors import BadInputError, MissingCalibrationError
-
-    try:
-        yield
-    except MissingCalibrationError:
-        raise BadInputError(
-            "--quantize int8 needs calibration images: pass --calib-data DIR (a folder of images, or digits); "
-            "the checkpoint records no image source that still exists."
-        ) from None
 
 
 @explained_errors
@@ -215,7 +199,7 @@ def export(
         raise BadInputError("--int8-target and --min-agreement apply to int8 files: add --quantize int8 or drop them.")
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
-    with progress_bar() as progress, _calibration_hint(), default_int8_target(int8_target):
+    with progress_bar() as progress, default_int8_target(int8_target):
         task = progress.add_task("export", total=None)
         report = export_checkpoint(
             file,

@@ -471,17 +471,31 @@ def default_image_size(data: str) -> list[int]:
     return [DIGITS_SIZE, DIGITS_SIZE] if data == DIGITS else [224, 224]
 
 
-def choose_data(asked: str | None, recorded: str | None, file: Path | str) -> tuple[str, str]:
-    """(data, where it came from): ``asked``, else the data ``file`` records (``recorded``,
-    :meth:`vconvert.io.metadata.CheckpointMetadata.recorded_data`); a file that records none needs ``data``
-    (a default data set would not fit most models: digits are 1-channel 32x32)."""
+def absolute_data(data: str) -> str:
+    """``data`` as files record it: ``digits`` as is, a folder as its absolute path (so that a later stage run
+    from another folder finds it)."""
+    return data if data == DIGITS else str(Path(data).expanduser().resolve())
+
+
+def choose_data(
+    asked: str | None, recorded: str | None, file: Path | str, recorded_missing: str | None = None
+) -> tuple[str, str]:
+    """(data, where it came from): ``asked`` (a folder made absolute), else the data ``file`` records
+    (``recorded``, :meth:`vconvert.io.metadata.CheckpointMetadata.recorded_data`); a file that records none
+    needs ``data`` (a default data set would not fit most models: digits are 1-channel 32x32), and the
+    message names what it records that is not here (``recorded_missing``)."""
     if asked is not None:
-        return asked, "`data`"
+        return absolute_data(asked), "`data`"
     if recorded is not None:
-        return recorded, f"recorded in {Path(file).name}"
+        return recorded, f"recorded in {printable(Path(file).name)}"
+    records = (
+        f"records {printable(recorded_missing)}, which is not a folder here"
+        if recorded_missing
+        else "records no data set"
+    )
     raise BadInputError(
-        f"Pass `data`: a folder with train/ and val/ (or test/) class folders ({Path(file).name} records no "
-        "data set found here; 'digits' fits only 1-channel 32x32 models such as the shipped sample)."
+        f"Pass `data`: a folder with train/ and val/ (or test/) class folders ({printable(Path(file).name)} "
+        f"{records}; 'digits' fits only 1-channel 32x32 models such as the shipped sample)."
     )
 
 

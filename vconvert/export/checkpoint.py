@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from vconvert.errors import BadInputError, first_line
+from vconvert.errors import BadInputError, first_line, shown
 from vconvert.export.pipeline import ExportReport, check_export_memory, export
 from vconvert.io.files import check_writable
 from vconvert.io.metadata import CheckpointMetadata
@@ -118,9 +118,11 @@ def export_checkpoint(
     if quantize != "none":
         source = calibration_source(calib_data, checkpoint.metadata)
         if source is None:
+            missing = checkpoint.metadata.missing_data()
+            records = f"records {shown(missing)}, which is not here" if missing else "records no image source"
             raise MissingCalibrationError(
-                "Int8 quantization needs calibration images: none were given and the checkpoint records no image "
-                "source that still exists."
+                f"Int8 quantization needs calibration images: pass `calib_data` (a folder of images, or digits; none "
+                f"was given and the checkpoint {records})."
             )
         recorded = checkpoint.metadata.preprocessing
         size_from = "`input_shape`" if input_shape else f"the input shape {Path(path).name} records"

@@ -215,7 +215,10 @@ def _check_request(
     if quantize == "int8" and not calibration:
         from vconvert.errors import MissingCalibrationError
 
-        raise MissingCalibrationError("Int8 quantization needs calibration images, and none were given.")
+        raise MissingCalibrationError(
+            "Int8 quantization needs calibration images, and none were given: pass `calib_data` (a folder of "
+            "images, or digits)."
+        )
     return layers
 
 

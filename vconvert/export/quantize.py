@@ -244,7 +244,10 @@ def quantize_export(
     check_int8_target(target)
     check_min_agreement(min_agreement)
     if not calibration:
-        raise MissingCalibrationError("Int8 quantization needs calibration images, and none were given.")
+        raise MissingCalibrationError(
+            "Int8 quantization needs calibration images, and none were given: pass `calib_data` (a folder of "
+            "images, or digits)."
+        )
     requested, bits = bits, primary_width(bits, target)
     _warn_narrowed(layers, requested, bits)
     trained_bits = bool(layers) and all(layer.weight_bits == bits for layer in layers.values())

@@ -58,14 +58,22 @@ class CheckpointMetadata:
         resume state and save time."""
         return replace(self, finetune_state=None, saved_at=None)
 
+    def _recorded_candidates(self) -> list[str]:
+        candidates = ((self.data or {}).get("source"), (self.bn_recalibration or {}).get("data"))
+        return [candidate for candidate in candidates if isinstance(candidate, str)]
+
     def recorded_data(self) -> str | None:
         """The data this file records (its fine-tuning data, else its BatchNorm recalibration folder) when
         that is ``digits`` or a folder that still exists here; else None."""
-        candidates = ((self.data or {}).get("source"), (self.bn_recalibration or {}).get("data"))
-        for candidate in candidates:
-            if isinstance(candidate, str) and (candidate == DIGITS or Path(candidate).expanduser().is_dir()):
+        for candidate in self._recorded_candidates():
+            if candidate == DIGITS or Path(candidate).expanduser().is_dir():
                 return candidate
         return None
+
+    def missing_data(self) -> str | None:
+        """The folder this file records that is not here (for messages), or None."""
+        candidates = self._recorded_candidates()
+        return None if self.recorded_data() is not None or not candidates else candidates[0]
 
     @classmethod
     def from_dict(cls, value: object, where: str, channels: int, default_shape: list[int]) -> CheckpointMetadata:
