@@ -26,7 +26,7 @@ from vconvert.data.datasets import (
     normalisation_origin,
     open_split,
 )
-from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning, first_line
+from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning, first_line, shown
 from vconvert.io.budget import (
     ForwardRejected,
     check_allocation,
@@ -40,6 +40,8 @@ from vconvert.validate import check_input_shape, check_plain, check_preprocessin
 
 ONNX_PREPROCESSING_KEY = "vconvert.preprocessing"
 ONNX_INPUT_SHAPE_KEY = "vconvert.input_shape"
+ONNX_CLASSES_KEY = "vconvert.classes"  # the class names the model was fine-tuned on, when its checkpoint records them
+MAX_CLASSES, MAX_CLASS_NAME = 100_000, 255
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -120,6 +122,25 @@ def onnx_metadata(path: Path, model=None) -> tuple[dict | None, list | None]:
         check_preprocessing(preprocessing, f"{path}'s metadata {ONNX_PREPROCESSING_KEY}"),
         None if shape is None else check_input_shape(shape, f"{path}'s metadata {key}", batch=False),
     )
+
+
+def onnx_classes(path: Path, model) -> list[str] | None:
+    """The class names an ONNX file records (``vconvert.classes``), checked: a list of at most 100,000 strings of
+    at most 255 characters; None when absent."""
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    _, classes = _metadata_value(props, (ONNX_CLASSES_KEY,), path)
+    if classes is None:
+        return None
+    if not (
+        isinstance(classes, list)
+        and len(classes) <= MAX_CLASSES
+        and all(isinstance(name, str) and len(name) <= MAX_CLASS_NAME for name in classes)
+    ):
+        raise BadInputError(
+            f"{path}'s metadata {ONNX_CLASSES_KEY} is not a list of class names (at most {MAX_CLASSES:,} strings of "
+            f"at most {MAX_CLASS_NAME} characters): the file is damaged."
+        )
+    return classes
 
 
 def _without_values(tensor):
@@ -290,14 +311,27 @@ def _split(
 def _check_recorded_classes(recorded: list[str] | None, spec: DataSpec, path: Path) -> None:
     """Warn when a checkpoint records class names and the data's class folders are named otherwise."""
     if isinstance(recorded, list) and len(recorded) == len(spec.classes) and recorded != spec.classes:
-        shown = ", ".join(map(str, recorded[:3])) + (", ..." if len(recorded) > 3 else "")
+        names = ", ".join(shown(name, 40) for name in recorded[:3]) + (", ..." if len(recorded) > 3 else "")
+        folders = ", ".join(shown(name, 40) for name in spec.classes[:3])
         warnings.warn(
             ClassNamesWarning(
-                f"The class folders of {spec.source} ({', '.join(spec.classes[:3])}, ...) are not the classes "
-                f"{path.name} was fine-tuned on ({shown}); labels follow the folders' sorted order."
+                f"The class folders of {shown(spec.source)} ({folders}, ...) are not the classes "
+                f"{shown(path.name)} was fine-tuned on ({names}); labels follow the folders' sorted order."
             ),
             stacklevel=2,
         )
+
+
+def _asked_normalisation(mean: list[float] | None, std: list[float] | None, channels: int | None) -> dict:
+    """``{"mean", "std"}`` the caller asked for (empty when none), one value per input channel."""
+    if mean is None or std is None:
+        return {}
+    if channels is not None and not len(mean) == len(std) == channels:
+        raise BadInputError(
+            f"`mean` and `std` need one value per input channel: the model takes {channels}, got {len(mean)} and "
+            f"{len(std)}."
+        )
+    return {"mean": list(mean), "std": list(std)}
 
 
 def _workers(dataset: Dataset, batch: int) -> int:
@@ -394,27 +428,36 @@ def evaluate_file(
     limit: int | None = None,
     batch: int = 256,
     input_shape: list[int] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> Evaluation:
     """Measure top-1/top-5 of ``path`` on the evaluation split of ``data`` ("digits" or a folder; None: the
     data a ``.vc.pt`` records).
 
     ``.onnx`` files run in onnxruntime (CPU); ``.vc.pt`` files are rebuilt; other files load as
-    models (``arch`` for a state_dict). Preprocessing comes from the file when it records one. The data
-    must have as many classes as the model scores. Logs the input line (size, normalisation, origins).
+    models (``arch`` for a state_dict). Preprocessing comes from the file when it records one; ``mean`` and
+    ``std`` (one per input channel, on the 0-1 scale) replace it (a plain model records none: give the
+    normalisation it was trained with). The data must have as many classes as the model scores; a file that
+    records class names warns when the folders are named otherwise. Logs the input line (size, normalisation,
+    origins).
     """
     path = Path(path)
+    if (mean is None) != (std is None):
+        raise BadInputError("Pass `mean` and `std` together.")
     if not path.is_file():
         raise BadInputError(f"{path} does not exist; pass a .vc.pt, .onnx or model file.")
     if path.suffix == ".onnx":
         proto = _load_onnx(path)
         preprocessing, recorded = onnx_metadata(path, proto)
         session = _onnx_session(path)
+        recorded_classes = onnx_classes(path, proto)
         data, data_from = choose_data(data, None, path)  # a damaged file is said first
         shape, size_from = _onnx_input_shape(session, path, data, preprocessing, recorded, input_shape)
-        normalisation_from = normalisation_origin(False, bool(preprocessing), path, data)
-        preprocessing = {**(preprocessing or {}), "input_size": shape[2:]}  # the graph's sizes win
+        normalisation_from = normalisation_origin(mean is not None, bool(preprocessing), path, data)
+        preprocessing = {**(preprocessing or {}), **_asked_normalisation(mean, std, shape[1]), "input_size": shape[2:]}
         dataset, spec = _split(data, preprocessing, shape, limit, size_from)
         log.info(describe_input(spec, size_from, normalisation_from, data_from))
+        _check_recorded_classes(recorded_classes, spec, path)
         batch = _onnx_batch(session, proto, path, shape, dataset, batch)
         del proto
         top1, top5, images = _evaluate_onnx(session, path, dataset, batch, len(spec.classes))
@@ -439,8 +482,10 @@ def evaluate_file(
         data, data_from = choose_data(data, None, path)
         kind, preprocessing = "model", {}
         size_from = "`input_shape`" if input_shape else _default_size_origin(data)
+    channels = input_shape[1] if input_shape else len(mean) if mean else None
+    preprocessing = {**preprocessing, **_asked_normalisation(mean, std, channels)}
     dataset, spec = _split(data, preprocessing, input_shape, limit, size_from)
-    normalisation_from = normalisation_origin(False, bool(preprocessing.get("mean")), path, data)
+    normalisation_from = normalisation_origin(mean is not None, bool(preprocessing.get("mean")), path, data)
     log.info(describe_input(spec, size_from, normalisation_from, data_from))
     _check_recorded_classes(recorded_classes, spec, path)
     image, _ = dataset[0]

@@ -116,6 +116,11 @@ def test_finetune_prints_its_input_once_and_evaluate_reads_the_recorded_data(
     assert other_names.exit_code == 0, said(other_names)
     assert "warning: The class folders of" in said(other_names)
     assert "are not the classes tuned.vc.pt was fine-tuned on (c0, c1, c2, ...)" in said(other_names)
+    exported = tmp_path / "tuned.onnx"
+    assert invoke("export", tuned, "-o", exported).exit_code == 0
+    onnx_other_names = invoke("evaluate", exported, "--data", renamed)  # the ONNX file records the classes too
+    assert onnx_other_names.exit_code == 0, said(onnx_other_names)
+    assert "are not the classes tuned.onnx was fine-tuned on (c0, c1, c2, ...)" in said(onnx_other_names)
 
 
 def test_a_folder_far_from_the_recorded_size_gets_one_warning(user: dict[str, Path], tmp_path: Path) -> None:
@@ -251,3 +256,21 @@ def test_a_recorded_folder_that_is_gone_is_named(user: dict[str, Path], tmp_path
     assert result.exit_code == 0, said(result)
     shutil.rmtree(data)
     assert_refused(invoke("evaluate", compressed), f"records {data}, which is not a folder here", "--data")
+
+
+@pytest.mark.parametrize("kind", ["plain-model", "onnx"])
+def test_evaluate_takes_the_normalisation_the_model_was_trained_with(
+    user: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    target = user["model"]
+    arch = ["--arch", ARCH, "--input-shape", "1,3,32,32"]
+    if kind == "onnx":
+        target, arch = tmp_path / "net.onnx", []
+        assert invoke("export", user["checkpoint"], "-o", target).exit_code == 0
+    given = invoke("evaluate", target, *arch, "--data", user["data"], "--mean", "0.1,0.2,0.3", "--std", "0.3,0.2,0.1")
+    assert given.exit_code == 0, said(given)
+    assert "normalised with mean 0.1,0.2,0.3 and std 0.3,0.2,0.1 (--mean/--std)" in said(given)
+    assert_refused(
+        invoke("evaluate", target, *arch, "--data", user["data"], "--mean", "0.5", "--std", "0.2"),
+        "one value per input channel",
+    )

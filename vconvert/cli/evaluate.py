@@ -20,6 +20,7 @@ from vconvert.cli.common import (
     console,
     explained_errors,
     parse_kwargs,
+    parse_normalisation,
     parse_shape,
 )
 from vconvert.errors import shown
@@ -36,6 +37,15 @@ def evaluate(
     input_shape: Annotated[
         str | None, typer.Option("--input-shape", help="N,C,H,W when the file records none.")
     ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            "--mean",
+            help="Per-channel input mean (0-1 scale) the model was trained with; replaces a "
+            "recorded one (a plain model records none: ImageNet's is used for RGB folders).",
+        ),
+    ] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel input std (0-1 scale), with --mean.")] = None,
     as_json: JsonOpt = False,
     memory_budget: MemoryBudgetOpt = None,
     debug: DebugOpt = False,
@@ -46,6 +56,8 @@ def evaluate(
     result = evaluate_file(
         file, data, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), trust=trust, limit=limit,
         input_shape=parse_shape(input_shape) if input_shape else None,
+        mean=parse_normalisation(mean, "--mean") if mean else None,
+        std=parse_normalisation(std, "--std") if std else None,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

@@ -114,6 +114,9 @@ def export_checkpoint(
     metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
     if checkpoint.metadata.preprocessing:
         metadata["vconvert.preprocessing"] = checkpoint.metadata.preprocessing
+    classes = (checkpoint.metadata.data or {}).get("classes")
+    if isinstance(classes, list) and classes:  # so that evaluating the file on other classes warns
+        metadata["vconvert.classes"] = classes
     calibration, calibration_note = None, ""
     if quantize != "none":
         source = calibration_source(calib_data, checkpoint.metadata)
