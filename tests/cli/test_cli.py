@@ -262,3 +262,23 @@ def test_help_version_and_usage_errors_import_no_heavy_library() -> None:
         )
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout[-500:], done.stderr[-500:])
+
+
+def test_a_table_piped_to_a_file_keeps_every_column_and_each_reason_on_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from sample_models.resnet_cifar import resnet8
+
+    torch.save(resnet8().state_dict(), tmp_path / "net.pt")
+    command = [sys.executable, "-m", "vconvert", "inspect", "net.pt", "--arch", "sample_models.resnet_cifar:resnet8",
+               "--input-shape", "1,3,32,32"]  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    with (tmp_path / "table.txt").open("w") as sink:  # a file, as `vconvert inspect ... > table.txt` gives it
+        subprocess.run(command, cwd=tmp_path, stdout=sink, env=environment, check=True, timeout=300)
+    lines = (tmp_path / "table.txt").read_text().splitlines()
+    assert any("masks" in line and "fit err" in line for line in lines), lines[:4]
+    stem = [line for line in lines if line.strip().startswith("conv1 ")]
+    assert len(stem) == 1 and "skipped: stem (--convert-first)" in stem[0], lines[:6]

@@ -6,7 +6,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,8 +39,18 @@ class SafeConsole(Console):
         )
 
 
-console = SafeConsole()
-error_console = SafeConsole(stderr=True)
+# Piped to a file or another program, rich would wrap at 80 columns: tables lose columns and reasons split
+# mid-sentence. Wide lines suit files; COLUMNS still wins when set.
+PIPED_WIDTH = 240
+
+
+def _width(stream) -> int | None:
+    piped = not (hasattr(stream, "isatty") and stream.isatty())
+    return PIPED_WIDTH if piped and "COLUMNS" not in os.environ else None
+
+
+console = SafeConsole(width=_width(sys.stdout))
+error_console = SafeConsole(stderr=True, width=_width(sys.stderr))
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 4, 4096
 F = TypeVar("F", bound=Callable)
 
