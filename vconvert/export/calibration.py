@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,23 +67,24 @@ def _digits(shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit
     return torch.stack([dataset[index][0] for index in order])
 
 
-def _image_files(root: Path) -> list[Path]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    """The image files under ``folder``, listed as every image folder is (regular files only, no linked folders,
+    links only inside ``root``: :func:`vconvert.data.datasets.scan_images`)."""
+    from vconvert.data.datasets import scan_images
 
-    return sorted(path for path in root.rglob("*") if path.suffix.lower() in IMG_EXTENSIONS and path.is_file())
+    files, _ = scan_images(str(folder), os.path.realpath(root))
+    return [Path(file) for file in files]
 
 
 def _folder(
     root: Path, shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit: int, seed: int, size_from: str
 ) -> Tensor:
-    from PIL import Image
-
-    from vconvert.data.datasets import check_image_size, image_transform
+    from vconvert.data.datasets import check_image_size, image_transform, load_image
 
     if not root.is_dir():
         raise BadInputError(f"Calibration folder {root} does not exist; give a folder of images or 'digits'.")
     folder = root / "train" if (root / "train").is_dir() else root
-    files = _image_files(folder)
+    files = _image_files(folder, root)
     if not files:
         raise BadInputError(f"Calibration folder {folder} holds no image files (searched recursively).")
     channels, size = int(shape[1]), [int(s) for s in shape[2:]]
@@ -93,9 +95,8 @@ def _folder(
     images = []
     for index in order:
         try:
-            with Image.open(files[index]) as image:
-                images.append(transform(image.convert("RGB")))
-        except Exception:  # PIL raises many types for a file that is not an image: skip it
+            images.append(transform(load_image(str(files[index]), channels)))
+        except Exception:  # not an image, over the pixel budget, not a regular file: skip it
             continue
         if len(images) == limit:
             break

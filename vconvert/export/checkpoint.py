@@ -19,11 +19,12 @@ from vconvert.io.metadata import CheckpointMetadata
 
 
 def load_verification_images(
-    metadata: CheckpointMetadata, input_shape: Sequence[int]
+    metadata: CheckpointMetadata, input_shape: Sequence[int], folder: str | Path | None = None
 ) -> tuple[list[Tensor] | None, str]:
-    """Batches of 1 and 4 real images when the checkpoint records an image folder that exists here (its
-    fine-tuning data or its BatchNorm recalibration folder), else None."""
-    folder = metadata.recorded_data()
+    """Batches of 1 and 4 real images from ``folder`` (an image folder: the int8 export's ``calib_data``), else
+    from the image folder the checkpoint records if it exists here (its fine-tuning data or its BatchNorm
+    recalibration folder), else None."""
+    folder = str(folder) if folder is not None and os.path.isdir(folder) else metadata.recorded_data()
     preprocessing = metadata.preprocessing or {}
     if not folder or not os.path.isdir(folder) or not preprocessing or input_shape[1] != 3:
         return None, "random normal inputs (the checkpoint names no image folder)"
@@ -110,7 +111,7 @@ def export_checkpoint(
         log.info(f"{Path(path).name} is {NOT_FINETUNED}")
     shape = list(input_shape or checkpoint.metadata.input_shape)
     check_export_memory(checkpoint.model, shape)  # before any image is read
-    inputs, note = load_verification_images(checkpoint.metadata, shape)
+    inputs, note = load_verification_images(checkpoint.metadata, shape, calib_data if quantize != "none" else None)
     metadata: dict[str, Any] = {"vconvert.source": Path(path).name}
     if checkpoint.metadata.preprocessing:
         metadata["vconvert.preprocessing"] = checkpoint.metadata.preprocessing
