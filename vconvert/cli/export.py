@@ -177,7 +177,7 @@ def export(
     from vconvert.errors import BadInputError
     from vconvert.export.checkpoint import export_checkpoint
     from vconvert.export.pipeline import RING_WITH_COMPACT
-    from vconvert.export.quantize import QUANTIZE_CHOICES, check_int8_target, check_min_agreement, default_int8_target
+    from vconvert.export.quantize import QUANTIZE_CHOICES, check_int8_target, check_min_agreement
     from vconvert.io.files import check_writable
 
     if ring and compact:
@@ -199,7 +199,7 @@ def export(
         raise BadInputError("--int8-target and --min-agreement apply to int8 files: add --quantize int8 or drop them.")
     check_writable(output)
     shape = parse_shape(input_shape) if input_shape else None
-    with progress_bar() as progress, default_int8_target(int8_target):
+    with progress_bar() as progress:
         task = progress.add_task("export", total=None)
         report = export_checkpoint(
             file,
@@ -217,6 +217,7 @@ def export(
             calib_images=calib_images,
             weight_bits=weight_bits,
             min_agreement=min_agreement,
+            int8_target=int8_target,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -89,13 +89,15 @@ def export_checkpoint(
     calib_images: int = 512,
     min_agreement: float = 0.9,
     weight_bits: int | None = None,
+    int8_target: str | None = None,
 ) -> ExportReport:
     """:func:`export` for a ``.vc.pt`` file: its model, its teacher, its preprocessing and input shape.
 
     With ``quantize="int8"`` the calibration images come from ``calib_data`` ("digits" or an image
     folder), else from the data the checkpoint records (its fine-tuning data or BN recalibration folder);
     up to ``calib_images`` of them, preprocessed as the checkpoint records. ``weight_bits``: the width of the
-    int8 primaries (default: the width the checkpoint was fine-tuned at, else 8; see :func:`export`).
+    int8 primaries (default: the width the checkpoint was fine-tuned at, else 8; see :func:`export`);
+    ``int8_target``: ``any`` (default, exact on every CPU) or ``vnni`` (see :func:`export`).
     """
     from vconvert.data.datasets import describe_input, log, normalisation_origin
     from vconvert.errors import MissingCalibrationError
@@ -155,6 +157,7 @@ def export_checkpoint(
         quantize=quantize,
         calibration=calibration,
         min_agreement=min_agreement,
+        int8_target=int8_target,
         weight_bits=weight_bits,
         source_name=Path(path).name,
     )

@@ -413,6 +413,7 @@ def export(
     min_agreement: float = 0.9,
     short_names: bool = True,
     weight_bits: int | None = None,
+    int8_target: str | None = None,
     source_name: str = "The model",
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``output`` and verify it in onnxruntime before writing.
@@ -438,7 +439,8 @@ def export(
     widened to int8 in the graph); by default the width the model was fine-tuned at (``finetune
     --weight-bits``), else 8. A model fine-tuned at that width keeps its integers exactly; otherwise they are
     quantized min-max at export, with a warning that says how many calibration images change their top-1
-    class (``source_name`` names the model in it).
+    class (``source_name`` names the model in it). ``int8_target``: the CPUs the int8 file must run exactly
+    on, ``any`` (7-bit weights, the default) or ``vnni`` (8-bit; :func:`vconvert.export.quantize.quantize_export`).
     """
     steps = _Steps(progress)
     output = check_writable(output)
@@ -477,7 +479,7 @@ def export(
         int8 = quantize_export(
             dense.file_bytes, written.session, layers, dense.weights, dense.fold.bn_scales, calibration or [],
             compact=compact, inputs=inputs, metadata=dense.info, min_agreement=min_agreement,
-            short_names=short_names, bits=bits or 8,
+            short_names=short_names, bits=bits or 8, int8_target=int8_target,
         )  # fmt: skip
         dense.file_bytes, dense.weights = None, {}
         written = _Written(int8.file_bytes, int8.session, int8.startup_ms, written.parity, int8=int8)
