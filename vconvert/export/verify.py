@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import statistics
 import time
@@ -35,6 +36,19 @@ def ort_session(model: bytes | str, threads: int | None = None, optimised: bool 
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def warm_runtime() -> None:
+    """Start one tiny session, once per process: onnxruntime's one-time set-up (its environment, thread pools,
+    kernel registry) would otherwise be counted in whichever session starts first, making that file's
+    "session start" look several times slower than the others' (it is the runtime's, not the file's)."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm", [value], [output])
+    ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
 
 
 def run_session(session, batch: Tensor) -> list[np.ndarray]:
@@ -69,6 +83,7 @@ def start_session(model_bytes: bytes, what: str = "the ONNX model") -> tuple[Any
         onnx.checker.check_model(model_bytes)  # bytes, not a parsed copy: one model less in memory
     except Exception as error:
         raise CheckFailedError(f"onnx.checker rejects {what} ({first_line(error, 200)}).") from error
+    warm_runtime()
     begin = time.perf_counter()
     try:
         session = ort_session(model_bytes)
@@ -155,6 +170,7 @@ def compare(
     nobody else holds are freed before the next one loads (a session keeps its own copy of the weights).
     """
     startup, sessions = {}, {}
+    warm_runtime()
     for name in list(exported):
         data = exported.pop(name)
         begin = time.perf_counter()
