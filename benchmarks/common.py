@@ -38,9 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 # ---------------------------------------------------------------- the shared CIFAR-10 model and data
-MODELS = Path("/work/shared/models")  # ../shared/models: the pretrained CIFAR-10 ResNet-20 (88.57%)
+# The shared folder beside the repository (../shared), or where VCONVERT_SHARED says: a clone elsewhere runs too.
+SHARED = Path(os.environ.get("VCONVERT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MODELS = SHARED / "models"  # the pretrained CIFAR-10 ResNet-20 (88.57%)
 RESNET20_FILE = "resnet20_cifar10.pt"  # its state_dict in MODELS (sample_models.resnet_cifar:resnet20)
-SHARED_CIFAR = Path("/work/shared/data/cifar10")  # ../shared/data/cifar10: cifar10-{train,test}.tar.gz
+SHARED_CIFAR = SHARED / "data" / "cifar10"  # cifar10-{train,test}.tar.gz
 CIFAR_CACHE = Path.home() / ".cache" / "vconvert" / "cifar10"  # those archives unpacked (train/, test/)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -5,7 +5,7 @@ variant the table reports the mean relative weight error over converted layers, 
 ratio of those layers, and test top-1 (10,000 images) right after conversion and after BatchNorm
 recalibration on 2,000 unlabeled training images. No fine-tuning.
 
-    python benchmarks/init_quality.py [--models /work/shared/models] [--data /work/shared/data/cifar10]
+    python benchmarks/init_quality.py [--models ../shared/models] [--data ../shared/data/cifar10]
                                       [--cache ~/.cache/vconvert/cifar10] [--threads 2]
 
 Unpacks the JPEG archives once into the cache folder and decodes them once into a tensor file

@@ -8,7 +8,7 @@ say so when quoting it. ``--train-limit 0 --epochs 15`` is the full budget: abou
 on 2 CPU cores with ``--loader device --batch-size 256``; on a GPU ``--jobs 8`` runs the rules side by side.
 
     python benchmarks/mask_learning.py [--epochs 2] [--train-limit 8000] [--eval-limit 10000] [--jobs 1]
-           [--batch-size 128] [--lr 0.01] [--loader auto|workers|device] [--models /work/shared/models]
+           [--batch-size 128] [--lr 0.01] [--loader auto|workers|device] [--models ../shared/models]
            [--cifar ~/.cache/vconvert/cifar10]
            [--output benchmarks/results/mask_learning]
 

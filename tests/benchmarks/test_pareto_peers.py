@@ -146,3 +146,20 @@ def test_quantization_aware_peers_train_in_vconverts_loop_and_export_their_4_bit
     info = pareto.export_quantization_aware(trained, tmp_path / "peer.onnx", torch.randn(8, 3, 32, 32), 4, 0.0)
     assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] and info["compact_equals_dense"]
     assert info["converted_as_qlinear"] == len(names)
+
+
+def test_the_shared_folder_is_found_beside_the_repository_or_where_the_environment_says(tmp_path, monkeypatch) -> None:
+    import importlib
+
+    import benchmarks.common as common
+
+    try:
+        monkeypatch.delenv("VCONVERT_SHARED", raising=False)
+        beside = importlib.reload(common)
+        assert beside.MODELS == Path(common.__file__).resolve().parents[2] / "shared" / "models"
+        monkeypatch.setenv("VCONVERT_SHARED", str(tmp_path))
+        moved = importlib.reload(common)
+        assert moved.MODELS == tmp_path / "models" and moved.SHARED_CIFAR == tmp_path / "data" / "cifar10"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(common)
