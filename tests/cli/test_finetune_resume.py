@@ -76,3 +76,17 @@ def test_resume_names_each_option_typed_differently_from_the_run(tmp_path: Path)
     result = invoke("finetune", source, "-o", output, "--resume", "--lr", "0.5", "--epochs", "7")
     assert_one_sentence_error(result, 2, "--lr 0.5 here, 0.01 in the run", "--epochs 7 here, 2 in the run")
     assert output.read_bytes() == before
+
+
+def test_a_run_recorded_by_an_older_version_resumes_with_the_default_of_an_option_it_lacks(tmp_path: Path) -> None:
+    from vconvert.io.format import read_checkpoint, write_checkpoint
+    from vconvert.train.finetune import finetune
+
+    source = converted_checkpoint(tmp_path / "m.vc.pt")
+    output = tmp_path / "out.vc.pt"
+    finetune_cut(source, output, FinetuneConfig(**QUICK))
+    payload = read_checkpoint(output)
+    del payload["metadata"]["finetune_state"]["config"]["ema"]  # an option older files do not record
+    write_checkpoint(output, {key: value for key, value in payload.items() if key not in ("format", "versions")})
+    history = finetune(source, output, FinetuneConfig(**QUICK), resume=True)
+    assert [entry.epoch for entry in history] == [1, 2]

@@ -63,11 +63,12 @@ _OPTIONAL_FIELDS = {"data": str, "train_limit": int, "eval_limit": int, "weight_
 
 
 def _checked_config(value: object, path: Path) -> dict:
-    """The options a run recorded, checked as strictly as the command line checks typed ones: every field of
-    :class:`FinetuneConfig` and no other, each of its type (finite numbers; lists of finite numbers)."""
+    """The options a run recorded, checked as strictly as the command line checks typed ones: fields of
+    :class:`FinetuneConfig` only, each of its type (finite numbers; lists of finite numbers); a field an older
+    vconvert did not record takes its default (the behaviour that version had)."""
     where = f"`resume`: {path}'s recorded options"
     defaults = asdict(FinetuneConfig())
-    recorded = check_fields(value, where, tuple(defaults))
+    recorded = {**defaults, **check_fields(value, where, (), tuple(defaults))}
     for name, default in defaults.items():
         item = recorded[name]
         expected = _OPTIONAL_FIELDS.get(name, type(default))
@@ -135,8 +136,11 @@ def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoin
     where = f"`resume`: {path}'s fine-tuning state"
     averaged = ("live_weights", "ema") if config.ema else ()
     state = check_fields(value, where, RESUME_FIELDS + averaged)
-    if state["config"] != asdict(config):
-        raise BadInputError(f"`resume`: {path} was written by a run with other options: {_differences(state, config)}.")
+    recorded = {**asdict(FinetuneConfig()), **check_mapping(state["config"], f"{where} config")}
+    if recorded != asdict(config):
+        raise BadInputError(
+            f"`resume`: {path} was written by a run with other options: {_differences({'config': recorded}, config)}."
+        )
     epoch = check_int(state["epoch"], f"{where} epoch", 1, config.epochs)
     check_float(state["best_top1"], f"{where} best_top1")
     history = state["history"]
