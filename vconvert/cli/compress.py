@@ -49,17 +49,18 @@ def example_input(model, shape: list[int]):
     a shape the model refuses, or a forward past the memory budget, is refused before anything is allocated."""
     import torch
 
-    from vconvert.errors import first_line
-    from vconvert.io.budget import ForwardRejected, check_forward
+    from vconvert.io.budget import check_forward
 
     typed = ",".join(map(str, shape))
-    try:
-        check_forward(model, shape, f"Tracing the model at --input-shape {typed}")
-    except ForwardRejected as error:
-        raise BadInputError(
-            f"The model rejects an input of --input-shape {typed} ({first_line(error.__cause__ or error, 120)}): "
-            "give the shape it takes, N,C,H,W (e.g. 1,3,224,224)."
-        ) from None
+    check_forward(
+        model,
+        shape,
+        f"Tracing the model at --input-shape {typed}",
+        lambda reason: (
+            f"The model rejects an input of --input-shape {typed} ({reason}): give the shape it takes, "
+            "N,C,H,W (e.g. 1,3,224,224)."
+        ),
+    )
     return torch.randn(*shape)
 
 

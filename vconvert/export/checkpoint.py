@@ -55,7 +55,7 @@ def check_calibration_memory(model: Any, source: str | Path, shape: Sequence[int
     all at once (up to ``limit``; for digits the whole training split is resized first), and each
     calibration batch runs through the model (its forward's peak sized on the meta device)."""
     from vconvert.export.quantize import calibration_batch_size
-    from vconvert.io.budget import ForwardRejected, check_allocation, check_forward, tensor_bytes
+    from vconvert.io.budget import check_allocation, check_forward, tensor_bytes
 
     image = [1, *(int(v) for v in shape[1:])]
     count = limit
@@ -66,10 +66,12 @@ def check_calibration_memory(model: Any, source: str | Path, shape: Sequence[int
     size = "x".join(map(str, image[1:]))
     check_allocation(count * tensor_bytes(image), f"Calibrating on {limit} images of {source} at {size}")
     batch = [calibration_batch_size(shape), *image[1:]]
-    try:
-        check_forward(model, batch, f"Calibrating on batches of {batch[0]} images at {size}")
-    except ForwardRejected as error:
-        raise BadInputError(f"The model rejects calibration batches of shape {batch} ({error}).") from None
+    check_forward(
+        model,
+        batch,
+        f"Calibrating on batches of {batch[0]} images at {size}",
+        lambda reason: f"The model rejects calibration batches of shape {batch} ({reason}).",
+    )
 
 
 def export_checkpoint(

@@ -229,15 +229,17 @@ def check_export_memory(model: nn.Module, input_shape: Sequence[int]) -> None:
     """Refuse (BadInputError) an export whose largest batch (:data:`VERIFY_BATCHES`) does not fit the memory
     budget: the images and the forward's peak, sized on the meta device (:func:`vconvert.io.budget.check_forward`),
     stand for what each onnxruntime session holds; a shape the model refuses is said, never run."""
-    from vconvert.io.budget import ForwardRejected, check_forward
+    from vconvert.io.budget import check_forward
 
     shape = [max(VERIFY_BATCHES), *(int(v) for v in input_shape[1:])]
-    try:
-        check_forward(model, shape, f"Exporting at input shape {list(input_shape)} (verification batch {shape})")
-    except ForwardRejected as error:
-        raise BadInputError(
-            f"The model rejects an input of shape {shape} ({error}): give `input_shape` the shape it takes."
-        ) from None
+    check_forward(
+        model,
+        shape,
+        f"Exporting at input shape {list(input_shape)} (verification batch {shape})",
+        lambda reason: (
+            f"The model rejects an input of shape {shape} ({reason}): give `input_shape` the shape it takes."
+        ),
+    )
 
 
 def _example_and_inputs(input_shape: Sequence[int], inputs: Sequence[Tensor] | None) -> tuple[Tensor, Sequence[Tensor]]:

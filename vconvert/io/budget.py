@@ -177,11 +177,21 @@ def forward_peak_bytes(model: Any, shape: Sequence[int]) -> int:
     return tensor_bytes(shape) + mode.peak
 
 
-def check_forward(model: Any, shape: Sequence[int], what: str) -> None:
+def check_forward(model: Any, shape: Sequence[int], what: str, rejected: Callable[[str], str] | None = None) -> None:
     """Refuse (BadInputError, ``what`` starting the sentence) a forward of ``model`` on ``shape`` that needs
     more than the budget: the input first, then the peak of the forward on the meta device. A forward the
     meta device cannot run (it reads values) runs for real, each op sized on the meta device before it
-    allocates. A shape the model refuses raises :class:`ForwardRejected` and never runs for real."""
+    allocates. A shape the model refuses never runs for real: BadInputError with the sentence
+    ``rejected(reason)`` when given, else :class:`ForwardRejected`."""
+    try:
+        _check_forward(model, shape, what)
+    except ForwardRejected as error:
+        if rejected is None:
+            raise
+        raise BadInputError(rejected(str(error))) from None
+
+
+def _check_forward(model: Any, shape: Sequence[int], what: str) -> None:
     import torch
 
     check_allocation(tensor_bytes(shape), what)

@@ -187,15 +187,17 @@ def _check_input_fits(model: nn.Module, input_shape: list[int], path: Path) -> N
     input and the forward's peak are sized on the meta device, so only shapes are worked out; a forward that
     cannot run there (a value read back in Python) runs for real, each op sized before it allocates. A shape
     the model refuses (a channel mismatch) is refused without a real forward."""
-    from vconvert.io.budget import ForwardRejected, check_forward
+    from vconvert.io.budget import check_forward
 
     shape = [1, *input_shape[1:]]
-    try:
-        check_forward(model, shape, f"A forward of {path}'s model on its recorded input shape {shape}")
-    except ForwardRejected as error:
-        raise BadInputError(
-            f"{path}'s model rejects an input of its own recorded shape {shape} ({error}): the file is damaged."
-        ) from None
+    check_forward(
+        model,
+        shape,
+        f"A forward of {path}'s model on its recorded input shape {shape}",
+        lambda reason: (
+            f"{path}'s model rejects an input of its own recorded shape {shape} ({reason}): the file is damaged."
+        ),
+    )
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
