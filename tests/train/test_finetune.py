@@ -3,6 +3,7 @@ NaN handling, bad data, and DistributedDataParallel on 2 CPU processes."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, converted_checkpoint, error_message, finetune_cut_and_resumed
+from conftest import QUICK, converted_checkpoint, error_message, finetune_cut_and_resumed, noise_image_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,7 +29,7 @@ from vconvert.fit.initialise import from_conv, project_onto_groups
 from vconvert.nn.versatile import group_members, materialise_weight
 from vconvert.train.config import FinetuneConfig, projection_interval
 from vconvert.train.distill import distillation_loss
-from vconvert.train.finetune import finetune, warmup_cosine
+from vconvert.train.finetune import _check_finite_weights, finetune, warmup_cosine
 from vconvert.train.hardware import cpu_has_native_bf16, uses_bf16
 from vconvert.train.masks import MaskLearner, MaskSettings, anneal_factor, binary_masks, count_flips, latent_share
 
@@ -207,6 +208,8 @@ def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None
     assert last.metadata.finetune["complete"] and last.metadata.data["source"] == "digits"
     assert best.metadata.finetune["val_top1"] == max(entry.val_top1 for entry in history)
     assert history[-1].train_loss < history[0].train_loss * 1.5
+    # the default gradient clip never acts on a BatchNorm net (runs stay as they were before it existed)
+    assert all(0 < entry.extra["grad_norm_max"] < FinetuneConfig().grad_clip for entry in history)
     original = load_checkpoint(source).model.state_dict()
     changed = [
         k for k, v in last.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, original[k])
@@ -292,9 +295,84 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     with torch.no_grad():
         broken.model.fc.weight.fill_(3e38)  # finite (a NaN weight is refused on loading), but the logits overflow
     save(tmp_path / "broken.vc.pt", broken.model, broken.plan, broken.base, broken.teacher, broken.metadata)
-    with pytest.raises(CheckFailedError, match=r"loss became (nan|inf)"):
+    with pytest.raises(CheckFailedError, match=r"loss became (nan|inf)") as stopped:
         finetune(tmp_path / "broken.vc.pt", output, FinetuneConfig(**{**QUICK, "recalibrate_images": 0}))
     assert output.read_bytes() == good
+    assert "before its first epoch ended, so no epoch was written; nothing on disk changed" in str(stopped.value)
+    assert "with a lower `lr` (e.g. 0.001, a tenth of 0.01)" in str(stopped.value)
+
+
+def _no_batchnorm_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A user's net without BatchNorm or ReLU (two convs, mean pool, a linear layer: a deep linear net, whose
+    gradients grow with its weights), compressed and saved as a .vc.pt."""
+    from vconvert import compress
+    from vconvert.io.metadata import CheckpointMetadata
+    from vconvert.io.untrusted import BaseSpec
+
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / name / "nets.py").write_text(
+        "from torch import nn\n"
+        "class LinearNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)\n"
+        "        self.fc = nn.Linear(16, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.b(self.a(x)).mean((2, 3)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    teacher = importlib.import_module(f"{name}.nets").LinearNet().eval()
+    model, plan = compress(teacher, torch.randn(2, 3, 32, 32))
+    base = BaseSpec(arch=f"{name}.nets:LinearNet", arch_kwargs={}, pickled=None, source="test")
+    save(tmp_path / "nobn.vc.pt", model, plan, base, teacher, CheckpointMetadata(input_shape=[1, 3, 32, 32]))
+    return tmp_path / "nobn.vc.pt"
+
+
+def test_gradient_clipping_keeps_a_net_without_batchnorm_finite_where_it_diverged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _no_batchnorm_net(tmp_path, monkeypatch, "nobn_clip_user")
+    data = noise_image_folder(tmp_path / "data")  # 6 training images: 3 steps of 2 per epoch
+    options = {"data": str(data), "epochs": 4, "batch_size": 2, "lr": 10.0, "recalibrate_images": 0, "workers": 0}
+    output = tmp_path / "off.vc.pt"
+    with pytest.raises(CheckFailedError, match=r"(loss|weights) became (nan|inf|non-finite) at epoch [2-4]") as stopped:
+        finetune(source, output, FinetuneConfig(**options, grad_clip=0.0), trust=True)
+    message = str(stopped.value)
+    written = json.loads((tmp_path / "off.metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+    assert f"epoch{'s 1-' if written > 1 else ' '}{written} {'are' if written > 1 else 'is'} in {output}" in message
+    assert f"(it holds epoch {written}, the last good one)" in message and "e.g. 1, a tenth of 10" in message
+    assert load_checkpoint(output, trust=True).metadata.finetune["epochs_done"] == written
+
+    history = finetune(source, tmp_path / "clipped.vc.pt", FinetuneConfig(**options, grad_clip=1.0), trust=True)
+    assert [entry.epoch for entry in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(entry.train_loss) for entry in history)
+    assert max(entry.extra["grad_norm_max"] for entry in history) > 1.0  # the clip acted (norms before it)
+    weights = load_checkpoint(tmp_path / "clipped.vc.pt", trust=True).model.state_dict().values()
+    assert all(bool(torch.isfinite(w).all()) for w in weights if w.is_floating_point())
+
+
+def test_non_finite_weights_say_which_epochs_are_on_disk(tmp_path: Path) -> None:
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    last = tmp_path / "ft.vc.pt"
+    with pytest.raises(CheckFailedError) as first:
+        _check_finite_weights(net, 0, last, 0.01)
+    assert str(first.value).startswith("The weights became non-finite at epoch 1 (weight); the run stopped before")
+    assert "no epoch was written; nothing on disk changed" in str(first.value)
+    with pytest.raises(CheckFailedError) as later:
+        _check_finite_weights(net, 3, last, 0.01)
+    assert f"epochs 1-3 are in {last} (it holds epoch 3, the last good one)" in str(later.value)
+    assert "lower `lr` (e.g. 0.001, a tenth of 0.01)" in str(later.value)
+
+
+def test_grad_clip_must_be_a_norm() -> None:
+    with pytest.raises(BadInputError, match="`grad_clip` must be a gradient norm"):
+        FinetuneConfig(grad_clip=-1.0).validate()
+    with pytest.raises(BadInputError, match="`grad_clip`"):
+        FinetuneConfig(grad_clip=float("nan")).validate()
 
 
 def _image_folder(root: Path, classes: int, per_class: int, broken: int = 0, empty: str | None = None) -> Path:

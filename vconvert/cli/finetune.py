@@ -63,6 +63,14 @@ def finetune(
         ),
     ] = 5e-4,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up, then cosine.")] = 0.5,
+    grad_clip: Annotated[
+        float,
+        typer.Option(
+            "--grad-clip",
+            help="Scale the gradients down to this L2 norm where above (0: off): models without BatchNorm need it, "
+            "BatchNorm models stay below it.",
+        ),
+    ] = 5.0,
     masks: Annotated[
         str,
         typer.Option(
@@ -192,7 +200,8 @@ def finetune(
         raise BadInputError("Pass --mean and --std together.")
     config = FinetuneConfig(
         data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate, mask_anneal=mask_anneal,
+        warmup_epochs=warmup_epochs, grad_clip=grad_clip, masks=masks, mask_lr=mask_lr, flip_rate=flip_rate,
+        mask_anneal=mask_anneal,
         project_ramp=project_ramp, project_every=project_every, ortho_weight=ortho_weight, distill=distill,
         temperature=temperature,
         distill_weight=distill_weight, recalibrate_images=recalibrate_images, bn_mode=bn_mode, augment=augment,

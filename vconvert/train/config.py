@@ -24,6 +24,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
+    grad_clip: float = 5.0  # scale the gradients down to this L2 norm where above (0: off; no_bn_divergence.md)
     masks: str = "project"
     mask_lr: float = 0.05
     flip_rate: float = 0.01
@@ -64,6 +65,8 @@ class FinetuneConfig:
             raise BadInputError(f"`project_ramp` must be a fraction of the run in [0, 1]; got {self.project_ramp}.")
         if self.project_every < 1:
             raise BadInputError(f"`project_every` must be at least 1 image; got {self.project_every}.")
+        if not self.grad_clip >= 0:  # also NaN
+            raise BadInputError(f"`grad_clip` must be a gradient norm ≥ 0 (0: off); got {self.grad_clip}.")
         if not 0.0 <= self.ema < 1.0:
             raise BadInputError(f"`ema` must be 0 (off) or a decay below 1 such as 0.999; got {self.ema}.")
         bits = self.weight_bits

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -87,18 +87,36 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 SYNC_EVERY = 50
 
 
-def _check_finite(loss, loss_sum, env: Distributed, epoch: int, step: int, last_path: Path) -> float:
+def stopped_message(what: str, epoch: int, last_path: Path, lr: float) -> str:
+    """The sentence a run that stopped at (0-based) ``epoch`` ends with: ``what`` happened, which epochs are on
+    disk (none before the first epoch ends: nothing on disk changed) and what to try."""
+    if epoch == 0:
+        written = "the run stopped before its first epoch ended, so no epoch was written; nothing on disk changed"
+    else:
+        epochs = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+        written = f"the run stopped; {epochs} in {last_path} (it holds epoch {epoch}, the last good one)"
+    return f"{what}; {written}. Run it again with a lower `lr` (e.g. {lr / 10:g}, a tenth of {lr:g}) or check the data."
+
+
+def _check_finite(loss, loss_sum, env: Distributed, epoch: int, step: int, last_path: Path, lr: float) -> float:
     """The loss (mean over ranks); raises CheckFailedError when it, or any loss since the last check,
     is NaN or infinite."""
     loss_value, since_last = _all_reduce_sum([float(loss.detach()), float(loss_sum)], env)
     loss_value /= env.world
     if not (math.isfinite(loss_value) and math.isfinite(since_last)):
         bad = loss_value if not math.isfinite(loss_value) else since_last
-        raise CheckFailedError(
-            f"The loss became {bad} at epoch {epoch + 1}, step {step + 1}; the run stopped and "
-            f"{last_path} keeps the last good epoch (if any): lower `lr` or check the data."
-        )
+        what = f"The loss became {bad} at epoch {epoch + 1}, step {step + 1}"
+        raise CheckFailedError(stopped_message(what, epoch, last_path, lr))
     return loss_value
+
+
+def _gradient_norm(optimiser: torch.optim.Optimizer, clip: float) -> torch.Tensor:
+    """The L2 norm of all gradients the optimiser steps with (on their device, no host sync), after scaling
+    them down to ``clip`` where it is above (``clip`` 0: measured only)."""
+    parameters = [p for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters])
 
 
 def _open_source(
@@ -230,6 +248,7 @@ class _Run:
     use_bf16: bool
     channels_last: bool
     last_path: Path
+    gradient_norms: list[float] = field(default_factory=list)  # per epoch, the largest before clipping
 
 
 def _loss(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +283,7 @@ def _train_epoch(run: _Run, epoch: int, progress: Callable[[int, int, dict], Non
     correct = torch.zeros((), dtype=torch.long, device=env.device)
     sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
     flips = 0
+    norm_max = torch.zeros((), device=env.device)  # the largest gradient norm of the epoch (before clipping)
     loss_value = float("nan")  # the last loss read back from the device (shown by the progress bar)
     for step, (images, labels) in enumerate(run.batches.train(epoch)):
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
@@ -276,13 +296,14 @@ def _train_epoch(run: _Run, epoch: int, progress: Callable[[int, int, dict], Non
         sums[2] += len(labels)
         # a host sync per step would stall a GPU; a NaN persists, so checking every few steps suffices
         if env.device.type == "cpu" or (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
-            loss_value = _check_finite(loss, loss_sum, env, epoch, step, run.last_path)
+            loss_value = _check_finite(loss, loss_sum, env, epoch, step, run.last_path, run.config.lr)
             sums[0] += float(loss_sum)
             sums[1] += int(correct)
             loss_sum.zero_()
             correct.zero_()
         run.optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        norm_max = torch.maximum(norm_max, _gradient_norm(run.optimiser, run.config.grad_clip).detach().float())
         run.optimiser.step()
         run.scheduler.step()
         flips += run.masks.after_step()
@@ -290,17 +311,16 @@ def _train_epoch(run: _Run, epoch: int, progress: Callable[[int, int, dict], Non
             run.average.update(run.student)
         if progress and env.main:
             progress(step + 1, steps, {"epoch": epoch + 1, "epochs": run.config.epochs, "loss": loss_value})
+    run.gradient_norms.append(float(norm_max))
     return _all_reduce_sum(sums, env), flips
 
 
-def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path) -> None:
+def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path, lr: float) -> None:
     """Refuse to write weights that overflowed (a loss can stay finite while a scale reaches inf)."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckFailedError(
-                f"The weights became non-finite at epoch {epoch + 1} ({name}); the run stopped and {last_path} keeps "
-                "the last good epoch (if any): lower `lr` or check the data."
-            )
+            what = f"The weights became non-finite at epoch {epoch + 1} ({name})"
+            raise CheckFailedError(stopped_message(what, epoch, last_path, lr))
 
 
 def finetune(
@@ -407,11 +427,12 @@ def finetune(
             images_per_s=seen / elapsed,
             lr=scheduler.get_last_lr()[0],
             seconds=elapsed,
-            extra={"flip_rule_flips": flips, "skipped_images": skipped} if epoch == 0 else {"flip_rule_flips": flips},
+            extra={"flip_rule_flips": flips, "grad_norm_max": run.gradient_norms[-1]}
+            | ({"skipped_images": skipped} if epoch == 0 else {}),
         )
         history.append(metrics)
         if env.main:
-            _check_finite_weights(evaluated, epoch, last_path)
+            _check_finite_weights(evaluated, epoch, last_path, config.lr)
             training_state = {
                 "optimiser": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
