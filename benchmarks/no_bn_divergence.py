@@ -9,7 +9,7 @@ the largest gradient norm of each epoch and the validation top-1 after each epoc
 
     python benchmarks/no_bn_divergence.py [--quick] [--work /tmp/nobn] [--runs default,lr0.001,clip1]
 
-Writes benchmarks/results/no_bn_divergence.json (``--quick``: ..._quick.json). Nothing trained or
+Writes benchmarks/results/no_bn_divergence.json and .md (``--quick``: ..._quick.*). Nothing trained or
 unpacked here is committed: the work folder (data, models, checkpoints) defaults to /tmp/nobn.
 """
 
@@ -30,7 +30,7 @@ ARCHS = {"squeezenet1_1": "torchvision.models:squeezenet1_1", "resnet8": "sample
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # vconvert's default for folders
 # name: FinetuneConfig changes from the defaults
 RUNS: dict[str, dict[str, Any]] = {
-    "default": {},  # gradients clipped at norm 5 since this measurement
+    "default": {},  # gradients clipped at norm 10 since this measurement
     "noclip": {"grad_clip": 0.0},  # the default before it
     "lr0.001": {"lr": 0.001},
     "warmup2": {"warmup_epochs": 2.0},

@@ -70,7 +70,7 @@ def finetune(
             help="Scale the gradients down to this L2 norm where above (0: off): models without BatchNorm need it, "
             "BatchNorm models stay below it.",
         ),
-    ] = 5.0,
+    ] = 10.0,
     masks: Annotated[
         str,
         typer.Option(

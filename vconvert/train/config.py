@@ -24,7 +24,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
-    grad_clip: float = 5.0  # scale the gradients down to this L2 norm where above (0: off; no_bn_divergence.md)
+    grad_clip: float = 10.0  # scale the gradients down to this L2 norm where above (0: off; no_bn_divergence.md)
     masks: str = "project"
     mask_lr: float = 0.05
     flip_rate: float = 0.01
