@@ -5,16 +5,19 @@ differently is named with both values."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import QUICK, assert_one_sentence_error, converted_checkpoint, finetune_cut, invoke
 
 from vconvert import load_checkpoint
+from vconvert.errors import BadInputError
 from vconvert.train.config import FinetuneConfig
 
 ARGS = ["--data", "digits", "--epochs", "3", "--batch-size", "64", "--train-limit", "384", "--eval-limit", "64",
@@ -86,7 +89,9 @@ def test_a_run_recorded_by_an_older_version_resumes_with_the_default_of_an_optio
     output = tmp_path / "out.vc.pt"
     finetune_cut(source, output, FinetuneConfig(**QUICK))
     payload = read_checkpoint(output)
-    del payload["metadata"]["finetune_state"]["config"]["ema"]  # an option older files do not record
+    del payload["metadata"]["finetune_state"]["config"]["grad_clip"]  # older files ran without clipping
     write_checkpoint(output, {key: value for key, value in payload.items() if key not in ("format", "versions")})
-    history = finetune(source, output, FinetuneConfig(**QUICK), resume=True)
+    history = finetune(source, output, FinetuneConfig(**QUICK, grad_clip=0.0), resume=True)  # as that run did
     assert [entry.epoch for entry in history] == [1, 2]
+    with pytest.raises(BadInputError, match=re.escape("`grad_clip` 10.0 here, 0.0 in the run")):
+        finetune(source, output, FinetuneConfig(**QUICK), resume=True)

@@ -58,6 +58,8 @@ def check_outputs_spare_input(checkpoint_path: str | Path, outputs: tuple[Path, 
                 )
 
 
+# The value of an option a file written before the option existed ran with (its default otherwise).
+BEFORE_THE_OPTION = {"grad_clip": 0.0}  # gradient clipping came in 0.1.0 (session 14): runs before never clipped
 # Fields of FinetuneConfig that may be None, and the type of their value otherwise.
 _OPTIONAL_FIELDS = {"data": str, "train_limit": int, "eval_limit": int, "weight_bits": int, "mean": list, "std": list}
 
@@ -65,9 +67,9 @@ _OPTIONAL_FIELDS = {"data": str, "train_limit": int, "eval_limit": int, "weight_
 def _checked_config(value: object, path: Path) -> dict:
     """The options a run recorded, checked as strictly as the command line checks typed ones: fields of
     :class:`FinetuneConfig` only, each of its type (finite numbers; lists of finite numbers); a field an older
-    vconvert did not record takes its default (the behaviour that version had)."""
+    vconvert did not record takes the value that version ran with (:data:`BEFORE_THE_OPTION`, else its default)."""
     where = f"`resume`: {path}'s recorded options"
-    defaults = asdict(FinetuneConfig())
+    defaults = {**asdict(FinetuneConfig()), **BEFORE_THE_OPTION}
     recorded = {**defaults, **check_fields(value, where, (), tuple(defaults))}
     for name, default in defaults.items():
         item = recorded[name]
@@ -136,7 +138,7 @@ def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoin
     where = f"`resume`: {path}'s fine-tuning state"
     averaged = ("live_weights", "ema") if config.ema else ()
     state = check_fields(value, where, RESUME_FIELDS + averaged)
-    recorded = {**asdict(FinetuneConfig()), **check_mapping(state["config"], f"{where} config")}
+    recorded = {**asdict(FinetuneConfig()), **BEFORE_THE_OPTION, **check_mapping(state["config"], f"{where} config")}
     if recorded != asdict(config):
         raise BadInputError(
             f"`resume`: {path} was written by a run with other options: {_differences({'config': recorded}, config)}."
