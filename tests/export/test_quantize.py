@@ -27,9 +27,9 @@ from vconvert.export.quantize import (
     decode_int8_layer,
     encode_int8_layer,
     int8_layer_subgraph,
-    pack_nibbles,
+    pack_integers,
     quantize_primaries,
-    unpack_nibbles,
+    unpack_integers,
 )
 from vconvert.fit.initialise import from_conv
 from vconvert.nn.versatile import materialise_weight
@@ -290,7 +290,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     "case",
     ["unknown-value", "with-ring", "no-calibration-data", "missing-folder", "empty-folder", "unreadable-folder",
-     "weight-bits-3", "weight-bits-16", "weight-bits-without-int8"],
+     "weight-bits-1", "weight-bits-16", "weight-bits-without-int8"],
 )  # fmt: skip
 def test_bad_quantize_requests_exit_2_and_write_nothing(case: str, checkpoint: Path, tmp_path: Path) -> None:
     data = tmp_path / "images"
@@ -306,7 +306,7 @@ def test_bad_quantize_requests_exit_2_and_write_nothing(case: str, checkpoint: P
         "missing-folder": (["--quantize", "int8", "--calib-data", tmp_path / "nope"], ["does not exist"]),
         "empty-folder": (["--quantize", "int8", "--calib-data", data], ["holds no image files"]),
         "unreadable-folder": (["--quantize", "int8", "--calib-data", data], ["None of the 1 image files"]),
-        "weight-bits-3": (["--quantize", "int8", "--weight-bits", "3", "--calib-data", "digits"], ["must be 4 or 8"]),
+        "weight-bits-1": (["--quantize", "int8", "--weight-bits", "1", "--calib-data", "digits"], ["2 to 8; got 1"]),
         "weight-bits-16": (["--quantize", "int8", "--weight-bits", "16", "--calib-data", "digits"], ["got 16"]),
         "weight-bits-without-int8": (["--weight-bits", "4"], ["--weight-bits", "add --quantize int8"]),
     }[case]
@@ -370,11 +370,12 @@ def test_short_names_change_bytes_not_outputs(compact: bool, tmp_path: Path) -> 
 # --------------------------------------------------------------------------- 4-bit primaries
 def test_nibbles_round_trip_every_value_and_an_odd_count() -> None:
     values = np.array([-8, 7, 0, -1, 3, -7, 5], dtype=np.int8)
-    packed = pack_nibbles(values)
-    assert packed.dtype == np.uint8 and packed.tolist() == [0x0F, 0x87, 0xB1, 0xD8]  # value + 8, padded with a zero
-    assert np.array_equal(unpack_nibbles(packed, 7), values)
+    packed = pack_integers(values, 4)
+    # value + 8, the first of each pair in the low nibble (the 4-bit case of the true-width packing)
+    assert packed.dtype == np.uint8 and packed.tolist() == [0xF0, 0x78, 0x1B, 0x0D]
+    assert np.array_equal(unpack_integers(packed, 4, 7), values)
     every = np.arange(-8, 8, dtype=np.int8).repeat(3)
-    assert np.array_equal(unpack_nibbles(pack_nibbles(every), every.size), every)
+    assert np.array_equal(unpack_integers(pack_integers(every, 4), 4, every.size), every)
 
 
 def _four_bit(options: dict):
@@ -393,7 +394,7 @@ def test_4_bit_subgraph_widens_nibbles_to_int8_in_onnxruntime(name: str) -> None
     assert encoded.packed and int(np.abs(primary).max()) == 7
     nodes, inits = int8_layer_subgraph(encoded, "weight", "vq0")
     stored = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in inits}
-    assert "vq0.primary" not in stored and stored["vq0.primary4"].size == (primary.size + 1) // 2
+    assert "vq0.primary" not in stored and stored["vq0.p4.bytes"].size == 4 * -(-primary.size // 8)  # whole groups
     eight_bit = encode_int8_layer(encode_layer(layer, bn_scale))
     assert encoded.nbytes() == eight_bit.nbytes() - primary.size + (primary.size + 1) // 2
     shape = list(decode_int8_layer(encoded).shape)
@@ -455,7 +456,7 @@ def test_a_4_bit_checkpoint_exports_its_own_4_bit_integers_by_default(digits_4_b
     assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] and info["compact_equals_dense"]
     assert info["converted_as_qlinear"] == info["converted_convs"] == 20 and info["float_conv"] == 0
     recorded = report["metadata"]["vconvert.quantization"]
-    assert recorded["weight_bits"] == 4 and recorded["primary_storage"] == "4-bit, two per byte"
+    assert recorded["weight_bits"] == 4 and recorded["primary_storage"] == "4-bit, packed (value + 8, little-endian)"
 
     # the file against the fake-quantised PyTorch model, on the same calibration images, measured here
     images = _digits_images(digits_4_bit, 128)

@@ -350,8 +350,8 @@ DataOpt = Annotated[
 
 
 def check_weight_bits(bits: int | None) -> None:
-    """The CLI offers 4- and 8-bit primaries (the library takes 2 to 8 for experiments)."""
+    """The CLI offers primaries of 2 to 8 bits, as the library (each stored at its width in int8 files)."""
     from vconvert.nn.quantize import WEIGHT_BITS
 
     if bits is not None and bits not in WEIGHT_BITS:
-        raise BadInputError(f"--weight-bits must be 4 or 8; got {bits}.")
+        raise BadInputError(f"--weight-bits must be an integer from 2 to 8; got {bits}.")

@@ -3,12 +3,16 @@ exactly a sign and a mask applied to its int8 primary, and the primary width a t
 
 With its folded weight W_o = a_o · M_o ∘ P_{p(o)} (a_o = α_o · bn_o: the per-output scale times the folded BN
 factor) each primary filter is quantized once, t_p = max|P_p| / Q and Pq_p = clip(round(P_p / t_p), ±Q)
-(Q = 2^(bits−1) − 1: 127 at 8 bits, 63 at 7, 7 at 4), and
+(Q = 2^(bits−1) − 1: 127 at 8 bits, 63 at 7, 7 at 4, 1 at 2), and
 
     Wq_o = sign(a_o) · M_o ∘ Pq_{p(o)}        with the per-output weight scale  s_o = |a_o| · t_{p(o)}
 
 Target ``any`` writes at most 7-bit primaries (|q| ≤ 63): on x86 CPUs without VNNI onnxruntime adds u8 × s8
 products in saturating int16 pairs, which 8-bit weights overflow (:mod:`vconvert.export.saturation`).
+
+Below 8 bits the file stores each integer at its true width (:func:`pack_integers`): b bits per value, the
+code k + 2^(b−1), values one after another from the least significant bit of the first byte on, so 8 values
+fill exactly b bytes. 8-bit primaries stay plain int8.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from vconvert.errors import CheckFailedError
 from vconvert.export.compact import CompactLayer, decode_layer, smallest_index_dtype
-from vconvert.nn.quantize import integers, minmax_step, storage_bits
+from vconvert.nn.quantize import check_bits, integers, minmax_step
 
 __all__ = [
     "INT8_TARGETS",
@@ -29,10 +33,13 @@ __all__ = [
     "check_fake_quantised",
     "decode_int8_layer",
     "encode_int8_layer",
-    "pack_nibbles",
+    "pack_codes",
+    "pack_integers",
+    "packed_size",
     "primary_width",
     "quantize_primaries",
-    "unpack_nibbles",
+    "unpack_codes",
+    "unpack_integers",
 ]
 
 #: Which CPUs an int8 file is written for: ``any`` (7-bit weights: no u8 × s8 pair can saturate on x86 without
@@ -55,18 +62,40 @@ def quantize_primaries(primary: np.ndarray, bits: int = 8) -> tuple[np.ndarray, 
     return integers(weight, step, bits).to(torch.int8).numpy(), step.double().numpy()
 
 
-def pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """Integers in −8..7 as uint8 bytes, two per byte (value + 8; the first of each pair in the high nibble)."""
-    flat = (values.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.full(1, 8, dtype=np.uint8)])
-    return (flat[0::2] << 4) | flat[1::2]
+def packed_size(count: int, bits: int) -> int:
+    """Bytes that ``count`` values of ``bits`` bits take packed: ceil(count · bits / 8)."""
+    return (count * bits + 7) // 8
 
 
-def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_nibbles`: the first ``count`` integers as int8."""
-    pairs = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:count]
-    return (pairs.astype(np.int16) - 8).astype(np.int8)
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes in 0..2^bits − 1 (1 ≤ bits ≤ 8) at exactly ``bits`` bits each, as uint8 bytes: bit i of
+    code j is bit j · bits + i of the stream, stream bit n is bit n % 8 of byte n // 8 (little-endian
+    throughout); the last byte is padded with zeros."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes must be 1 to 8 bits wide; got {bits}.")
+    flat = codes.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= 2**bits):
+        raise ValueError(f"codes must lie in 0..{2**bits - 1} to be packed at {bits} bits.")
+    planes = (flat[:, None] >> np.arange(bits)) & 1  # (count, bits): bit i of each code
+    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes (int32)."""
+    planes = np.unpackbits(packed.reshape(-1), bitorder="little")[: count * bits].reshape(count, bits)
+    return (planes.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1, dtype=np.int32)
+
+
+def pack_integers(values: np.ndarray, bits: int) -> np.ndarray:
+    """Signed integers in −2^(bits−1)..2^(bits−1) − 1 (2 ≤ bits ≤ 8) at exactly ``bits`` bits each: the
+    codes value + 2^(bits−1) (offset binary) packed by :func:`pack_codes`."""
+    check_bits(bits)
+    return pack_codes(values.astype(np.int64) + 2 ** (bits - 1), bits)
+
+
+def unpack_integers(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_integers`: the first ``count`` integers as int8."""
+    return (unpack_codes(packed, check_bits(bits), count) - 2 ** (bits - 1)).astype(np.int8)
 
 
 @dataclass
@@ -82,7 +111,7 @@ class Int8Layer:
     primary_scale: np.ndarray  # (P,) float64 t_p (folded into weight_scale; not stored in the file)
     weight_scale: np.ndarray  # (N,) float32 s_o = |a_o| · t_{p(o)}
     negated: bool  # some index addresses −Pq
-    bits: int = 8  # Pq lies in −Q..Q; up to 4 bits the file stores it two per byte
+    bits: int = 8  # Pq lies in −Q..Q; below 8 bits the file stores it at ``bits`` bits per value
 
     @property
     def out_channels(self) -> int:
@@ -95,13 +124,13 @@ class Int8Layer:
 
     @property
     def packed(self) -> bool:
-        """Whether the file stores the primaries as 4-bit nibbles."""
-        return storage_bits(self.bits) == 4
+        """Whether the file stores the primaries bit-packed (:func:`pack_integers`; below 8 bits)."""
+        return self.bits < 8
 
     def nbytes(self) -> int:
-        """Bytes of all arrays the file stores for this layer."""
+        """Bytes of all arrays the file stores for this layer (primaries and masks at their packed size)."""
         primary = self.structure.primary
-        stored_primary = (primary.size + 1) // 2 if self.packed else primary.nbytes
+        stored_primary = packed_size(primary.size, self.bits) if self.packed else primary.nbytes
         return self.structure.nbytes() - primary.nbytes + stored_primary + self.weight_scale.nbytes
 
 

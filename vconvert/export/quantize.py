@@ -13,9 +13,10 @@ rebuilds the int8 weights in integers from the stored primaries and bit-packed m
 The target (``int8_target``): ``any`` (default) writes 7-bit weights everywhere (versatile primaries |q| ≤ 63,
 the other layers through ``reduce_range``, |q| ≤ 64), because onnxruntime on x86 CPUs without VNNI adds u8 × s8
 products in saturating int16 pairs that 8-bit weights overflow (:mod:`vconvert.export.saturation`); ``vnni``
-keeps 8-bit weights for CPUs known to add them exactly (x86 with VNNI or AMX, ARM with dot products). 4-bit
-primaries never saturate and stay 4-bit. The file is checked under the arithmetic of the CPUs it is written for,
-not only this one's (:mod:`vconvert.export.int8_checks`).
+keeps 8-bit weights for CPUs known to add them exactly (x86 with VNNI or AMX, ARM with dot products). Narrower
+primaries never saturate and keep their width; below 8 bits the compact file stores them at that width. The
+file is checked under the arithmetic of the CPUs it is written for, not only this one's
+(:mod:`vconvert.export.int8_checks`).
 
 This module is the whole step (:func:`quantize_export`) and re-exports the names of its parts.
 """
@@ -45,17 +46,17 @@ from vconvert.export.calibration import (
 )
 from vconvert.export.compact import encode_layer
 from vconvert.export.int8_checks import check_agreement, top1_agreement
-from vconvert.export.int8_packing import PackedPool, compact_int8_graph, int8_layer_subgraph
+from vconvert.export.int8_packing import PackedPool, PackedPools, compact_int8_graph, int8_layer_subgraph
 from vconvert.export.int8_weights import (
     INT8_TARGETS,
     Int8Layer,
     check_fake_quantised,
     decode_int8_layer,
     encode_int8_layer,
-    pack_nibbles,
+    pack_integers,
     primary_width,
     quantize_primaries,
-    unpack_nibbles,
+    unpack_integers,
 )
 from vconvert.export.names import drop_defaults, shorten_names
 from vconvert.export.qdq_graph import (
@@ -68,7 +69,6 @@ from vconvert.export.qdq_graph import (
     trim_qdq,
 )
 from vconvert.export.verify import run_session
-from vconvert.nn.quantize import storage_bits
 from vconvert.nn.versatile import VersatileConv2d
 
 __all__ = [
@@ -78,6 +78,7 @@ __all__ = [
     "Int8Export",
     "Int8Layer",
     "PackedPool",
+    "PackedPools",
     "calibration_batch_size",
     "calibration_images",
     "calibration_source",
@@ -92,7 +93,7 @@ __all__ = [
     "initializer_bits",
     "int8_layer_subgraph",
     "optimized_model",
-    "pack_nibbles",
+    "pack_integers",
     "primary_width",
     "qlinear_convs",
     "quantize_export",
@@ -101,7 +102,7 @@ __all__ = [
     "set_int8_weights",
     "top1_agreement",
     "trim_qdq",
-    "unpack_nibbles",
+    "unpack_integers",
 ]
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -162,7 +163,7 @@ def check_quantize(quantize: str, ring: bool, weight_bits: int | None = None) ->
         if quantize != "int8":
             raise BadInputError("`weight_bits` sets the width of int8 primaries: pass it with `quantize` int8.")
         if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
-            raise BadInputError(f"`weight_bits` must be 4 or 8 (the library takes 2 to 8); got {weight_bits!r}.")
+            raise BadInputError(f"`weight_bits` must be an integer from 2 to 8; got {weight_bits!r}.")
 
 
 def _quantization_info(bits: int, requested: int, target: str, trained: bool, images: int) -> dict[str, Any]:
@@ -179,10 +180,17 @@ def _quantization_info(bits: int, requested: int, target: str, trained: bool, im
         "runs_exactly_on": "every CPU (no u8 x s8 pair reaches the int16 limit of x86 without VNNI)"
         if target == "any"
         else "x86 with VNNI or AMX, ARM with dot products (x86 without VNNI may saturate 8-bit weights)",
-        "primary_storage": "4-bit, two per byte" if storage_bits(bits) == 4 else "int8",
+        "primary_storage": _primary_storage(bits),
         "primary_integers": "fine-tuned at these bits" if trained else "min-max at export",
         "calibration_images": images,
     }
+
+
+def _primary_storage(bits: int) -> str:
+    """How the compact file stores ``bits``-bit primaries (the ``primary_storage`` metadata)."""
+    if bits == 8:
+        return "int8"
+    return f"{bits}-bit, packed (value + {2 ** (bits - 1)}, little-endian)"  # b bits per value, 8 values in b bytes
 
 
 def _warn_narrowed(layers: Mapping[str, VersatileConv2d], requested: int, bits: int) -> None:
@@ -232,10 +240,10 @@ def quantize_export(
 
     ``int8_target`` (default: ``any``, or what :func:`default_int8_target` set): ``any`` writes at most 7-bit
     weights, which no CPU saturates; ``vnni`` full 8-bit weights. The primaries are ``bits``-bit integers (held
-    in int8; stored two per byte up to 4 bits; 8 becomes 7 for ``any``): a layer fine-tuned at that width keeps
-    the very integers it was trained with, and its dequantized int8 weight must equal the fake-quantised weight
-    of the fp32 file (:func:`check_fake_quantised`); other layers are quantized min-max from the primaries their
-    forward uses.
+    in int8; the compact file stores them at ``bits`` bits each below 8; 8 becomes 7 for ``any``): a layer
+    fine-tuned at that width keeps the very integers it was trained with, and its dequantized int8 weight must
+    equal the fake-quantised weight of the fp32 file (:func:`check_fake_quantised`); other layers are quantized
+    min-max from the primaries their forward uses.
     """
     from vconvert.export.onnx_file import serialise, set_metadata, strip_export_traces
     from vconvert.export.verify import start_session

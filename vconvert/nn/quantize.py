@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-WEIGHT_BITS = (4, 8)  # what the CLI offers; the library takes 2..8 (3-bit values are stored in 4-bit nibbles)
+WEIGHT_BITS = tuple(range(2, 9))  # what the CLI offers, as the library (int8 files store each width packed)
 QUANTIZERS = ("lsq", "minmax")
 
 
