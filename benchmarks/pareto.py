@@ -14,7 +14,7 @@ measures onnxruntime latency at batch 1 and 64 for all files side by side at the
 - vconvert learned s=2 and s=4 (``compress`` defaults + ``finetune`` defaults), exported
   ``--compact`` (fp32) and ``--quantize int8 --compact``; s=4 also with ``--mask-sharing shared``;
 - the same fine-tuned at 4 bits (``finetune --weight-bits 4``), exported ``--quantize int8 --compact``
-  (4-bit primaries, two per byte, widened to int8 in the graph);
+  (4-bit primaries, packed at 4 bits, widened to int8 in the graph);
 - quantization-aware peers with the same budget, loop, distillation and quantizer (one step per output
   channel): the dense network fine-tuned with 4-bit and with 3-bit weights, and torch-pruning 3x fine-tuned
   at 4 bits, each exported as int8 QDQ with 4-bit storage (3-bit values in 4-bit nibbles). Their convs are

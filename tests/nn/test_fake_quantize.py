@@ -68,7 +68,7 @@ def test_bits_outside_2_to_8_are_refused(bits) -> None:
 
 
 def test_storage_width() -> None:
-    assert [storage_bits(b) for b in (2, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
+    assert [storage_bits(b) for b in (2, 3, 4, 5, 8)] == [2, 3, 4, 5, 8]
 
 
 # --------------------------------------------------------------------------- the layer

@@ -81,12 +81,12 @@ def test_minmax_steps_follow_the_primaries_and_a_4_bit_file_stays_4_bit(tmp_path
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--weight-bits", "3"], "--weight-bits must be 4 or 8; got 3"),
-        (["--weight-bits", "16"], "--weight-bits must be 4 or 8; got 16"),
+        (["--weight-bits", "1"], "--weight-bits must be an integer from 2 to 8; got 1"),
+        (["--weight-bits", "16"], "--weight-bits must be an integer from 2 to 8; got 16"),
         (["--weight-bits", "4", "--weight-quantizer", "mse"], "--weight-quantizer must be one of lsq, minmax"),
-        (["--weight-quantizer", "minmax"], "add --weight-bits 4 or 8"),
+        (["--weight-quantizer", "minmax"], "add --weight-bits (2 to 8)"),
     ],
-    ids=["bits-3", "bits-16", "unknown-quantizer", "quantizer-without-bits"],
+    ids=["bits-1", "bits-16", "unknown-quantizer", "quantizer-without-bits"],
 )
 def test_finetune_bad_weight_quantization_exits_2(options: list, says: str, tmp_path: Path) -> None:
     source = converted_checkpoint(tmp_path / "m.vc.pt")

@@ -146,9 +146,9 @@ def export(
         int | None,
         typer.Option(
             "--weight-bits",
-            help="With --quantize int8: the primary filters as 8- or 4-bit integers (4: two per byte, widened to "
-            "int8 in the graph, still QLinearConv). Default: the width the checkpoint was fine-tuned at "
-            "(finetune --weight-bits), else 8; another width warns with the top-1 change it causes.",
+            help="With --quantize int8: the primary filters as 2- to 8-bit integers (below 8 stored at exactly that "
+            "many bits, widened to int8 in the graph, still QLinearConv). Default: the width the checkpoint was "
+            "fine-tuned at (finetune --weight-bits), else 8; another width warns with the top-1 change it causes.",
         ),
     ] = None,
     int8_target: Annotated[

@@ -159,7 +159,7 @@ def finetune(
         int | None,
         typer.Option(
             "--weight-bits",
-            help="Quantization-aware training: the primary filters are fake-quantised to 4 or 8 bits (symmetric, "
+            help="Quantization-aware training: the primary filters are fake-quantised to 2-8 bits (symmetric, "
             "one step per primary filter, gradients straight through); export --quantize int8 then stores them at "
             "this width. Default: float primaries.",
         ),
@@ -195,7 +195,7 @@ def finetune(
         raise BadInputError(f"--masks must be one of {', '.join(STRATEGIES)}; got {masks!r}.")
     check_weight_bits(weight_bits)
     if weight_quantizer is not None and weight_bits is None:
-        raise BadInputError("--weight-quantizer chooses the step of --weight-bits: add --weight-bits 4 or 8.")
+        raise BadInputError("--weight-quantizer chooses the step of --weight-bits: add --weight-bits (2 to 8).")
     if (mean is None) != (std is None):
         raise BadInputError("Pass --mean and --std together.")
     config = FinetuneConfig(

@@ -437,8 +437,8 @@ def export(
     the calibration images. Its values get short names unless ``short_names`` is False (names are a tenth
     of a small int8 file).
 
-    ``weight_bits`` (int8 only) is the width of the versatile primaries: 8, or 4 (stored two per byte and
-    widened to int8 in the graph); by default the width the model was fine-tuned at (``finetune
+    ``weight_bits`` (int8 only) is the width of the versatile primaries: 2 to 8 (below 8 stored at exactly
+    that many bits and widened to int8 in the graph); by default the width the model was fine-tuned at (``finetune
     --weight-bits``), else 8. A model fine-tuned at that width keeps its integers exactly; otherwise they are
     quantized min-max at export, with a warning that says how many calibration images change their top-1
     class (``source_name`` names the model in it). ``int8_target``: the CPUs the int8 file must run exactly

@@ -35,8 +35,9 @@ def largest_level(bits: int) -> int:
 
 
 def storage_bits(bits: int) -> int:
-    """Bits each stored integer takes in a file: 4 (two per byte) up to 4 bits, else 8."""
-    return 4 if check_bits(bits) <= 4 else 8
+    """Bits each stored integer takes in a file: exactly its width (the int8 export packs 2 to 7 bits at their
+    true width, 8 as int8)."""
+    return check_bits(bits)
 
 
 def minmax_step(weight: Tensor, bits: int) -> Tensor:

@@ -71,7 +71,7 @@ class FinetuneConfig:
             raise BadInputError(f"`ema` must be 0 (off) or a decay below 1 such as 0.999; got {self.ema}.")
         bits = self.weight_bits
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
-            raise BadInputError(f"`weight_bits` must be 4 or 8 (the library takes 2 to 8); got {self.weight_bits!r}.")
+            raise BadInputError(f"`weight_bits` must be an integer from 2 to 8; got {self.weight_bits!r}.")
         if self.weight_quantizer not in QUANTIZERS:
             raise BadInputError(
                 f"`weight_quantizer` must be one of {', '.join(QUANTIZERS)}; got {self.weight_quantizer!r}."
