@@ -133,12 +133,16 @@ def _open_source(
     where the data came from)."""
     if not resume:
         source = load_checkpoint(checkpoint_path, trust=trust)
-        data, data_from = choose_data(config.data, source.metadata.recorded_data(), checkpoint_path)
+        data, data_from = choose_data(
+            config.data, source.metadata.recorded_data(), checkpoint_path, source.metadata.missing_data()
+        )
         return source, replace(config, data=data), None, source.metadata.carried(), data_from
     if not last_path.exists():
         raise BadInputError(f"`resume`: {last_path} does not exist yet; start the run without `resume`.")
     source = load_checkpoint(last_path, trust=trust)
-    data, data_from = choose_data(config.data, source.metadata.recorded_data(), last_path)
+    data, data_from = choose_data(
+        config.data, source.metadata.recorded_data(), last_path, source.metadata.missing_data()
+    )
     config = replace(config, data=data)
     typed = None if typed is None else {*typed, "data"}  # the data is resolved like a typed `data`
     state = source.metadata.finetune_state
