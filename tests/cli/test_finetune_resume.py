@@ -24,9 +24,17 @@ ARGS = ["--data", "digits", "--epochs", "3", "--batch-size", "64", "--train-limi
         "--workers", "0", "--recalibrate-images", "64", "--masks", "frozen", "--lr", "0.02"]  # fmt: skip
 
 
+def _restore_ctrl_c() -> None:
+    """A shell starts background jobs (`make test &`, CI runners) with SIGINT ignored, and children inherit
+    that; a user's terminal delivers Ctrl-C, so the child gets the default disposition back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _finetune(*args: object) -> subprocess.Popen:
     command = [sys.executable, "-m", "vconvert", "finetune", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_restore_ctrl_c
+    )
 
 
 def test_ctrl_c_says_what_is_on_disk_and_a_bare_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -866,7 +866,8 @@ def resume_cases() -> list[Case]:
         ),
         Case("resume-live-weights-garbage", resume_edit(_set("live_weights", {"x": 1}))),
         Case("resume-ema-garbage", resume_edit(_set("ema", [1]))),
-        Case("resume-config-differs", resume_edit(lambda s: s["config"].update(lr=0.5)), BAD, "options differ"),
+        # a typed option (--batch-size 4) that differs from the recorded one; untyped ones are taken from the file
+        Case("resume-config-differs", resume_edit(lambda s: s["config"].update(batch_size=8)), BAD, "other options"),
     ]
     return cases
 

@@ -34,8 +34,8 @@ def test_a_run_started_from_a_last_file_carries_its_metadata_but_not_its_resume_
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
 def test_weights_that_overflowed_are_refused_before_writing(bad: float, tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    _check_finite_weights(model, 0, tmp_path / "last.vc.pt")  # finite: nothing raised
+    _check_finite_weights(model, 0, tmp_path / "last.vc.pt", 0.01)  # finite: nothing raised
     with torch.no_grad():
         model[1].weight[2] = bad
     with pytest.raises(CheckFailedError, match=r"non-finite at epoch 3 \(1\.weight\)"):
-        _check_finite_weights(model, 2, tmp_path / "last.vc.pt")
+        _check_finite_weights(model, 2, tmp_path / "last.vc.pt", 0.01)

@@ -51,6 +51,7 @@ def evaluate(
     debug: DebugOpt = False,
 ) -> None:
     """Top-1/top-5 of a model file on the evaluation split, measured on the artifact itself."""
+    from vconvert.data.datasets import data_as_typed
     from vconvert.evaluate import evaluate_file
 
     result = evaluate_file(
@@ -64,7 +65,7 @@ def evaluate(
     else:
         console.print(
             Text(
-                f"{shown(file.name)} ({result.kind}) on {shown(result.data)}: top-1 {result.top1:.2f}%, "
+                f"{shown(file.name)} ({result.kind}) on {data_as_typed(result.data)}: top-1 {result.top1:.2f}%, "
                 f"top-5 {result.top5:.2f}% ({result.images} images)"
             ),
             soft_wrap=True,

@@ -530,12 +530,25 @@ def describe_input(
     else:
         size, channels = list(shape[2:]), shape[1]  # type: ignore[index]
         mean, std = (preprocessing or {}).get("mean"), (preprocessing or {}).get("std")
-    prefix = f"data {data}" + (f" ({data_from})" if data_from else "") + ": " if data else "input recorded: "
+    origin = f" ({data_from})" if data_from else ""
+    prefix = f"data {data_as_typed(data)}{origin}: " if data else "input recorded: "
     kind = {1: "grey", 3: "RGB"}.get(channels, f"{channels}-channel")
     line = f"{prefix}{'x'.join(map(str, size))} {kind} images (size: {size_from})"
     if mean is None or std is None:
         return line + ", no normalisation (pass `mean` and `std` to record one)."
     return line + f", normalised with mean {_numbers(mean)} and std {_numbers(std)} ({normalisation_from})."
+
+
+def data_as_typed(data: str) -> str:
+    """A data folder as a user would type it here: relative to the working folder when it is inside it (files
+    record absolute paths, :func:`absolute_data`)."""
+    if data == DIGITS or not os.path.isabs(data):
+        return printable(data)
+    try:
+        relative = os.path.relpath(data)
+    except ValueError:  # another drive
+        return printable(data)
+    return printable(data if relative.startswith("..") else relative)
 
 
 def normalisation_origin(asked: bool, recorded: bool, file: Path | str | None, data: str) -> str:

@@ -353,6 +353,7 @@ def finetune(
     for path in (last_path, best_path, metrics_path):
         check_writable(path)
     config.validate(env.world)
+    uses_bf16(config.precision, env.device)  # refuse an impossible precision before any work (checked again below)
     source, config, resume_state, base_metadata, data_from = _open_source(
         checkpoint_path, last_path, config, trust, resume, typed_options, env.world
     )
