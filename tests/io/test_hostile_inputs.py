@@ -60,6 +60,7 @@ from test_fuzz_format import (  # the helpers of the issue-16 fuzz suite
     PREPROCESSING,
     QUICK,
     Touch,
+    _folder,
     _members,
     _png,
     _with_props,
@@ -896,7 +897,7 @@ def test_escape_sequences_are_not_printed_raw(make: Callable[[Ctx], list], codes
 
 def test_escape_sequences_in_a_warning(ctx: Ctx) -> None:
     """A class folder whose name carries escapes and a corrupt image: the skipped-file warning is escaped."""
-    data = _image_folder(ctx.folder / "images")
+    data = _folder(ctx.folder / "images")
     evil = data / "val" / f"class{ESCAPES}"
     evil.mkdir()
     _png(evil / "0.png")
@@ -905,16 +906,6 @@ def test_escape_sequences_in_a_warning(ctx: Ctx) -> None:
 
 
 # --------------------------------------------------------------------------- image folders
-def _image_folder(root: Path) -> Path:
-    for split in ("train", "val"):
-        for label in range(2):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(3):
-                _png(folder / f"{index}.png", value=40 + 100 * label + index)
-    return root
-
-
 @functools.cache
 def _big_png(side: int = 12000) -> bytes:
     """A side² RGB PNG of zeros built row by row (~400 KB; decoding it takes side²·3 bytes)."""
@@ -991,7 +982,7 @@ def test_hostile_image_folder(
     counted once (a symlink loop does not multiply them)."""
     monkeypatch.setenv("VCONVERT_MEMORY_BUDGET", "1")
     _png(ctx.folder / "outside.png")
-    data = _image_folder(ctx.folder / "images")
+    data = _folder(ctx.folder / "images")
     add(data, ctx)
     args, outputs = _image_command(cmd, data, ctx)
     result = run_case(args, ctx, codes, seconds=30, outputs=outputs)
