@@ -14,32 +14,20 @@ from vconvert import VersatileConv2d
 from vconvert.convert.calibrate import recalibrate_batchnorm
 from vconvert.data.datasets import calibration_batches
 from vconvert.errors import BadInputError
-from vconvert.fit.initialise import (
-    FitResult,
-    best_slot_permutation,
+from vconvert.fit.closed_form import (
     first_argmax,
     fit_masks,
     fit_masks_and_primary,
     fit_primary,
     fit_scale,
-    fit_weight,
-    from_conv,
-    group_cost,
-    group_outputs,
-    grouping_costs,
-    improve_groups,
-    initialise_from_weight,
-    metric_masks,
-    metric_primary,
-    metric_scale,
-    pair_cost,
-    pair_outputs,
-    project_onto_groups,
     rank_one,
-    relative_error,
-    slot_layout,
-    spatial_metric,
 )
+from vconvert.fit.grouping import group_cost, group_outputs, grouping_costs, improve_groups, pair_cost
+from vconvert.fit.initialise import from_conv, initialise_from_weight, relative_error
+from vconvert.fit.metric import metric_masks, metric_primary, metric_scale, spatial_metric
+from vconvert.fit.pairing import pair_outputs
+from vconvert.fit.slots import best_slot_permutation, slot_layout
+from vconvert.fit.weight import FitResult, fit_weight, project_onto_groups
 from vconvert.nn.versatile import group_members
 
 
