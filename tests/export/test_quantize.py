@@ -498,15 +498,33 @@ def test_4_bits_on_a_float_checkpoint_warns_with_the_top1_change_it_causes(digit
     assert info["weight_bits"] == 4 and info["weights_equal_fake_quantised"] is None
 
 
-def test_layers_quantized_at_different_widths_are_refused_before_any_work(tmp_path: Path) -> None:
+def test_layers_at_different_widths_keep_their_own_integers(tmp_path: Path) -> None:
+    from vconvert.nn.versatile import versatile_layers
+
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    layers = list(versatile_layers(model))
+    widths = {name: 3 + index % 3 for index, (name, _) in enumerate(layers)}  # 3, 4, 5, 3, ...
+    for name, layer in layers:
+        layer.set_weight_bits(widths[name], "lsq")
+    report = export(model, tmp_path / "m.onnx", input_shape=[1, 3, 32, 32], quantize="int8", compact=True,
+                    calibration=_calibration(), measure=False, min_agreement=0.0)  # fmt: skip
+    info = report.quantization
+    assert info["layer_weight_bits"] == widths and info["weight_bits"] == "per layer"
+    assert info["weights_equal_fake_quantised"] and info["compact_equals_dense"]
+    recorded = report.metadata["vconvert.quantization"]
+    assert recorded["layer_weight_bits"] == widths
+    assert recorded["primary_storage"].split("; ")[0] == "3-bit, packed (value + 4, little-endian)"
+
+
+def test_layers_with_different_quantizers_are_refused_before_any_work(tmp_path: Path) -> None:
     from vconvert.errors import BadInputError
     from vconvert.nn.versatile import versatile_layers
 
     model, _ = _converted_resnet8(MODES["learned-s2"])
     layers = [layer for _, layer in versatile_layers(model)]
     layers[0].set_weight_bits(4, "lsq")
-    layers[1].set_weight_bits(8, "lsq")
-    with pytest.raises(BadInputError, match="cannot be exported at one width"):
+    layers[1].set_weight_bits(8, "minmax")
+    with pytest.raises(BadInputError, match="different quantizers"):
         export(model, tmp_path / "m.onnx", input_shape=[1, 3, 32, 32], quantize="int8", calibration=_calibration(),
                measure=False)  # fmt: skip
     assert list(tmp_path.iterdir()) == []

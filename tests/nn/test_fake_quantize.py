@@ -17,7 +17,13 @@ from vconvert.nn.quantize import (
     minmax_step,
     storage_bits,
 )
-from vconvert.nn.versatile import materialise_weight, set_weight_bits_, weight_quantization
+from vconvert.nn.versatile import (
+    layer_widths,
+    materialise_weight,
+    set_weight_bits_,
+    set_weight_quantization_,
+    weight_quantization,
+)
 
 MODES = {
     "learned-s2": {"mode": "learned", "secondary": 2},
@@ -115,13 +121,22 @@ def test_lsq_steps_learn_and_the_latent_weight_of_the_project_rule_takes_the_wei
     assert torch.equal(layer(torch.ones(1, 8, 4, 4)).detach(), before), "the gradient paths add exact zeros"
 
 
-def test_a_model_is_quantized_at_one_width() -> None:
+def test_a_model_records_one_width_or_each_layers_width() -> None:
     model = nn.Sequential(_layer(MODES["learned-s2"]), nn.ReLU(), _layer(MODES["spatial"]))
     assert weight_quantization(model) is None
     assert set_weight_bits_(model, 4, "minmax") == 2
     assert weight_quantization(model) == {"bits": 4, "quantizer": "minmax"}
+    model[2].set_weight_bits(None)
+    mixed = weight_quantization(model)
+    assert mixed == {"bits": 4, "quantizer": "minmax", "layers": {"0": 4, "2": None}}
+    restored = nn.Sequential(_layer(MODES["learned-s2"]), nn.ReLU(), _layer(MODES["spatial"]))
+    set_weight_quantization_(restored, mixed)
+    assert layer_widths(restored) == {"0": 4, "2": None} and weight_quantization(restored) == mixed
+    assert set_weight_bits_(restored, {"2": 3}, "minmax") == 1 and layer_widths(restored) == {"0": 4, "2": 3}
+    with pytest.raises(ValueError, match="no versatile layer is named '1'"):
+        set_weight_bits_(restored, {"1": 3})
     model[2].set_weight_bits(8, "lsq")
-    with pytest.raises(ValueError, match="quantized differently"):
+    with pytest.raises(ValueError, match="different quantizers"):
         weight_quantization(model)
 
 

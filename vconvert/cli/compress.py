@@ -110,6 +110,18 @@ def compress(
         bool, typer.Option("--scale/--no-scale", help="Learn a scale per secondary filter.", metavar="")
     ] = True,
     target_ratio: TargetRatioOpt = None,
+    target_size: Annotated[
+        float | None,
+        typer.Option(
+            "--target-size",
+            help="Plan every conv for an int8 file this fraction of the fp32 file, e.g. 0.1: dense or versatile "
+            "(s=2, 4), at 2, 3, 4 or 8 bits, whatever changes the outputs least on --calib-data (no labels); "
+            "finetune and export keep each layer's width.",
+        ),
+    ] = None,
+    plan_images: Annotated[
+        int, typer.Option("--plan-images", help="Calibration images --target-size measures each choice on.")
+    ] = 128,
     convert_first: ConvertFirstOpt = False,
     min_params: MinParamsOpt = 0,
     skip: SkipOpt = None,
@@ -148,9 +160,22 @@ def compress(
     if same_file(output, file):
         raise BadInputError(f"The output {shown(output)} would overwrite the input model; choose another -o.")
     check_writable(output)
+    if target_size is not None and calib_data is None:
+        raise BadInputError("--target-size measures each layer on images: pass --calib-data (no labels needed).")
+    if plan_images < 1:
+        raise BadInputError(f"--plan-images must be at least 1; got {plan_images}.")
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
     example = example_input(model, shape)
+    size_from = "--input-shape" if input_shape else f"the default {DEFAULT_INPUT_SHAPE}; --input-shape sets it"
+    plan_batches = []
+    if target_size is not None:
+        from vconvert.data.datasets import calibration_batches
+
+        mean_std = preprocessing["mean"], preprocessing["std"]
+        plan_batches = list(
+            calibration_batches(calib_data, (shape[2], shape[3]), *mean_std, limit=plan_images, size_from=size_from)
+        )
     with progress_bar() as progress:
         converted, plan = compress_model(
             model,
@@ -166,10 +191,11 @@ def compress(
             min_params=min_params,
             skip=skip or [],
             init=init,
-            progress=fitting_progress(progress, "fitting"),
+            progress=fitting_progress(progress, "planning" if target_size is not None else "fitting"),
+            target_size=target_size,
+            calibration=plan_batches,
         )
     metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
-    size_from = "--input-shape" if input_shape else f"the default {DEFAULT_INPUT_SHAPE}; --input-shape sets it"
     origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"
     log.info(describe_input(None, size_from, origin, shape=shape, preprocessing=preprocessing))
     if calib_data is not None:

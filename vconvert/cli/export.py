@@ -48,7 +48,7 @@ def _int8_summary(report) -> str:
     rows = {row["model"]: row for row in report.table}
     exported, fp32 = rows["exported"], rows["dense fold"]
     text = (
-        f"int8 ({'compact' if info['compact'] else 'dense'}): {info['weight_bits']}-bit primaries, "
+        f"int8 ({'compact' if info['compact'] else 'dense'}): {_widths(info)} primaries, "
         f"{exported['bits_per_weight']:.2f} bits per weight, "
         f"file {fp32['file_bytes'] / exported['file_bytes']:.2f}x smaller than the fp32 dense file"
     )
@@ -69,13 +69,20 @@ def _int8_summary(report) -> str:
     return text
 
 
+def _widths(info: dict) -> str:
+    """``4-bit``, or ``2- to 8-bit`` for a plan that gives each layer its own width."""
+    from vconvert.export.pipeline import widths_text
+
+    return widths_text(info.get("layer_weight_bits") or info["weight_bits"])
+
+
 def _target_note(info: dict) -> str:
     """Which CPUs the int8 file is exact on, and its agreement under the arithmetic of x86 without VNNI."""
     check = info.get("agreement") or {}
     images = info["agreement_images"]
     if info.get("int8_target") == "any":
         return (
-            f"written for any CPU (--int8-target any): {info['weight_bits']}-bit weights, largest |q| "
+            f"written for any CPU (--int8-target any): {_widths(info)} weights, largest |q| "
             f"{check.get('max_abs_weight')}, so no u8 x s8 pair can saturate on x86 without VNNI and every CPU "
             f"computes these integers"
         )

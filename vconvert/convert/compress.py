@@ -83,6 +83,9 @@ def compress(
     init: str = "fit",
     dry_run: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    target_size: float | None = None,
+    calibration: Sequence[torch.Tensor] = (),
+    search: str = "knapsack",
 ) -> tuple[nn.Module, ConversionPlan]:
     """Convert the eligible Conv2d layers of ``model`` into VersatileConv2d, initialised without data.
 
@@ -92,9 +95,16 @@ def compress(
     factor, preferring the layers whose fit error is lowest per bit saved. ``dry_run`` decides
     without fitting or swapping anything (``vconvert inspect`` on a plain model). ``progress`` is
     called as (layers done, layers in all, layer name). The input model is not modified.
+
+    ``target_size`` (a fraction of the fp32 file, e.g. 0.1) plans each conv instead: dense or versatile with 2
+    or 4 secondaries, at 2, 3, 4 or 8 bits, measured on the unlabeled ``calibration`` batches
+    (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy). Convs the rules above skip may still
+    be stored dense at fewer bits; the layers get their widths (fine-tuning and export keep them).
     """
     base_options = _checked_options(ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing,
                                                 scale), init, skip)  # fmt: skip
+    if target_size is not None and (target_ratio is not None or mode != "learned"):
+        raise BadInputError("`target_size` plans the modes and widths itself: drop `target_ratio` and `mode`.")
     source = copy.deepcopy(model).eval()
     # analyse: every conv call site, in execution order
     sites, traced_with, note = analyse(source, example_input)
@@ -105,11 +115,11 @@ def compress(
         raise BadInputError(f"`skip` {unmatched[0]!r} matches no Conv2d in the model; check the layer names.")
     # decide: a reason to skip each conv, or the options it converts with
     stem = order[0] if order else None
-    decisions = {}
+    decisions, reasons = {}, {}
     for name in order:
         conv, site = convs[name], sites.get(name)
-        reason = _skip_reason(name, conv, site, name == stem, convert_first, min_params, skip)
-        decisions[name] = _decide(name, conv, site, reason, base_options)
+        reasons[name] = _skip_reason(name, conv, site, name == stem, convert_first, min_params, skip)
+        decisions[name] = _decide(name, conv, site, reasons[name], base_options)
     eligible = [name for name, decision in decisions.items() if decision.decision == CONVERTED]
     model_dense_bits = model_stored_bits(source)
     chosen = {name: base_options.layer_kwargs() for name in eligible}
@@ -121,13 +131,18 @@ def compress(
         for name in eligible:
             if name not in chosen:
                 decisions[name].decision = "skipped: not needed for --target-ratio"
+    widths: dict[str, int | None] = {}
+    if target_size is not None:
+        chosen, widths, choice_note = _plan_for_size(
+            source, convs, decisions, reasons, base_options, calibration, target_size, init, search, progress
+        )
     # apply: fit each chosen layer to its conv's weights and swap it in by qualified name
     if dry_run:
         for name, options in chosen.items():
             decisions[name].options = options
             decisions[name].stored_bits = storage_of(convs[name], options)[1]
     else:
-        _apply(source, convs, chosen, decisions, init, progress)
+        _apply(source, convs, chosen, decisions, init, progress, widths)
     plan = ConversionPlan(
         layers=list(decisions.values()),
         traced_with=traced_with,
@@ -138,8 +153,50 @@ def compress(
         model_dense_bits=model_dense_bits,
         model_stored_bits=model_dense_bits - sum(d.dense_bits - d.stored_bits for d in decisions.values() if d.options),
         choice_note=choice_note,
+        target_size=target_size,
     )
     return source.eval(), plan
+
+
+PLANNABLE = re.compile(r"skipped: (stem|matched --skip|too small)")  # shapes a dense layer can take
+
+
+def _plan_for_size(
+    model: nn.Module,
+    convs: dict[str, nn.Conv2d],
+    decisions: dict[str, LayerDecision],
+    reasons: dict[str, str | None],
+    base: ConvOptions,
+    calibration: Sequence[torch.Tensor],
+    target_size: float,
+    init: str,
+    search: str,
+    progress: Callable[[int, int, str], None] | None,
+) -> tuple[dict[str, dict], dict[str, int | None], str]:
+    """``target_size``: each plannable conv's choice (:func:`vconvert.convert.target_size.plan_for_size`) as the
+    options of the convs that become versatile, their widths, and the note; the decisions say what was
+    chosen (a conv kept plain is left to the int8 export)."""
+    from vconvert.convert.target_size import plan_for_size
+
+    allowed = {
+        name: (1, 2, 4) if decisions[name].decision == CONVERTED else (1,)
+        for name, reason in reasons.items()
+        if reason is None or PLANNABLE.match(reason)
+    }
+    planned = plan_for_size(model, {name: convs[name] for name in allowed}, allowed, base.layer_kwargs(),
+                            calibration, target_size, init=init, search=search, progress=progress)  # fmt: skip
+    chosen: dict[str, dict] = {}
+    widths: dict[str, int | None] = {}
+    for name, candidate in planned.chosen.items():
+        decision = decisions[name]
+        decision.weight_bits, decision.divergence = candidate.choice.bits, candidate.divergence
+        if candidate.choice.plain:
+            decision.decision = reasons[name] or "kept dense: int8 at export (--target-size)"
+            continue
+        decision.decision = CONVERTED
+        chosen[name] = candidate.choice.options(base.layer_kwargs())
+        widths[name] = candidate.choice.weight_bits
+    return chosen, widths, planned.note()
 
 
 def _checked_options(options: ConvOptions, init: str, skip: Sequence[str]) -> ConvOptions:
@@ -197,14 +254,18 @@ def _apply(
     decisions: dict[str, LayerDecision],
     init: str,
     progress: Callable[[int, int, str], None] | None,
+    widths: dict[str, int | None] | None = None,
 ) -> None:
-    """Fit a versatile layer to each chosen conv's weights, swap it into ``model`` and record the result."""
+    """Fit a versatile layer to each chosen conv's weights, swap it into ``model`` and record the result;
+    ``widths`` fake-quantises a layer's primaries (the learned step of fine-tuning, started min-max)."""
     for index, (name, options) in enumerate(chosen.items()):
         if progress:
             progress(index, len(chosen), name)
         conv = convs[name]
         layer = VersatileConv2d.shaped_like(conv, **options)
         error = initialise_from_weight(layer, conv.weight.detach(), detached(conv.bias), method=init)
+        if (widths or {}).get(name) is not None:
+            layer.set_weight_bits(widths[name], "lsq")
         model.set_submodule(name, layer)
         decision = decisions[name]
         decision.options = options

@@ -64,6 +64,8 @@ class LayerDecision:
     options: dict | None = None  # VersatileConv2d keyword options when converted
     fit_error: float | None = None
     mask_density: float | None = None
+    weight_bits: int | None = None  # the width --target-size planned (8: int8 at export), None: not planned
+    divergence: float | None = None  # the output divergence the planned choice alone caused (--target-size)
 
     @property
     def converted(self) -> bool:
@@ -72,7 +74,7 @@ class LayerDecision:
     @classmethod
     def from_dict(cls, data: object, where: str) -> LayerDecision:
         """Inverse of ``asdict`` with strict types and bounds; a damaged entry raises BadInputError."""
-        values = check_fields(data, where, tuple(item.name for item in fields(cls)))
+        values = check_fields(data, where, tuple(item.name for item in fields(cls))[:-2], _PLANNED_FIELDS)
         if isinstance(values["name"], str):
             where = f"{where} ({values['name']!r})"
         decision = cls(
@@ -94,10 +96,15 @@ class LayerDecision:
             mask_density=_optional(
                 values["mask_density"], lambda v: check_float(v, f"{where}'s mask_density", finite=False)
             ),
+            weight_bits=_optional(values.get("weight_bits"), lambda v: check_int(v, f"{where}'s weight_bits", 2, 8)),
+            divergence=_optional(values.get("divergence"), lambda v: check_float(v, f"{where}'s divergence")),
         )
         if decision.converted and decision.options is None:
             raise BadInputError(f"{where} is converted but records no options: the file is damaged.")
         return decision
+
+
+_PLANNED_FIELDS = ("weight_bits", "divergence")  # written since --target-size; older files lack them
 
 
 def _optional(value: object, check: Callable[[object], Any]) -> Any:
@@ -168,6 +175,7 @@ class ConversionPlan:
     model_dense_bits: int = 0
     model_stored_bits: int = 0
     choice_note: str = ""
+    target_size: float | None = None  # --target-size: the int8 file's planned fraction of the fp32 file
 
     @property
     def converted(self) -> list[LayerDecision]:
@@ -185,7 +193,7 @@ class ConversionPlan:
     def from_dict(cls, data: object, where: str = "The checkpoint's plan") -> ConversionPlan:
         """Inverse of :meth:`to_dict` with strict types and bounded values: a damaged plan (a field
         missing, unknown or of the wrong type, a layer named twice) raises BadInputError."""
-        values = check_fields(data, where, tuple(item.name for item in fields(cls)))
+        values = check_fields(data, where, tuple(item.name for item in fields(cls))[:-1], ("target_size",))
         if not isinstance(values["layers"], list):
             raise BadInputError(f"{where}'s layers must be a list: the file is damaged.")
         layers = [LayerDecision.from_dict(layer, f"{where}'s layer {i}") for i, layer in enumerate(values["layers"])]
@@ -204,6 +212,9 @@ class ConversionPlan:
             model_dense_bits=check_int(values["model_dense_bits"], f"{where}'s model_dense_bits"),
             model_stored_bits=check_int(values["model_stored_bits"], f"{where}'s model_stored_bits"),
             choice_note=check_str(values["choice_note"], f"{where}'s choice_note"),
+            target_size=_optional(
+                values.get("target_size"), lambda v: check_float(v, f"{where}'s target_size", positive=True)
+            ),
         )
 
     def table_rows(self) -> list[dict]:
@@ -217,7 +228,8 @@ class ConversionPlan:
                     "shape": f"{layer.out_channels}x{layer.in_channels // layer.groups}x{kh}x{kw}",
                     "decision": layer.decision,
                     "mode": options.get("mode"),
-                    "secondary": options.get("secondary") if options.get("mode") == "learned" else None,
+                    "secondary": _secondary_shown(options),
+                    "bits": layer.weight_bits,
                     "dense_bits": layer.dense_bits,
                     "stored_bits": layer.stored_bits or layer.dense_bits,
                     "fit_error": layer.fit_error,
@@ -225,6 +237,13 @@ class ConversionPlan:
                 }
             )
         return rows
+
+
+def _secondary_shown(options: dict) -> int | None:
+    """The secondary count a table shows: learned layers', and 1 for a dense one (channel mode, one secondary)."""
+    if options.get("mode") == "learned" or (options.get("mode") == "channel" and options.get("secondary") == 1):
+        return options.get("secondary")
+    return None
 
 
 def check_options_fit(conv: nn.Conv2d, options: dict, name: str) -> None:

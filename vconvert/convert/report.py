@@ -91,8 +91,12 @@ def layer_table(rows: list[dict], title: str) -> Table:
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         mode = row.get("mode") or ""
-        if mode and row.get("secondary"):
+        if mode == "channel" and row.get("secondary") == 1:
+            mode = "dense"
+        elif mode and row.get("secondary"):
             mode += f" s={row['secondary']}"
+        if mode and row.get("bits"):
+            mode += f" {row['bits']}-bit"
         table.add_row(
             Text(shown(row["name"])),
             Text(shown(row["shape"])),

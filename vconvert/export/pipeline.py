@@ -47,7 +47,7 @@ from vconvert.export.verify import (
     start_session,
 )
 from vconvert.io.files import atomic_write_bytes, check_writable
-from vconvert.nn.versatile import VersatileConv2d, fold_model, versatile_layers, weight_quantization
+from vconvert.nn.versatile import VersatileConv2d, fold_model, layer_widths, versatile_layers, weight_quantization
 
 RING_WITH_COMPACT = (
     "`ring=True` cannot be combined with `compact=True` (the compact file rebuilds dense weights, not ring "
@@ -112,46 +112,56 @@ def check_ring_request(layers: Mapping[str, VersatileConv2d], compact: bool) -> 
         )
 
 
-def primary_bits(model: nn.Module, weight_bits: int | None) -> int:
-    """The width of the int8 export's primaries: ``weight_bits``, else the width the model was fine-tuned at,
-    else 8."""
+def primary_bits(model: nn.Module, weight_bits: int | None) -> dict[str, int]:
+    """The width of each versatile layer's primaries in the int8 export: ``weight_bits`` for every layer, else
+    each layer's own (the width it was fine-tuned at, or the one its plan gave it), else 8."""
     try:
-        recorded = weight_quantization(model)
-    except ValueError as error:  # layers quantized at different widths by hand: one width per export
-        raise BadInputError(f"The model cannot be exported at one width: {error}") from None
-    return weight_bits or (recorded["bits"] if recorded else 8)
+        weight_quantization(model)
+    except ValueError as error:  # layers quantized with different quantizers by hand
+        raise BadInputError(f"The model cannot be exported: {error}") from None
+    return {name: weight_bits or width or 8 for name, width in layer_widths(model).items()}
 
 
-def needs_requantization(model: nn.Module, bits: int) -> bool:
-    """Whether exporting at ``bits`` quantizes primaries the model was not fine-tuned at: any width but the
-    model's own, except 8 bits for float primaries (the plain int8 export)."""
-    layers = [layer for _, layer in versatile_layers(model)]
-    recorded = weight_quantization(model)
-    if not layers or (recorded is None and bits == 8):
-        return False
-    return recorded is None or recorded["bits"] != bits
+def needs_requantization(model: nn.Module, bits: Mapping[str, int]) -> bool:
+    """Whether exporting at ``bits`` quantizes primaries the model was not fine-tuned at: any layer whose width
+    is not its own, except 8 bits for float primaries (the plain int8 export)."""
+    return any(_requantized_layer(width, bits[name]) for name, width in layer_widths(model).items())
+
+
+def _requantized_layer(own: int | None, bits: int) -> bool:
+    return own != bits and not (own is None and bits == 8)
 
 
 class RequantizationWarning(VConvertWarning):
     """The primaries are exported at another width than the model was fine-tuned at."""
 
 
-def requantized(model: nn.Module, bits: int) -> nn.Module:
-    """A copy of ``model`` whose primaries are the ones its forward uses, quantized min-max at ``bits``: the
-    network an int8 export at ``bits`` holds for a model not fine-tuned at that width."""
+def requantized(model: nn.Module, bits: Mapping[str, int]) -> nn.Module:
+    """A copy of ``model`` whose primaries are the ones its forward uses, quantized min-max at ``bits`` (per
+    layer): the network an int8 export at ``bits`` holds for a model not fine-tuned at those widths."""
     copy_ = copy.deepcopy(model).eval()
-    for _, layer in versatile_layers(copy_):
+    for name, layer in versatile_layers(copy_):
         with torch.no_grad():
             layer.primary.copy_(layer.quantized_primary())
-        layer.set_weight_bits(bits, "minmax")
+        layer.set_weight_bits(bits[name], "minmax")
     return copy_
 
 
-def warn_requantization(model: nn.Module, bits: int, calibration: Sequence[Tensor], name: str) -> float:
+def widths_text(bits: Mapping[str, int | None] | int) -> str:
+    """``4-bit`` for one width, ``2- to 8-bit`` when layers differ."""
+    values = {bits} if isinstance(bits, int) else {width for width in bits.values() if width is not None}
+    if not values:
+        return "float"
+    low, high = min(values), max(values)
+    return f"{low}-bit" if low == high else f"{low}- to {high}-bit"
+
+
+def warn_requantization(model: nn.Module, bits: Mapping[str, int], calibration: Sequence[Tensor], name: str) -> float:
     """Warn that ``model``'s primaries will be quantized at ``bits`` without fine-tuning, with the share of
     calibration images whose top-1 class that changes (in PyTorch); returns that share."""
-    recorded = weight_quantization(model)
-    trained = f"{recorded['bits']}-bit primaries" if recorded else "float primaries"
+    own = layer_widths(model)
+    changed_layers = {layer: width for layer, width in bits.items() if _requantized_layer(own[layer], width)}
+    trained = f"{widths_text(own)} primaries" if any(own.values()) else "float primaries"
     quantized = requantized(model, bits)
     changed = total = 0
     with torch.no_grad():
@@ -162,10 +172,16 @@ def warn_requantization(model: nn.Module, bits: int, calibration: Sequence[Tenso
             changed += int((before.argmax(1) != after.argmax(1)).sum())
             total += before.argmax(1).numel()
     share = changed / max(1, total)
-    advice = f"fine-tune it with `weight_bits` {bits} to keep its accuracy" if bits < 8 else "expect a small change"
+    target = widths_text(changed_layers)
+    subject = "they are" if len(changed_layers) == len(own) else f"{len(changed_layers)} of its {len(own)} layers are"
+    advice = (
+        f"fine-tune it with `weight_bits` {min(changed_layers.values())} to keep its accuracy"
+        if min(changed_layers.values()) < 8
+        else "expect a small change"
+    )
     warnings.warn(
-        f"{name} has {trained}, so they are quantized min-max to {bits} bits at export: that changes "
-        f"the top-1 class of {100 * share:.1f}% of the {total} calibration images; {advice}.",
+        f"{name} has {trained}, so {subject} quantized min-max to {target.removesuffix('-bit')} bits at export: "
+        f"that changes the top-1 class of {100 * share:.1f}% of the {total} calibration images; {advice}.",
         RequantizationWarning,
         stacklevel=3,
     )
@@ -481,7 +497,7 @@ def export(
         int8 = quantize_export(
             dense.file_bytes, written.session, layers, dense.weights, dense.fold.bn_scales, calibration or [],
             compact=compact, inputs=inputs, metadata=dense.info, min_agreement=min_agreement,
-            short_names=short_names, bits=bits or 8, int8_target=int8_target,
+            short_names=short_names, bits=bits or {}, int8_target=int8_target,
         )  # fmt: skip
         dense.file_bytes, dense.weights = None, {}
         written = _Written(int8.file_bytes, int8.session, int8.startup_ms, written.parity, int8=int8)

@@ -166,24 +166,37 @@ def check_quantize(quantize: str, ring: bool, weight_bits: int | None = None) ->
             raise BadInputError(f"`weight_bits` must be an integer from 2 to 8; got {weight_bits!r}.")
 
 
-def _quantization_info(bits: int, requested: int, target: str, trained: bool, images: int) -> dict[str, Any]:
+def _quantization_info(
+    bits: Mapping[str, int], requested: Mapping[str, int], target: str, trained: bool, images: int
+) -> dict[str, Any]:
     """The ``vconvert.quantization`` metadata of an int8 file."""
+    from vconvert.export.pipeline import widths_text
+
     weights = "7-bit (reduce_range)" if target == "any" else "8-bit"
-    return {
+    info = {
         "type": "int8",
         "activations": "uint8 per tensor (onnxruntime MinMax calibration)",
         "weights": f"int8 symmetric per output channel ({weights} for unconverted layers); versatile convs as "
-        f"sign · mask · {bits}-bit primary",
-        "weight_bits": bits,
-        "requested_weight_bits": requested,
+        f"sign · mask · {widths_text(bits)} primary",
+        "weight_bits": _one_width(bits),
+        "requested_weight_bits": _one_width(requested),
         "int8_target": target,
         "runs_exactly_on": "every CPU (no u8 x s8 pair reaches the int16 limit of x86 without VNNI)"
         if target == "any"
         else "x86 with VNNI or AMX, ARM with dot products (x86 without VNNI may saturate 8-bit weights)",
-        "primary_storage": _primary_storage(bits),
+        "primary_storage": "; ".join(_primary_storage(width) for width in sorted(set(bits.values()))) or "int8",
         "primary_integers": "fine-tuned at these bits" if trained else "min-max at export",
         "calibration_images": images,
     }
+    if len(set(bits.values())) > 1:
+        info["layer_weight_bits"] = dict(bits)
+    return info
+
+
+def _one_width(bits: Mapping[str, int]) -> int | str:
+    """The width every layer shares (8 for a model without versatile layers), else ``"per layer"``."""
+    widths = set(bits.values())
+    return widths.pop() if len(widths) == 1 else (8 if not widths else "per layer")
 
 
 def _primary_storage(bits: int) -> str:
@@ -193,15 +206,17 @@ def _primary_storage(bits: int) -> str:
     return f"{bits}-bit, packed (value + {2 ** (bits - 1)}, little-endian)"  # b bits per value, 8 values in b bytes
 
 
-def _warn_narrowed(layers: Mapping[str, VersatileConv2d], requested: int, bits: int) -> None:
-    """Warn when layers fine-tuned at ``requested`` bits are written at fewer for the target (8 → 7 for any)."""
-    trained = sum(layer.weight_bits == requested for layer in layers.values())
-    if bits != requested and trained:
+def _warn_narrowed(
+    layers: Mapping[str, VersatileConv2d], requested: Mapping[str, int], bits: Mapping[str, int]
+) -> None:
+    """Warn when layers fine-tuned at their requested bits are written at fewer for the target (8 → 7 for any)."""
+    trained = sum(layer.weight_bits == requested[name] != bits[name] for name, layer in layers.items())
+    if trained:
         from vconvert.export.pipeline import RequantizationWarning
 
         warnings.warn(
             RequantizationWarning(
-                f"{trained} layer(s) were fine-tuned at {requested} bits and are written at {bits} for `int8_target` "
+                f"{trained} layer(s) were fine-tuned at 8 bits and are written at 7 for `int8_target` "
                 f"any (8-bit weights saturate on x86 CPUs without VNNI); pass `int8_target` vnni to keep their "
                 "integers for CPUs with VNNI, AMX or ARM dot products."
             ),
@@ -222,7 +237,7 @@ def quantize_export(
     metadata: Mapping[str, Any],
     min_agreement: float = MIN_AGREEMENT,
     short_names: bool = True,
-    bits: int = 8,
+    bits: int | Mapping[str, int] = 8,
     int8_target: str | None = None,
 ) -> Int8Export:
     """Quantize the verified fp32 dense file to QDQ int8, set the versatile int8 weights, build the compact
@@ -239,8 +254,9 @@ def quantize_export(
     short ids (:func:`vconvert.export.names.shorten_names`; a tenth of a small file's bytes).
 
     ``int8_target`` (default: ``any``, or what :func:`default_int8_target` set): ``any`` writes at most 7-bit
-    weights, which no CPU saturates; ``vnni`` full 8-bit weights. The primaries are ``bits``-bit integers (held
-    in int8; the compact file stores them at ``bits`` bits each below 8; 8 becomes 7 for ``any``): a layer
+    weights, which no CPU saturates; ``vnni`` full 8-bit weights. The primaries are ``bits``-bit integers (one width,
+    or {layer name: width}; held in int8; the compact file stores them at their width below 8; 8 becomes 7 for
+    ``any``): a layer
     fine-tuned at that width keeps the very integers it was trained with, and its dequantized int8 weight must
     equal the fake-quantised weight of the fp32 file (:func:`check_fake_quantised`); other layers are quantized
     min-max from the primaries their forward uses.
@@ -256,9 +272,10 @@ def quantize_export(
             "Int8 quantization needs calibration images, and none were given: pass `calib_data` (a folder of "
             "images, or digits)."
         )
-    requested, bits = bits, primary_width(bits, target)
-    _warn_narrowed(layers, requested, bits)
-    trained_bits = bool(layers) and all(layer.weight_bits == bits for layer in layers.values())
+    requested = dict.fromkeys(layers, bits) if isinstance(bits, int) else {name: bits[name] for name in layers}
+    widths = {name: primary_width(width, target) for name, width in requested.items()}
+    _warn_narrowed(layers, requested, widths)
+    trained_bits = bool(layers) and all(layer.weight_bits == widths[name] for name, layer in layers.items())
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     fp32 = onnx.load_from_string(fp32_bytes)
@@ -267,9 +284,9 @@ def quantize_export(
     del fp32
     int8_layers = {}
     for name, layer in layers.items():
-        trained = layer.weight_bits == bits  # fine-tuned at these bits: its own integers, checked
+        trained = layer.weight_bits == widths[name]  # fine-tuned at these bits: its own integers, checked
         own = tuple(t.cpu().numpy() for t in layer.primary_integers()) if trained else None
-        int8_layers[name] = encode_int8_layer(encode_layer(layer, bn_scales.get(name)), bits, own)  # type: ignore[arg-type]
+        int8_layers[name] = encode_int8_layer(encode_layer(layer, bn_scales.get(name)), widths[name], own)  # type: ignore[arg-type]
         if trained:
             check_fake_quantised(name, int8_layers[name], weights[name])
     weights.clear()
@@ -281,7 +298,9 @@ def quantize_export(
     if short_names:
         drop_defaults(model)
     images = sum(len(batch) for batch in calibration)
-    info = dict(metadata) | {"vconvert.quantization": _quantization_info(bits, requested, target, trained_bits, images)}
+    info = dict(metadata) | {
+        "vconvert.quantization": _quantization_info(widths, requested, target, trained_bits, images)
+    }
     set_metadata(model, info)
     renaming: dict[str, str] = {}
     if compact and short_names:  # the dense file is only compared with: rename a copy, compacting needs the names
@@ -351,8 +370,9 @@ def quantize_export(
         "int8_target": target,
         "agreement": agreement.to_dict(),
         "compact_equals_dense": compact_equal,
-        "weight_bits": bits,
-        "requested_weight_bits": requested,
+        "weight_bits": _one_width(widths),
+        "requested_weight_bits": _one_width(requested),
+        "layer_weight_bits": widths,
         "weights_equal_fake_quantised": trained_bits or None,
         "compact_layer_bytes": layer_bytes,
         "timings_s": timings,

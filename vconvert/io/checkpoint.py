@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from vconvert.convert.plan import ConversionPlan, apply_plan
-from vconvert.errors import BadInputError, UntrustedCodeError, first_line
+from vconvert.errors import BadInputError, UntrustedCodeError, first_line, shown
 from vconvert.io.format import read_checkpoint, write_checkpoint
 from vconvert.io.metadata import CheckpointMetadata
 from vconvert.io.untrusted import BaseSpec, build_base, resolve_arch
-from vconvert.nn.versatile import set_weight_bits_, versatile_layers, weight_quantization
+from vconvert.nn.versatile import set_weight_quantization_, versatile_layers, weight_quantization
 from vconvert.validate import (
     all_finite,
     check_mapping,
@@ -227,13 +227,27 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     _check_state(teacher.state_dict(), teacher_state, "teacher weights", path)
     _strict_load(teacher, teacher_state, "teacher weights", path)
     model = apply_plan(build_base(base, trust=trust, origin=str(path)), plan)
-    if metadata.weight_quantization is not None:
-        set_weight_bits_(model, metadata.weight_quantization["bits"], metadata.weight_quantization["quantizer"])
+    _check_layer_widths(model, metadata.weight_quantization, path)
+    set_weight_quantization_(model, metadata.weight_quantization)
     _check_state(model.state_dict(), state, "converted weights", path)
     _strict_load(model, state, "converted weights", path)
     _check_index_ranges(model, path)
     _check_input_fits(model.eval(), plan.input_shape, path)
     return Checkpoint(model.eval(), teacher.eval(), plan, base, metadata)
+
+
+def _check_layer_widths(model: nn.Module, record: dict | None, path: Path) -> None:
+    """Per-layer widths, when recorded, name exactly the plan's versatile layers."""
+    widths = (record or {}).get("layers")
+    if widths is None:
+        return
+    names = {name for name, _ in versatile_layers(model)}
+    stray = sorted(set(widths) ^ names)
+    if stray:
+        raise BadInputError(
+            f"{shown(path)}'s weight_quantization gives widths for other layers than its plan converts (e.g. "
+            f"{shown(stray[0])}): the file is damaged."
+        )
 
 
 def load(path: str | Path, trust: bool = False) -> nn.Module:

@@ -118,11 +118,24 @@ class CheckpointMetadata:
             check_str(saved_at, f"{where}'s saved_at")
         quantization = metadata.pop("weight_quantization", None)
         if quantization is not None:
-            quantization = check_fields(quantization, f"{where}'s weight_quantization", ("bits", "quantizer"))
+            quantization = check_fields(
+                quantization, f"{where}'s weight_quantization", ("bits", "quantizer"), ("layers",)
+            )
             check_int(quantization["bits"], f"{where}'s weight_quantization bits", 2, 8)
+            if "layers" in quantization:
+                _check_layer_widths(quantization["layers"], f"{where}'s weight_quantization layers")
             if quantization["quantizer"] not in QUANTIZERS:
                 raise BadInputError(
                     f"{where}'s weight_quantization quantizer must be one of {', '.join(QUANTIZERS)}: the file is "
                     "damaged."
                 )
         return cls(shape, preprocessing, recalibration, data, finetune, state, saved_at, quantization, metadata)
+
+
+def _check_layer_widths(value: object, where: str) -> dict[str, int | None]:
+    """{layer name: weight bits 2..8 or None}: the per-layer widths of a mixed-width model."""
+    widths = check_mapping(value, where)
+    for name, bits in widths.items():
+        if bits is not None:
+            check_int(bits, f"{where} {name!r}", 2, 8)
+    return widths

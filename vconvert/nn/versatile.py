@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -458,21 +458,45 @@ def clip_mask_proxies_(model: nn.Module) -> None:
 
 
 def weight_quantization(model: nn.Module) -> dict | None:
-    """{"bits", "quantizer"} shared by every versatile layer of ``model``, None when they are float
-    (ValueError when the layers differ: vconvert quantizes a whole model at one width)."""
-    found = {(layer.weight_bits, layer.weight_quantizer) for _, layer in versatile_layers(model)}
-    if len(found) > 1:
-        raise ValueError(f"the versatile layers are quantized differently: {sorted(found, key=str)}.")
-    bits, quantizer = next(iter(found), (None, None))
-    return None if bits is None else {"bits": bits, "quantizer": quantizer}
+    """How the primaries of ``model``'s versatile layers are quantized: None when all are float, else
+    {"bits", "quantizer"}; when the layers differ in width (a plan that gives each layer its own, some float)
+    also "layers": {qualified name: bits or None}, with "bits" the widest. ValueError when the quantized
+    layers use different quantizers."""
+    widths = {name: layer.weight_bits for name, layer in versatile_layers(model)}
+    quantizers = {layer.weight_quantizer for _, layer in versatile_layers(model) if layer.weight_bits is not None}
+    if len(quantizers) > 1:
+        raise ValueError(f"the versatile layers use different quantizers: {sorted(quantizers)}.")
+    quantized = [bits for bits in widths.values() if bits is not None]
+    if not quantized:
+        return None
+    record: dict = {"bits": max(quantized), "quantizer": quantizers.pop()}
+    if len(set(widths.values())) > 1:
+        record["layers"] = widths
+    return record
 
 
-def set_weight_bits_(model: nn.Module, bits: int | None, quantizer: str = "lsq") -> int:
-    """:meth:`VersatileConv2d.set_weight_bits` on every versatile layer of ``model``; returns how many."""
-    layers = [layer for _, layer in versatile_layers(model)]
-    for layer in layers:
-        layer.set_weight_bits(bits, quantizer)
-    return len(layers)
+def layer_widths(model: nn.Module) -> dict[str, int | None]:
+    """{qualified name: weight bits or None (float primaries)} of every versatile layer of ``model``."""
+    return {name: layer.weight_bits for name, layer in versatile_layers(model)}
+
+
+def set_weight_bits_(model: nn.Module, bits: int | Mapping[str, int | None] | None, quantizer: str = "lsq") -> int:
+    """:meth:`VersatileConv2d.set_weight_bits` on every versatile layer of ``model`` (``bits`` one width for all,
+    or {qualified name: width} for each); returns how many layers were set."""
+    layers = dict(versatile_layers(model))
+    widths = bits if isinstance(bits, Mapping) else dict.fromkeys(layers, bits)
+    unknown = sorted(set(widths) - set(layers))
+    if unknown:
+        raise ValueError(f"no versatile layer is named {unknown[0]!r}.")
+    for name, width in widths.items():
+        layers[name].set_weight_bits(width, quantizer)
+    return len(widths)
+
+
+def set_weight_quantization_(model: nn.Module, record: Mapping | None) -> None:
+    """Quantize ``model``'s primaries as a :func:`weight_quantization` record says (None: leave them float)."""
+    if record is not None:
+        set_weight_bits_(model, record.get("layers") or record["bits"], record["quantizer"])
 
 
 def fold_model(model: nn.Module) -> nn.Module:

@@ -183,7 +183,8 @@ def _quantize_primaries(student: nn.Module, config: FinetuneConfig, announce: bo
     current = weight_quantization(student)
     if config.weight_bits is None:
         if current is not None and announce:
-            log.info(f"the primary filters stay {current['bits']}-bit ({current['quantizer']}) as the file records")
+            widths = f"{current['bits']}-bit" if "layers" not in current else "at each layer's planned width"
+            log.info(f"the primary filters stay {widths} ({current['quantizer']}) as the file records")
         return False
     wanted = {"bits": config.weight_bits, "quantizer": config.weight_quantizer}
     if current == wanted:

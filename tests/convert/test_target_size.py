@@ -1,0 +1,226 @@
+"""``--target-size``: the per-layer plan (dense or versatile, 2 to 8 bits) for an int8 file of the asked size,
+from the sizes through the search to the widths that fine-tuning and export keep."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RESNET8_ARCH, assert_one_sentence_error, invoke, noise_image_folder
+from torch import nn
+
+from sample_models.resnet_cifar import resnet8
+from vconvert.convert.compress import compress
+from vconvert.convert.target_size import (
+    Candidate,
+    Choice,
+    choice_bits,
+    divergence,
+    fp32_file_bits,
+    greedy,
+    knapsack,
+    plain_int8_bits,
+)
+from vconvert.nn.versatile import VersatileConv2d, layer_widths
+
+LEARNED = {"mode": "learned", "secondary": 2, "channel_stride": 1, "mask_sharing": "per-filter", "scale": True}
+
+
+def _candidates(seed: int, layers: int = 4) -> dict[str, list[Candidate]]:
+    rng = random.Random(seed)
+    found = {}
+    for layer in range(layers):
+        sizes = sorted(rng.sample(range(10, 200), 5))
+        errors = sorted((rng.random() for _ in sizes), reverse=True)  # fewer bits, more divergence
+        found[f"l{layer}"] = [
+            Candidate(Choice(1 + index % 2, 2 + index), size, error)
+            for index, (size, error) in enumerate(zip(sizes, errors, strict=True))
+        ]
+    return found
+
+
+def _brute_force(candidates: dict[str, list[Candidate]], budget: int) -> float:
+    best = float("inf")
+    for combination in itertools.product(*candidates.values()):
+        if sum(c.bits for c in combination) <= budget:
+            best = min(best, sum(c.divergence for c in combination))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6), ids=lambda seed: f"seed{seed}")
+def test_the_knapsack_finds_the_least_divergence_that_fits(seed: int) -> None:
+    candidates = _candidates(seed)
+    budget = sum(min(c.bits for c in options) for options in candidates.values()) + 150
+    chosen = knapsack(candidates, budget)
+    assert chosen is not None and list(chosen) == list(candidates)
+    assert sum(c.bits for c in chosen.values()) <= budget
+    # bits are rounded up to budget / 1000 units, so the optimum is exact here (budgets under 1000 bits)
+    assert sum(c.divergence for c in chosen.values()) == pytest.approx(_brute_force(candidates, budget))
+    by_greedy = greedy(candidates, budget)
+    assert by_greedy is not None and sum(c.bits for c in by_greedy.values()) <= budget
+    assert sum(c.divergence for c in by_greedy.values()) >= sum(c.divergence for c in chosen.values()) - 1e-12
+
+
+def test_a_budget_below_the_smallest_choices_has_no_plan() -> None:
+    candidates = _candidates(0)
+    smallest = sum(min(c.bits for c in options) for options in candidates.values())
+    assert knapsack(candidates, smallest - 1) is None and greedy(candidates, smallest - 1) is None
+
+
+def test_divergence_is_zero_for_the_same_outputs_and_grows_with_the_change() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(16, 10)
+    assert divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    small, large = divergence(logits, logits + 0.1 * torch.randn(16, 10)), divergence(logits, torch.randn(16, 10))
+    assert 0 < small < large
+
+
+@pytest.mark.parametrize(
+    ("secondary", "bits"), [(1, 3), (2, 2), (2, 4), (4, 3), (4, 8)], ids=lambda v: str(v)
+)  # fmt: skip
+def test_a_choice_stores_its_primaries_at_their_width_and_one_bit_per_mask_element(secondary: int, bits: int) -> None:
+    conv = nn.Conv2d(16, 32, 3, bias=False)
+    choice = Choice(secondary, bits)
+    layer = VersatileConv2d.shaped_like(conv, **choice.options(LEARNED))
+    masks = layer.mask_proxy.numel() if layer.mask_proxy is not None else 0
+    index = layer.out_channels * ((layer.num_primary - 1).bit_length() + (layer.group_size - 1).bit_length())
+    expected = layer.primary.numel() * bits + masks + index + 32 * conv.out_channels
+    assert choice_bits(conv, choice, LEARNED) == expected
+    assert choice_bits(conv, Choice(1, 8), LEARNED) == plain_int8_bits(conv) == 32 * 16 * 9 * 8 + 32 * 32
+
+
+def test_the_fp32_size_counts_every_conv_and_linear_weight_and_a_bias_per_output() -> None:
+    model = resnet8()
+    expected = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            expected += module.weight.numel() + module.out_channels
+        elif isinstance(module, nn.Linear):
+            expected += module.weight.numel() + module.bias.numel()
+    assert fp32_file_bits(model) == 32 * expected
+
+
+@pytest.fixture(scope="module")
+def planned() -> tuple[nn.Module, nn.Module, object]:
+    torch.manual_seed(0)
+    teacher = resnet8().eval()
+    images = [torch.randn(8, 3, 32, 32)]
+    model, plan = compress(teacher, images[0][:1], target_size=0.1, calibration=images)
+    return teacher, model, plan
+
+
+def test_a_plan_for_a_size_fits_it_and_gives_every_planned_conv_a_width(planned) -> None:
+    teacher, model, plan = planned
+    assert plan.target_size == 0.1 and "--target-size 0.1" in plan.choice_note
+    ratio = float(plan.choice_note.split("planned int8 weights ")[1].split("x")[0])
+    assert ratio <= 0.1
+    widths = layer_widths(model)
+    for decision in plan.layers:
+        if decision.converted:
+            assert decision.weight_bits in (2, 3, 4, 8) and decision.divergence is not None
+            layer = model.get_submodule(decision.name)
+            assert widths[decision.name] == (None if decision.weight_bits == 8 else decision.weight_bits)
+            assert layer.group_size in (1, 2, 4)
+            if layer.group_size == 1:
+                assert layer.mode == "channel" and decision.options["secondary"] == 1
+    stem = plan.layers[0]
+    assert stem.name == "conv1" and (not stem.converted or stem.options["secondary"] == 1), "the stem stays dense"
+    assert isinstance(teacher.conv1, nn.Conv2d) and not isinstance(teacher.conv1, VersatileConv2d)
+
+
+def test_a_planned_checkpoint_keeps_its_widths_through_save_and_load(planned, tmp_path: Path) -> None:
+    from vconvert import save
+    from vconvert.io.checkpoint import load_checkpoint
+    from vconvert.io.metadata import CheckpointMetadata
+    from vconvert.io.untrusted import BaseSpec
+
+    teacher, model, plan = planned
+    base = BaseSpec(arch=RESNET8_ARCH, arch_kwargs={}, pickled=None, source="test")
+    path = tmp_path / "planned.vc.pt"
+    save(path, model, plan, base, teacher, CheckpointMetadata(input_shape=[1, 3, 32, 32]))
+    loaded = load_checkpoint(path)
+    assert layer_widths(loaded.model) == layer_widths(model)
+    assert [d.weight_bits for d in loaded.plan.layers] == [d.weight_bits for d in plan.layers]
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), model(images))
+
+
+def test_a_planned_checkpoint_exports_each_layer_at_its_width(planned, tmp_path: Path) -> None:
+    from vconvert.export.pipeline import export
+
+    _, model, _ = planned
+    calibration = [torch.randn(8, 3, 32, 32)]
+    report = export(model, tmp_path / "planned.onnx", input_shape=[1, 3, 32, 32], quantize="int8", compact=True,
+                    calibration=calibration, measure=False, min_agreement=0.0)  # fmt: skip
+    info = report.quantization
+    expected = {name: min(width or 8, 7) for name, width in layer_widths(model).items()}  # int8 target any: 7 bits
+    assert info["layer_weight_bits"] == expected and info["compact_equals_dense"]
+
+
+def test_a_damaged_width_in_a_plan_is_refused(planned, tmp_path: Path) -> None:
+    from vconvert.convert.plan import ConversionPlan
+    from vconvert.errors import BadInputError
+
+    _, _, plan = planned
+    data = plan.to_dict()
+    data["layers"][1]["weight_bits"] = 9
+    with pytest.raises(BadInputError, match="weight_bits must be an integer from 2 to 8"):
+        ConversionPlan.from_dict(data)
+    old = plan.to_dict()  # a file written before --target-size: neither field
+    for layer in old["layers"]:
+        del layer["weight_bits"], layer["divergence"]
+    del old["target_size"]
+    assert ConversionPlan.from_dict(old).target_size is None
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("planned_cli")
+    torch.manual_seed(0)
+    torch.save(resnet8().state_dict(), folder / "resnet8.pt")
+    return folder / "resnet8.pt", noise_image_folder(folder / "images")
+
+
+def _compress(weights: Path, *options: object):
+    return invoke("compress", weights, "--arch", RESNET8_ARCH, "--input-shape", "1,3,32,32", "--mean", "0.5,0.5,0.5",
+                  "--std", "0.25,0.25,0.25", *options)  # fmt: skip
+
+
+def test_compress_target_size_plans_and_inspect_shows_the_widths(weights_file, tmp_path: Path) -> None:
+    weights, images = weights_file
+    output = tmp_path / "planned.vc.pt"
+    result = _compress(weights, "--target-size", "0.12", "--calib-data", images / "train", "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "--target-size 0.12:" in " ".join(result.stdout.split())
+    shown = invoke("inspect", output, "--json")
+    assert shown.exit_code == 0, shown.output
+    layers = json.loads(shown.stdout)["plan"]["layers"]
+    assert all(layer["weight_bits"] in (2, 3, 4, 8) for layer in layers if layer["decision"] == "converted")
+    table = invoke("inspect", output)
+    assert any(f"{kind} {bits}-bit" in table.stdout for kind in ("dense", "s=2", "s=4") for bits in (2, 3, 4, 8))
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (("--target-size", "0.1"), "--target-size measures each layer on images: pass --calib-data"),
+        (("--target-size", "1.5", "--calib-data", "IMAGES"), "must lie between 0 and 1"),
+        (("--target-size", "0.001", "--calib-data", "IMAGES"), "is out of reach"),
+        (("--target-size", "0.9", "--calib-data", "IMAGES"), "no smaller than the plain int8 file"),
+        (("--target-size", "0.1", "--target-ratio", "2", "--calib-data", "IMAGES"), "drop --target-ratio"),
+        (("--target-size", "0.1", "--plan-images", "0", "--calib-data", "IMAGES"), "--plan-images must be at least 1"),
+    ],
+    ids=["no-images", "above-one", "out-of-reach", "not-smaller", "with-target-ratio", "no-plan-images"],
+)
+def test_bad_target_size_requests_get_one_sentence(weights_file, tmp_path: Path, options, fragment: str) -> None:
+    weights, images = weights_file
+    output = tmp_path / "planned.vc.pt"
+    typed = [str(images / "train") if option == "IMAGES" else option for option in options]
+    result = _compress(weights, *typed, "-o", output)
+    assert_one_sentence_error(result, 2, fragment)
+    assert not output.exists()

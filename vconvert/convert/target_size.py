@@ -1,0 +1,335 @@
+"""``--target-size``: choose per conv how it is stored — dense or versatile with 2 or 4 secondaries, its
+primaries at 2, 3, 4 or 8 bits — so that the int8 file is the asked fraction of the fp32 file, preferring
+the choices that change the network's output least on unlabeled calibration images (docs/ALGEBRA.md §13).
+
+Each choice of each conv is tried alone in the original network: the conv replaced by its data-free fit,
+fake-quantised min-max at its width, and the output distribution compared with the original's (mean KL
+divergence of the softmax, the usual proxy of the loss change; no labels). The choices then add up: a
+multiple-choice knapsack over the layers (exact on bits rounded to a thousandth of the budget) picks the set
+with the least total divergence that fits. Convs compress would not convert (the stem, ``--skip`` matches,
+1x1 downsampling when skipped) may still be stored dense at fewer bits; grouped and depthwise convs and
+Linear layers stay int8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vconvert.convert.plan import detached
+from vconvert.errors import BadInputError
+from vconvert.fit.initialise import initialise_from_weight
+from vconvert.nn.quantize import fake_quantize, minmax_step
+from vconvert.nn.versatile import VersatileConv2d
+
+SECONDARY_CHOICES = (1, 2, 4)
+BIT_CHOICES = (2, 3, 4, 8)
+INT8 = 8  # the width of a plain int8 conv, and of primaries left float until the int8 export quantizes them
+FLOAT_BITS = 32
+PER_OUTPUT_BITS = FLOAT_BITS  # the int8 file's weight scale (or folded BN and bias) per output channel
+RESOLUTION = 1000  # the knapsack rounds bits to budget / RESOLUTION
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one conv is stored: ``secondary`` 1 is dense, ``bits`` the width of its (primary) weights."""
+
+    secondary: int
+    bits: int
+
+    @property
+    def plain(self) -> bool:
+        """A plain Conv2d left to the int8 export (dense at 8 bits)."""
+        return self.secondary == 1 and self.bits == INT8
+
+    @property
+    def weight_bits(self) -> int | None:
+        """The width fine-tuning fake-quantises the primaries at; None: float until the int8 export."""
+        return None if self.bits == INT8 else self.bits
+
+    def options(self, base: dict) -> dict:
+        """VersatileConv2d options: a dense conv with a per-output scale (channel mode, one secondary), or the
+        learned mode of ``base`` with this many secondaries."""
+        if self.secondary == 1:
+            return {"mode": "channel", "secondary": 1, "channel_stride": 1, "mask_sharing": "per-filter",
+                    "scale": True, "channel_window": None}  # fmt: skip
+        return {**base, "mode": "learned", "secondary": self.secondary}
+
+    def label(self) -> str:
+        return f"{'dense' if self.secondary == 1 else f's={self.secondary}'} {self.bits}-bit"
+
+
+@dataclass
+class Candidate:
+    """A choice for one conv, with the bits it stores and how much it alone changes the network's output."""
+
+    choice: Choice
+    bits: int
+    divergence: float
+
+
+# --------------------------------------------------------------------------- sizes
+def plain_int8_bits(conv: nn.Conv2d) -> int:
+    """Bits of a conv the int8 export quantizes as it is: 8 per weight and a scale per output channel."""
+    return conv.weight.numel() * INT8 + conv.out_channels * PER_OUTPUT_BITS
+
+
+def choice_bits(conv: nn.Conv2d, choice: Choice, base: dict) -> int:
+    """Bits the int8 file stores for ``conv`` stored as ``choice`` (:meth:`VersatileConv2d.stored_bits` at the
+    choice's width: primaries at their width, 1 bit per learned mask element, the output → primary index, a
+    float scale per output), sized on the meta device."""
+    if choice.plain:
+        return plain_int8_bits(conv)
+    layer = VersatileConv2d.shaped_like(conv, device="meta", **choice.options(base))
+    layer.weight_bits = choice.bits  # sizing only: no step is allocated on the meta device
+    bias = conv.out_channels * FLOAT_BITS if conv.bias is not None else 0
+    return layer.stored_bits() - bias
+
+
+def fp32_file_bits(model: nn.Module) -> int:
+    """Bits of the fp32 ONNX file's weights: every conv and Linear weight and bias in float32, a conv without
+    a bias getting one per output channel (BatchNorm folds into it)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            total += module.weight.numel() + module.out_channels
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() + (module.out_features if module.bias is not None else 0)
+    return total * FLOAT_BITS
+
+
+def fixed_int8_bits(model: nn.Module, planned: Sequence[str]) -> int:
+    """Bits of what the plan does not choose: Linear weights at 8 bits with float biases, a float bias per
+    output channel of every conv, and convs outside ``planned`` as plain int8."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * INT8 + (module.out_features * FLOAT_BITS if module.bias is not None else 0)
+        elif isinstance(module, nn.Conv2d):
+            total += module.out_channels * FLOAT_BITS
+            if name not in planned:
+                total += plain_int8_bits(module)
+    return total
+
+
+# --------------------------------------------------------------------------- sensitivity
+def divergence(reference: Tensor, outputs: Tensor) -> float:
+    """Mean KL(reference ‖ outputs) of the softmax over dim 1 (a plain MSE for outputs with one column)."""
+    if reference.ndim < 2 or reference.shape[1] < 2:
+        return float((reference - outputs).square().mean())
+    flat = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1]).double()  # noqa: E731
+    log_p, log_q = F.log_softmax(flat(reference), 1), F.log_softmax(flat(outputs), 1)
+    return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+
+
+def _quantized_conv(conv: nn.Conv2d, bits: int) -> nn.Conv2d:
+    """A copy of ``conv`` with its weight fake-quantised min-max per output channel at ``bits``."""
+    copy_ = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)  # fmt: skip
+    with torch.no_grad():
+        weight = conv.weight.detach().float()
+        copy_.weight.copy_(fake_quantize(weight, minmax_step(weight, bits), bits))
+        if conv.bias is not None:
+            copy_.bias.copy_(conv.bias.detach())
+    return copy_.to(conv.weight.device).eval()
+
+
+def _fitted(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict) -> VersatileConv2d:
+    """The data-free fit of ``conv`` for ``choice`` (one fit per secondary count), quantized min-max at its
+    width (8 bits: as the int8 export quantizes float primaries)."""
+    if choice.secondary not in cache:
+        layer = VersatileConv2d.shaped_like(conv, **choice.options(base))
+        initialise_from_weight(layer, conv.weight.detach(), detached(conv.bias), method=init)
+        cache[choice.secondary] = layer.eval()
+    layer = cache[choice.secondary]
+    layer.set_weight_bits(choice.bits, "minmax")
+    return layer
+
+
+def measure_candidates(
+    model: nn.Module,
+    convs: dict[str, nn.Conv2d],
+    allowed: dict[str, tuple[int, ...]],
+    base: dict,
+    images: Sequence[Tensor],
+    init: str = "fit",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, list[Candidate]]:
+    """Every choice of every conv in ``convs`` (secondary counts ``allowed[name]``, each at every width of
+    :data:`BIT_CHOICES`) with its bits and the divergence of the network's outputs on ``images`` when that
+    conv alone takes it. ``model`` is left as it was."""
+    model.eval()
+    with torch.no_grad():
+        reference = [model(batch) for batch in images]
+    candidates: dict[str, list[Candidate]] = {}
+    for index, (name, conv) in enumerate(convs.items()):
+        if progress:
+            progress(index, len(convs), name)
+        fits: dict[int, VersatileConv2d] = {}
+        found = []
+        for secondary in allowed[name]:
+            for bits in BIT_CHOICES:
+                choice = Choice(secondary, bits)
+                try:
+                    size = choice_bits(conv, choice, base)
+                except ValueError:  # the shape cannot take that many secondaries
+                    continue
+                dense = choice.secondary == 1
+                model.set_submodule(
+                    name, _quantized_conv(conv, bits) if dense else _fitted(conv, choice, base, init, fits)
+                )
+                try:
+                    with torch.no_grad():
+                        outputs = [model(batch) for batch in images]
+                    spread = sum(divergence(ref, out) for ref, out in zip(reference, outputs, strict=True))
+                finally:
+                    model.set_submodule(name, conv)
+                found.append(Candidate(choice, size, spread / len(images)))
+        candidates[name] = found
+    if progress:
+        progress(len(convs), len(convs), "")
+    return candidates
+
+
+# --------------------------------------------------------------------------- choosing
+def knapsack(candidates: dict[str, list[Candidate]], budget: int) -> dict[str, Candidate] | None:
+    """The candidate per layer with the least total divergence whose bits fit ``budget`` (bits rounded up to
+    ``budget / RESOLUTION``, so what is picked always fits), or None when nothing fits."""
+    unit = max(1, math.ceil(budget / RESOLUTION))
+    capacity = budget // unit
+    best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks: list[tuple[str, torch.Tensor]] = []
+    for name, options in candidates.items():
+        layer_best = torch.full_like(best, math.inf)
+        pick = torch.full((capacity + 1,), -1, dtype=torch.long)
+        for index, candidate in enumerate(options):
+            units = math.ceil(candidate.bits / unit)
+            if units > capacity:
+                continue
+            shifted = torch.full_like(best, math.inf)
+            shifted[units:] = best[: capacity + 1 - units] + candidate.divergence
+            better = shifted < layer_best
+            layer_best = torch.where(better, shifted, layer_best)
+            pick = torch.where(better, torch.tensor(index), pick)
+        best = layer_best
+        picks.append((name, pick))
+    if not math.isfinite(float(best.min())):
+        return None
+    used = int(best.argmin())
+    chosen: dict[str, Candidate] = {}
+    for name, pick in reversed(picks):
+        candidate = candidates[name][int(pick[used])]
+        chosen[name] = candidate
+        used -= math.ceil(candidate.bits / unit)
+    return dict(reversed(list(chosen.items())))
+
+
+def greedy(candidates: dict[str, list[Candidate]], budget: int) -> dict[str, Candidate] | None:
+    """From each layer's largest candidate, repeatedly take the step (any smaller candidate of one layer)
+    with the least divergence added per bit saved, until the total fits ``budget``; None when it cannot."""
+    chosen = {name: max(options, key=lambda c: (c.bits, -c.divergence)) for name, options in candidates.items()}
+    total = sum(candidate.bits for candidate in chosen.values())
+    while total > budget:
+        steps = [
+            ((option.divergence - current.divergence) / (current.bits - option.bits), name, option)
+            for name, current in chosen.items()
+            for option in candidates[name]
+            if option.bits < current.bits
+        ]
+        if not steps:
+            return None
+        _, name, option = min(steps, key=lambda step: step[0])
+        total -= chosen[name].bits - option.bits
+        chosen[name] = option
+    return chosen
+
+
+SEARCHES = {"knapsack": knapsack, "greedy": greedy}
+
+
+@dataclass
+class SizePlan:
+    """What the planner chose per conv, and the sizes it worked from."""
+
+    chosen: dict[str, Candidate]
+    fp32_bits: int
+    fixed_bits: int
+    target_size: float
+    search: str
+
+    @property
+    def int8_bits(self) -> int:
+        return self.fixed_bits + sum(candidate.bits for candidate in self.chosen.values())
+
+    @property
+    def size_ratio(self) -> float:
+        """The int8 file's weights over the fp32 file's, as planned."""
+        return self.int8_bits / self.fp32_bits
+
+    def note(self) -> str:
+        counts: dict[str, int] = {}
+        for candidate in self.chosen.values():
+            counts[candidate.choice.label()] = counts.get(candidate.choice.label(), 0) + 1
+        mix = ", ".join(f"{count}x {label}" for label, count in sorted(counts.items()))
+        return (
+            f"--target-size {self.target_size:g}: {mix}; planned int8 weights {self.size_ratio:.3f}x of the fp32 "
+            f"file's (the {self.search} of the least output divergence on the calibration images)"
+        )
+
+
+def plan_for_size(
+    model: nn.Module,
+    convs: dict[str, nn.Conv2d],
+    allowed: dict[str, tuple[int, ...]],
+    base: dict,
+    images: Sequence[Tensor],
+    target_size: float,
+    init: str = "fit",
+    search: str = "knapsack",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> SizePlan:
+    """Choose a :class:`Choice` for each conv of ``convs`` so that the int8 file's weights are at most
+    ``target_size`` of the fp32 file's (convs left out of ``convs`` stay plain int8)."""
+    if not 0 < target_size < 1:
+        raise BadInputError(f"`target_size` must lie between 0 and 1 (a fraction of the fp32 file); got {target_size}.")
+    if search not in SEARCHES:
+        raise BadInputError(f"`search` must be one of {', '.join(SEARCHES)}; got {search!r}.")
+    if not images:
+        raise BadInputError("`target_size` needs calibration images (`calibration`) to measure each layer on.")
+    fp32 = fp32_file_bits(model)
+    fixed = fixed_int8_bits(model, list(convs))
+    budget = math.floor(target_size * fp32) - fixed
+    smallest = fixed + sum(_fewest_bits(conv, allowed[name], base) for name, conv in convs.items())
+    if smallest > target_size * fp32:
+        raise BadInputError(
+            f"`target_size` {target_size:g} is out of reach: the smallest plan (every conv at its fewest bits) is "
+            f"{smallest / fp32:.3f}x of the fp32 file; ask for more."
+        )
+    plain = fixed + sum(plain_int8_bits(conv) for conv in convs.values())
+    if plain <= target_size * fp32:
+        raise BadInputError(
+            f"`target_size` {target_size:g} is no smaller than the plain int8 file ({plain / fp32:.3f}x): export with "
+            "--quantize int8 instead, or ask for less."
+        )
+    candidates = measure_candidates(model, convs, allowed, base, images, init, progress)
+    chosen = SEARCHES[search](candidates, budget)
+    if chosen is None:  # unreachable after the size check above, kept as a guard against rounding
+        raise BadInputError(f"`target_size` {target_size:g} is out of reach; ask for more.")
+    return SizePlan(chosen, fp32, fixed, target_size, search)
+
+
+def _fewest_bits(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> int:
+    """Bits of ``conv`` at its smallest choice (the fewest bits, any secondary count its shape takes)."""
+    sizes = []
+    for secondary in secondaries:
+        try:
+            sizes.append(choice_bits(conv, Choice(secondary, min(BIT_CHOICES)), base))
+        except ValueError:
+            continue
+    return min(sizes)
