@@ -9,6 +9,7 @@ GraphModule). Models FX cannot trace fall back to forward hooks for the same fac
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,7 @@ from vconvert.convert.plan import (
 )
 from vconvert.convert.report import model_stored_bits
 from vconvert.convert.select import _choose_for_target
+from vconvert.convert.target_size import SizePlan, plan_for_size
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import METHODS, initialise_from_weight
 from vconvert.nn.versatile import VersatileConv2d
@@ -86,6 +88,7 @@ def compress(
     target_size: float | None = None,
     calibration: Sequence[torch.Tensor] = (),
     search: str = "knapsack",
+    candidates: dict | None = None,
 ) -> tuple[nn.Module, ConversionPlan]:
     """Convert the eligible Conv2d layers of ``model`` into VersatileConv2d, initialised without data.
 
@@ -98,8 +101,9 @@ def compress(
 
     ``target_size`` (a fraction of the fp32 file, e.g. 0.1) plans each conv instead: dense or versatile with 2
     or 4 secondaries, at 2, 3, 4 or 8 bits, measured on the unlabeled ``calibration`` batches
-    (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy). Convs the rules above skip may still
-    be stored dense at fewer bits; the layers get their widths (fine-tuning and export keep them).
+    (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy; ``candidates`` the choices measured
+    before, to plan several sizes from one measurement). Convs the rules above skip may still be stored dense
+    at fewer bits; the layers get their widths (fine-tuning and export keep them).
     """
     base_options = _checked_options(ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing,
                                                 scale), init, skip)  # fmt: skip
@@ -133,9 +137,9 @@ def compress(
                 decisions[name].decision = "skipped: not needed for --target-ratio"
     widths: dict[str, int | None] = {}
     if target_size is not None:
-        chosen, widths, choice_note = _plan_for_size(
-            source, convs, decisions, reasons, base_options, calibration, target_size, init, search, progress
-        )
+        planner = functools.partial(plan_for_size, images=calibration, target_size=target_size, init=init,
+                                    search=search, progress=progress, candidates=candidates)  # fmt: skip
+        chosen, widths, choice_note = _plan_for_size(source, convs, decisions, reasons, base_options, planner)
     # apply: fit each chosen layer to its conv's weights and swap it in by qualified name
     if dry_run:
         for name, options in chosen.items():
@@ -167,24 +171,17 @@ def _plan_for_size(
     decisions: dict[str, LayerDecision],
     reasons: dict[str, str | None],
     base: ConvOptions,
-    calibration: Sequence[torch.Tensor],
-    target_size: float,
-    init: str,
-    search: str,
-    progress: Callable[[int, int, str], None] | None,
+    planner: Callable[..., SizePlan],
 ) -> tuple[dict[str, dict], dict[str, int | None], str]:
-    """``target_size``: each plannable conv's choice (:func:`vconvert.convert.target_size.plan_for_size`) as the
-    options of the convs that become versatile, their widths, and the note; the decisions say what was
-    chosen (a conv kept plain is left to the int8 export)."""
-    from vconvert.convert.target_size import plan_for_size
-
+    """``target_size``: each plannable conv's choice (``planner``: :func:`vconvert.convert.target_size.plan_for_size`
+    with the request bound) as the options of the convs that become versatile, their widths, and the note; the
+    decisions say what was chosen (a conv kept plain is left to the int8 export)."""
     allowed = {
         name: (1, 2, 4) if decisions[name].decision == CONVERTED else (1,)
         for name, reason in reasons.items()
         if reason is None or PLANNABLE.match(reason)
     }
-    planned = plan_for_size(model, {name: convs[name] for name in allowed}, allowed, base.layer_kwargs(),
-                            calibration, target_size, init=init, search=search, progress=progress)  # fmt: skip
+    planned = planner(model, {name: convs[name] for name in allowed}, allowed, base.layer_kwargs())
     chosen: dict[str, dict] = {}
     widths: dict[str, int | None] = {}
     for name, candidate in planned.chosen.items():
