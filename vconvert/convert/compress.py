@@ -101,9 +101,10 @@ def compress(
 
     ``target_size`` (a fraction of the fp32 file, e.g. 0.1) plans each conv instead: dense or versatile with 2
     or 4 secondaries, at 2, 3, 4 or 8 bits, measured on the unlabeled ``calibration`` batches
-    (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy; ``candidates`` the choices measured
-    before, to plan several sizes from one measurement). Convs the rules above skip may still be stored dense
-    at fewer bits; the layers get their widths (fine-tuning and export keep them).
+    (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy; ``candidates`` a dict that keeps the
+    measured choices: filled when empty, reused when filled, to plan several sizes from one measurement). Convs
+    the rules above skip may still be stored dense at fewer bits; the layers get their widths (fine-tuning and
+    export keep them).
     """
     base_options = _checked_options(ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing,
                                                 scale), init, skip)  # fmt: skip

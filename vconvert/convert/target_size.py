@@ -296,13 +296,14 @@ def plan_for_size(
     candidates: dict[str, list[Candidate]] | None = None,
 ) -> SizePlan:
     """Choose a :class:`Choice` for each conv of ``convs`` so that the int8 file's weights are at most
-    ``target_size`` of the fp32 file's (convs left out of ``convs`` stay plain int8). ``candidates``: the
-    measured choices (:func:`measure_candidates`) to reuse, e.g. when planning several sizes."""
+    ``target_size`` of the fp32 file's (convs left out of ``convs`` stay plain int8). ``candidates`` keeps the
+    measured choices (:func:`measure_candidates`): an empty dict is filled, a filled one is reused (several sizes
+    planned from one measurement)."""
     if not 0 < target_size < 1:
         raise BadInputError(f"`target_size` must lie between 0 and 1 (a fraction of the fp32 file); got {target_size}.")
     if search not in SEARCHES:
         raise BadInputError(f"`search` must be one of {', '.join(SEARCHES)}; got {search!r}.")
-    if not images and candidates is None:
+    if not images and not candidates:
         raise BadInputError("`target_size` needs calibration images (`calibration`) to measure each layer on.")
     fp32 = fp32_file_bits(model)
     fixed = fixed_int8_bits(model, list(convs))
@@ -319,8 +320,11 @@ def plan_for_size(
             f"`target_size` {target_size:g} is no smaller than the plain int8 file ({plain / fp32:.3f}x): export with "
             "--quantize int8 instead, or ask for less."
         )
-    if candidates is None:
-        candidates = measure_candidates(model, convs, allowed, base, images, init, progress)
+    if not candidates:
+        measured = measure_candidates(model, convs, allowed, base, images, init, progress)
+        if candidates is not None:
+            candidates.update(measured)
+        candidates = measured
     chosen = SEARCHES[search](candidates, budget)
     if chosen is None:  # unreachable after the size check above, kept as a guard against rounding
         raise BadInputError(f"`target_size` {target_size:g} is out of reach; ask for more.")
