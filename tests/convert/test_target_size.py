@@ -224,3 +224,36 @@ def test_bad_target_size_requests_get_one_sentence(weights_file, tmp_path: Path,
     result = _compress(weights, *typed, "-o", output)
     assert_one_sentence_error(result, 2, fragment)
     assert not output.exists()
+
+
+def test_fine_tuning_a_planned_checkpoint_keeps_each_layers_width(planned, tmp_path: Path) -> None:
+    from vconvert import save
+    from vconvert.io.checkpoint import load_checkpoint
+    from vconvert.io.metadata import CheckpointMetadata
+    from vconvert.io.untrusted import BaseSpec
+    from vconvert.train.config import FinetuneConfig
+    from vconvert.train.finetune import finetune
+
+    teacher, model, plan = planned
+    base = BaseSpec(arch=RESNET8_ARCH, arch_kwargs={}, pickled=None, source="test")
+    source, output = tmp_path / "planned.vc.pt", tmp_path / "tuned.vc.pt"
+    save(source, model, plan, base, teacher, CheckpointMetadata(input_shape=[1, 3, 32, 32]))
+    data = _ten_class_folder(tmp_path / "images")
+    finetune(source, output, FinetuneConfig(data=str(data), epochs=1, batch_size=10, workers=0))
+    tuned = load_checkpoint(output)
+    assert layer_widths(tuned.model) == layer_widths(model) and any(layer_widths(model).values())
+    assert tuned.metadata.weight_quantization["layers"] == layer_widths(model)
+
+
+def _ten_class_folder(root: Path) -> Path:
+    """train/ and val/ with one random 32x32 RGB image in each of ten class folders (resnet8 scores ten)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in range(10):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "0.png")
+    return root
