@@ -46,6 +46,7 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
     assert onnx_file.exists()
     inspected = invoke("inspect", output)
     assert inspected.exit_code == 0, inspected.output + inspected.stderr
+    assert "reconstructed: 8 layers against the original network's outputs on 4" in " ".join(inspected.output.split())
 
 
 @pytest.mark.parametrize(
