@@ -175,7 +175,12 @@ def write(record: dict[str, Any], stem: Path) -> None:
                  seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Commands (compress, measured as child processes):", ""]
-    lines += [f"- `{row['compress']['command']}`" for row in record["rows"]]
+    lines += [f"- `{command}`" for command in dict.fromkeys(row["compress"]["command"] for row in record["rows"])]
+    if record["eval_images"] != 10000:
+        lines += [
+            "",
+            f"Δ vs dense compares {record['eval_images']} test images with the dense model's 10,000: indicative.",
+        ]
     common.write_markdown(stem.with_suffix(".md"), lines)
 
 
