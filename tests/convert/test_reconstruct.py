@@ -126,3 +126,15 @@ def test_settings_refuse_nonsense() -> None:
         ReconstructSettings(rounds=0)
     with pytest.raises(ValueError):
         ReconstructSettings(weight_bits=9)
+
+
+def test_channel_window_layers_are_skipped_with_a_reason_and_still_quantized() -> None:
+    from sample_models.resnet_cifar import resnet8
+
+    torch.manual_seed(0)
+    teacher = resnet8().eval()
+    images = torch.randn(4, 3, 32, 32)
+    student, _ = compress(teacher, images[:1], mode="channel", secondary=2, init="naive")
+    report = reconstruct(student, teacher, [images], ReconstructSettings(rounds=1, weight_bits=4))
+    assert report.layers and all(layer.skipped and "channel windows" in layer.skipped for layer in report.layers)
+    assert all(layer.weight_bits == 4 for layer in student.modules() if hasattr(layer, "weight_bits"))

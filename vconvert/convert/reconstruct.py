@@ -525,6 +525,8 @@ def reconstruct(
             started = time.perf_counter()
             reason = reconstructable(layer)
             if reason is not None:
+                if settings.weight_bits is not None:  # one width for the whole model: plain rounding here
+                    layer.set_weight_bits(settings.weight_bits, "lsq")
                 report.layers.append(LayerResult(name=name, skipped=reason))
                 continue
             moments = layer_moments(student, teacher, name, layer, batches, settings.positions)
