@@ -21,6 +21,7 @@ from vconvert.convert.reconstruct import (
     round_with_feedback,
     row_errors,
     solve_primaries,
+    solve_primaries_cg,
     solve_scales,
 )
 from vconvert.data.datasets import digits_tensors
@@ -55,6 +56,19 @@ def test_each_step_never_raises_the_output_error() -> None:
         errors.append(relative_error(scale[:, None] * masks * primary[index], a, g, c, d))
     assert all(after <= before + 1e-12 for before, after in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.7 * errors[0]
+
+
+def test_conjugate_gradients_reach_the_exact_primaries() -> None:
+    a, target = quadratic(27, seed=3)
+    g = target @ a
+    index = torch.arange(8) // 2
+    generator = torch.Generator().manual_seed(3)
+    masks = (torch.rand(8, 27, generator=generator) > 0.3).double()
+    scale, d = 0.5 + torch.rand(8, generator=generator, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    previous = torch.randn(4, 27, generator=generator, dtype=torch.float64)
+    exact = solve_primaries(a, g, masks, scale, d, index, previous, damping=1e-4)
+    iterated = solve_primaries_cg(a, g, masks, scale, d, index, previous, damping=1e-4, iterations=60)
+    assert torch.allclose(iterated, exact, atol=1e-6, rtol=1e-5)
 
 
 def test_masks_are_a_local_optimum_of_single_flips() -> None:
@@ -138,3 +152,22 @@ def test_channel_window_layers_are_skipped_with_a_reason_and_still_quantized() -
     report = reconstruct(student, teacher, [images], ReconstructSettings(rounds=1, weight_bits=4))
     assert report.layers and all(layer.skipped and "channel windows" in layer.skipped for layer in report.layers)
     assert all(layer.weight_bits == 4 for layer in student.modules() if hasattr(layer, "weight_bits"))
+
+
+@pytest.mark.parametrize("bits", [None, 4], ids=["float", "4-bit"])
+def test_large_layers_take_the_iterative_path(monkeypatch: pytest.MonkeyPatch, bits: int | None) -> None:
+    import vconvert.convert.reconstruct as module
+    from sample_models.resnet_cifar import resnet8
+
+    monkeypatch.setattr(module, "EXACT_LIMIT", 100)  # every 3x3 conv of resnet8 but the first is "large" now
+    torch.manual_seed(0)
+    teacher = resnet8().eval()
+    images = torch.randn(8, 3, 32, 32)
+    student, _ = compress(teacher, images[:1], init="naive")
+    report = reconstruct(student, teacher, [images], ReconstructSettings(rounds=1, weight_bits=bits))
+    assert all(layer.skipped is None for layer in report.layers)
+    if bits is None:
+        assert all(layer.error_after <= layer.error_before + 1e-9 for layer in report.layers)
+    else:
+        assert all(layer.weight_bits == bits for layer in student.modules() if hasattr(layer, "weight_bits"))
+    assert sum(layer.error_after for layer in report.layers) < sum(layer.error_before for layer in report.layers)
