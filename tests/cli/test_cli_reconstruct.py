@@ -92,3 +92,12 @@ def test_damaged_reconstruction_record_is_one_sentence(workspace, tmp_path: Path
         path = tmp_path / "damaged.vc.pt"
         torch.save(damaged, path)
         assert_one_sentence_error(invoke("inspect", path), 2, fragment)
+
+
+def test_default_image_counts() -> None:
+    from vconvert.cli.compress import DEFAULT_CALIB_IMAGES, check_calibration_options
+    from vconvert.convert.reconstruct import DEFAULT_IMAGES
+
+    assert check_calibration_options(Path("images"), None, True, None) == DEFAULT_IMAGES == 1024
+    assert check_calibration_options(Path("images"), None, False, None) == DEFAULT_CALIB_IMAGES == 2000
+    assert check_calibration_options(Path("images"), 16, True, 4) == 16
