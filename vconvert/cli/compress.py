@@ -79,9 +79,8 @@ def plan_summary(plan) -> str:
 
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"
-DEFAULT_CALIB_IMAGES = (
-    2000  # BatchNorm recalibration alone; reconstruction: vconvert.convert.reconstruct.DEFAULT_IMAGES
-)
+# BatchNorm recalibration alone; with --reconstruct vconvert.convert.reconstruct.DEFAULT_IMAGES (torch-free here)
+DEFAULT_CALIB_IMAGES = 2000
 
 
 def check_calibration_options(calib_data: Path | None, images: int | None, reconstruct: bool, bits: int | None) -> int:
@@ -177,7 +176,7 @@ def compress(
         typer.Option(
             "--weight-bits",
             help="With --reconstruct: round the primaries to B-bit integers (2-8) against the outputs, so that export "
-            "--quantize int8 stores those integers (7 matches --int8-target any's 8-bit files).",
+            "--quantize int8 stores those integers (7: the width of the default --int8-target any files).",
         ),
     ] = None,
     mean: Annotated[
