@@ -690,6 +690,22 @@ def state_cases() -> list[Case]:
     return cases
 
 
+RECONSTRUCTION = {  # what compress --reconstruct records (vconvert.io.metadata.check_reconstruction)
+    "data": "/data/images",
+    "images": 8,
+    "settings": {
+        "rounds": 3,
+        "mask_sweeps": 2,
+        "positions": 256,
+        "damping": 1e-4,
+        "weight_bits": None,
+        "normalise": True,
+    },
+    "layers": 2,
+    "error_before": 0.1,
+    "error_after": 0.05,
+    "seconds": 1.0,
+}
 META_VALUES = {
     "input-shape-huge": ("input_shape", [1, 1, 100000, 100000]),
     "input-shape-huge-batch": ("input_shape", [10**9, 1, 16, 16]),
@@ -735,6 +751,15 @@ META_VALUES = {
     "weight-quantization-extra-key": ("weight_quantization", {"bits": 4, "quantizer": "minmax", "eval": "x"}),
     # a float file that claims learned steps: its weights lack them
     "weight-quantization-lsq-without-steps": ("weight_quantization", {"bits": 4, "quantizer": "lsq"}),
+    "reconstruction-list": ("reconstruction", [1]),
+    "reconstruction-images-zero": ("reconstruction", {**RECONSTRUCTION, "images": 0}),
+    "reconstruction-error-nan": ("reconstruction", {**RECONSTRUCTION, "error_after": math.nan}),
+    "reconstruction-settings-str": ("reconstruction", {**RECONSTRUCTION, "settings": "fast"}),
+    "reconstruction-bits-9": (
+        "reconstruction",
+        {**RECONSTRUCTION, "settings": {**RECONSTRUCTION["settings"], "weight_bits": 9}},
+    ),
+    "reconstruction-extra-key": ("reconstruction", {**RECONSTRUCTION, "eval": "x"}),
 }
 
 
@@ -751,6 +776,12 @@ def metadata_cases() -> list[Case]:
         Case(
             "metadata-finetune-state-garbage",
             edit(setting("metadata", "finetune_state", value="garbage")),
+            OK,
+            commands=("inspect",),
+        ),
+        Case(
+            "metadata-reconstruction-good",
+            edit(setting("metadata", "reconstruction", value=RECONSTRUCTION)),
             OK,
             commands=("inspect",),
         ),

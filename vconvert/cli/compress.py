@@ -79,6 +79,36 @@ def plan_summary(plan) -> str:
 
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"
+# BatchNorm recalibration alone; with --reconstruct vconvert.convert.reconstruct.DEFAULT_IMAGES (torch-free here)
+DEFAULT_CALIB_IMAGES = 2000
+
+
+def check_calibration_options(calib_data: Path | None, images: int | None, reconstruct: bool, bits: int | None) -> int:
+    """The number of calibration images to read, once --calib-images, --reconstruct and --weight-bits agree."""
+    if reconstruct and calib_data is None:
+        raise BadInputError("--reconstruct needs unlabeled images: pass --calib-data DIR (a folder of images).")
+    if bits is not None and not reconstruct:
+        raise BadInputError("--weight-bits rounds the primaries against the outputs: pass it with --reconstruct.")
+    if bits is not None and not 2 <= bits <= 8:
+        raise BadInputError(f"--weight-bits must be an integer from 2 to 8; got {bits}.")
+    if images is not None and images < 1:
+        raise BadInputError(f"--calib-images must be at least 1, got {images}.")
+    if images is None:
+        return 1024 if reconstruct else DEFAULT_CALIB_IMAGES
+    return images
+
+
+def reconstruct_layers(converted, original, batches: list, calib_data: Path, bits: int | None) -> dict:
+    """Reconstruct ``converted`` against ``original`` on ``batches`` (a progress bar) and return the metadata record."""
+    from vconvert.convert.reconstruct import ReconstructSettings, reconstruct
+    from vconvert.data.datasets import absolute_data
+
+    if not batches:
+        raise BadInputError(f"--calib-data {shown(calib_data)} holds no images to reconstruct on.")
+    with progress_bar() as progress:
+        report = reconstruct(converted, original, batches, ReconstructSettings(weight_bits=bits),
+                             fitting_progress(progress, "reconstructing"))  # fmt: skip
+    return report.record(absolute_data(str(calib_data)))
 
 
 # --------------------------------------------------------------------------- commands
@@ -137,7 +167,30 @@ def compress(
     calib_data: Annotated[
         Path | None, typer.Option("--calib-data", help="Image folder to recalibrate BatchNorm statistics on.")
     ] = None,
-    calib_images: Annotated[int, typer.Option("--calib-images", help="Images used for BN recalibration.")] = 2000,
+    calib_images: Annotated[
+        int | None,
+        typer.Option(
+            "--calib-images",
+            help="Unlabeled images read from --calib-data, for reconstruction and BN recalibration alike "
+            "(default 2000, or 1024 with --reconstruct).",
+        ),
+    ] = None,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct",
+            help="Refit each converted layer (masks, primaries, scales) so its outputs match the original network's "
+            "on the --calib-data images, layer by layer (no labels, no training), then recalibrate BatchNorm.",
+        ),
+    ] = False,
+    weight_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--weight-bits",
+            help="With --reconstruct: round the primaries to B-bit integers (2-8) against the outputs, so that export "
+            "--quantize int8 stores those integers (7: the width of the default --int8-target any files).",
+        ),
+    ] = None,
     mean: Annotated[
         str | None, typer.Option("--mean", help="Per-channel input mean, e.g. 0.485,0.456,0.406 (ImageNet's for RGB).")
     ] = None,
@@ -164,6 +217,7 @@ def compress(
         raise BadInputError("--target-size measures each layer on images: pass --calib-data (no labels needed).")
     if plan_images < 1:
         raise BadInputError(f"--plan-images must be at least 1; got {plan_images}.")
+    calib_images = check_calibration_options(calib_data, calib_images, reconstruct, weight_bits)
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
     example = example_input(model, shape)
@@ -206,11 +260,17 @@ def compress(
             calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images,
             size_from=size_from,
         )  # fmt: skip
+        if reconstruct:
+            batches = list(batches)
+            metadata.reconstruction = reconstruct_layers(converted, model, batches, calib_data, weight_bits)
         used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
         metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used}
     save(output, converted, plan, base, model, metadata)
     if as_json:
-        typer.echo(json.dumps({"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}, indent=2))
+        record = {"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}
+        if metadata.reconstruction is not None:
+            record["reconstruction"] = metadata.reconstruction
+        typer.echo(json.dumps(record, indent=2))
         return
     from vconvert.convert.report import layer_table
 
@@ -219,6 +279,12 @@ def compress(
         console.print(labelled("note:", "yellow", plan.trace_note), soft_wrap=True)
     if plan.choice_note:
         console.print(Text(shown(plan.choice_note, None)), soft_wrap=True)
+    if metadata.reconstruction is not None:
+        record = metadata.reconstruction
+        console.print(
+            f"Reconstructed {record['layers']} layers on {record['images']} images: mean output error "
+            f"{record['error_before']:.4f} → {record['error_after']:.4f} ({record['seconds']:.0f} s)."
+        )
     if calib_data is not None:
         console.print(f"BatchNorm statistics recalibrated on {metadata.bn_recalibration['images']} images.")
     console.print(plan_summary(plan))

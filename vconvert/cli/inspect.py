@@ -123,4 +123,11 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
             f"primaries: fake-quantised to {bits} bits ({quantizer} step per primary filter); export --quantize int8 "
             f"stores them at {bits} bits (the sizes above are at float primaries)."
         )
+    rebuilt = metadata.reconstruction  # checked field by field when the file was read
+    if rebuilt is not None:
+        lines.append(
+            f"reconstructed: {rebuilt['layers']} layers against the original network's outputs on {rebuilt['images']} "
+            f"unlabeled images of {shown(rebuilt['data'])} (mean output error {rebuilt['error_before']:.4f} → "
+            f"{rebuilt['error_after']:.4f})."
+        )
     return lines

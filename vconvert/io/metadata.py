@@ -14,6 +14,7 @@ from vconvert.errors import BadInputError
 from vconvert.nn.quantize import QUANTIZERS
 from vconvert.validate import (
     check_fields,
+    check_float,
     check_input_shape,
     check_int,
     check_mapping,
@@ -34,7 +35,8 @@ class CheckpointMetadata:
     "complete", "val_top1", "val_top5"}) that run's record; ``finetune_state`` the state to resume it from
     (the run's last file only; kept as read, checked when a run resumes from it); ``saved_at`` when
     :func:`vconvert.save` wrote the file; ``weight_quantization`` ({"bits", "quantizer"}) how the primary
-    filters are fake-quantised (``finetune --weight-bits``), so that loading rebuilds their quantizers. Keys
+    filters are fake-quantised (``finetune --weight-bits``), so that loading rebuilds their quantizers;
+    ``reconstruction`` (:func:`check_reconstruction`) that ``compress --reconstruct`` refit the layers and on what. Keys
     written by a later version are kept, unread, in ``extra``.
     """
 
@@ -46,6 +48,7 @@ class CheckpointMetadata:
     finetune_state: Any = None  # as read: checked in full only when a run resumes from it
     saved_at: str | None = None
     weight_quantization: dict | None = None  # {"bits", "quantizer"} of the primaries, None: float
+    reconstruction: dict | None = None  # compress --reconstruct: check_reconstruction's fields
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,7 +132,39 @@ class CheckpointMetadata:
                     f"{where}'s weight_quantization quantizer must be one of {', '.join(QUANTIZERS)}: the file is "
                     "damaged."
                 )
-        return cls(shape, preprocessing, recalibration, data, finetune, state, saved_at, quantization, metadata)
+        reconstruction = metadata.pop("reconstruction", None)
+        if reconstruction is not None:
+            reconstruction = check_reconstruction(reconstruction, f"{where}'s reconstruction")
+        return cls(
+            shape, preprocessing, recalibration, data, finetune, state, saved_at, quantization, reconstruction, metadata
+        )
+
+
+RECONSTRUCTION_FIELDS = ("data", "images", "settings", "layers", "error_before", "error_after", "seconds")
+RECONSTRUCTION_SETTINGS = ("rounds", "mask_sweeps", "damping", "weight_bits", "normalise", "positions")
+
+
+def check_reconstruction(value: object, where: str) -> dict:
+    """The record ``compress --reconstruct`` writes (:meth:`vconvert.convert.reconstruct.Reconstruction.record`):
+    the image folder, the image count, the settings, the layers refit and their mean relative output error before
+    and after, the seconds it took; exactly these fields, each of its type."""
+    record = check_fields(value, where, RECONSTRUCTION_FIELDS)
+    check_str(record["data"], f"{where} data")
+    check_int(record["images"], f"{where} images", 1)
+    check_int(record["layers"], f"{where} layers")
+    for key in ("error_before", "error_after", "seconds"):
+        if check_float(record[key], f"{where} {key}") < 0:
+            raise BadInputError(f"{where} {key} must not be negative: the file is damaged.")
+    settings = check_fields(record["settings"], f"{where} settings", RECONSTRUCTION_SETTINGS)
+    check_int(settings["rounds"], f"{where} settings rounds", 1)
+    check_int(settings["mask_sweeps"], f"{where} settings mask_sweeps")
+    check_int(settings["positions"], f"{where} settings positions", 1)
+    check_float(settings["damping"], f"{where} settings damping", positive=True)
+    if settings["weight_bits"] is not None:
+        check_int(settings["weight_bits"], f"{where} settings weight_bits", 2, 8)
+    if not isinstance(settings["normalise"], bool):
+        raise BadInputError(f"{where} settings normalise must be true or false: the file is damaged.")
+    return record
 
 
 def _check_layer_widths(value: object, where: str) -> dict[str, int | None]:

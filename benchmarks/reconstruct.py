@@ -1,0 +1,188 @@
+"""Small without labels or training (issue 31): ``compress --reconstruct`` against the data-free fit, as int8 files.
+
+For each row the real CLI runs: ``vconvert compress`` of the shared CIFAR-10 ResNet-20 (as benchmarks/pareto.py:
+``--skip downsample --mode learned --secondary S``), data-free (BatchNorm recalibration only) or with
+``--reconstruct [--weight-bits B]``, both on the same unlabeled training images (``--calib-images``, no labels);
+then ``vconvert export --quantize int8 --compact`` (default ``--int8-target any``) and ``vconvert evaluate`` of the
+ONNX file in onnxruntime on the test images. Each compress runs as a child process whose wall time and peak RSS
+are recorded. The dense row is the original model's fp32 ONNX file (file size reference), evaluated the same way.
+
+    python benchmarks/reconstruct.py --quick   # 256 calibration images, 1,000 test images, s=2 only (minutes)
+    python benchmarks/reconstruct.py           # 1,024 calibration images, 10,000 test images, s=2 and s=4
+
+Rows: data-free int8 (the exporter rounds the float primaries, 7-bit under ``any``); reconstructed at 7 bits (the
+width ``any`` stores, so the file holds the integers the reconstruction chose); data-free 4-bit (the exporter's
+min-max rounding, ``--weight-bits 4``: "4-bit weights without training"); reconstructed at 4 bits.
+Writes benchmarks/results/reconstruct_{quick,full}.json and .md. Trained files stay in ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` importable
+from benchmarks import common
+
+ARCH = "sample_models.resnet_cifar:resnet20"
+SHAPE = "1,3,32,32"
+DENSE_TOP1 = 88.57  # the shared model on the 10,000 test images (fp32 ONNX; benchmarks/results/pareto*)
+
+# (row name, secondary, reconstruct, reconstruction bits, export bits)
+FULL_ROWS = [
+    ("s=2 data-free, int8", 2, False, None, None),
+    ("s=2 reconstructed, int8 (7-bit primaries)", 2, True, 7, None),
+    ("s=2 data-free, 4-bit primaries", 2, False, None, 4),
+    ("s=2 reconstructed, 4-bit primaries", 2, True, 4, None),
+    ("s=4 data-free, int8", 4, False, None, None),
+    ("s=4 reconstructed, int8 (7-bit primaries)", 4, True, 7, None),
+]
+QUICK_ROWS = FULL_ROWS[:4]
+
+
+def compress(args: argparse.Namespace, output: Path, secondary: int, reconstruct: bool, bits: int | None) -> dict:
+    """Run ``vconvert compress`` as a measured child; its JSON output plus wall seconds and peak RSS (GB)."""
+    options = ["--reconstruct"] + (["--weight-bits", str(bits)] if bits else []) if reconstruct else []
+    command = common.vconvert_command(
+        "compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape", SHAPE,
+        "--skip", "downsample", "--mean", common.CIFAR_MEAN_ARG, "--std", common.CIFAR_STD_ARG,
+        "--mode", "learned", "--secondary", str(secondary), "--calib-data", str(args.cifar / "train"),
+        "--calib-images", str(args.calib_images), *options, "-o", str(output), "--json",
+    )  # fmt: skip
+    folder = output.parent / f"{output.name}.log"
+    folder.mkdir(exist_ok=True)
+    peak, wall, stdout = common.run_measured(command, folder)
+    result = json.loads(stdout)
+    return {
+        "command": common.shown(command).replace(str(args.work), "$WORK"),
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak, 3),
+        "reconstruction": result.get("reconstruction"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 calibration images, 1,000 test images, s=2 only")
+    parser.add_argument("--work", type=Path, default=common.ROOT / "cache" / "reconstruct")
+    parser.add_argument("--models", type=Path, default=common.MODELS)
+    parser.add_argument("--cifar", type=Path, default=common.CIFAR_CACHE)
+    parser.add_argument("--shared-data", type=Path, default=common.SHARED_CIFAR)
+    parser.add_argument("--calib-images", type=int, help="unlabeled training images (default 1024; quick 256)")
+    parser.add_argument("--eval-limit", type=int, help="test images (default 10,000; quick 1,000)")
+    parser.add_argument("--rows", help="comma-separated row numbers to run (default all)")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    args.calib_images = args.calib_images or (256 if args.quick else 1024)
+    args.eval_limit = args.eval_limit or (1000 if args.quick else 10000)
+    rows = QUICK_ROWS if args.quick else FULL_ROWS
+    if args.rows:
+        rows = [rows[int(index)] for index in args.rows.split(",")]
+    common.ensure_cifar(args.cifar, args.shared_data)
+    args.work.mkdir(parents=True, exist_ok=True)
+    output = common.RESULTS / f"reconstruct_{mode}"
+    run = common.Runner(args.work, echo=True)
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "benchmark": "reconstruct",
+        "mode": mode,
+        "command": common.command_line(__file__, quote=True),
+        "calibration_images": args.calib_images,
+        "calibration_split": "train (labels not read)",
+        "eval_images": args.eval_limit,
+        "dense_top1_10k": DENSE_TOP1,
+        "machine": {
+            **common.host(),
+            **common.versions("python", "torch", "onnxruntime", "onnx"),
+            "load_average_start": common.load_average(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset (torch's default)"),
+        },
+        "commands": run.commands,
+        "rows": [],
+    }
+
+    def evaluate(path: Path) -> dict:
+        result, seconds = run("evaluate", str(path), "--data", str(args.cifar), "--limit", str(args.eval_limit))
+        return {"top1": result["top1"], "images": result["images"], "evaluate_s": round(seconds, 1)}
+
+    dense_checkpoint = args.work / "s2.datafree.vc.pt"
+    made: dict[str, dict] = {}
+    for name, secondary, reconstruct, bits, export_bits in rows:
+        stem = f"s{secondary}." + (f"reconstructed.b{bits}" if reconstruct else "datafree")
+        checkpoint = args.work / f"{stem}.vc.pt"
+        if stem not in made:
+            print(f"$ compress {stem}", flush=True)
+            made[stem] = compress(args, checkpoint, secondary, reconstruct, bits)
+        onnx_file = args.work / f"{stem}.int8{'.b' + str(export_bits) if export_bits else ''}.onnx"
+        exported, _ = run("export", str(checkpoint), "-o", str(onnx_file), "--quantize", "int8", "--compact",
+                          "--calib-images", "512", "--no-compare", *(["--weight-bits", str(export_bits)]
+                                                                     if export_bits else []))  # fmt: skip
+        row = {
+            "row": name,
+            "secondary": secondary,
+            "reconstructed": reconstruct,
+            "file_bytes": onnx_file.stat().st_size,
+            "weight_bits": exported["quantization"]["weight_bits"],
+            "compress": made[stem],
+            **evaluate(onnx_file),
+        }
+        record["rows"].append(row)
+        print({key: value for key, value in row.items() if key != "compress"}, flush=True)
+        write(record, output)
+    if dense_checkpoint.exists():
+        fp32 = args.work / "dense.fp32.onnx"
+        run("export", str(dense_checkpoint), "-o", str(fp32), "--no-compare")
+        record["fp32_file_bytes"] = fp32.stat().st_size  # the dense fold: the original network's fp32 graph
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    record["machine"]["load_average_end"] = common.load_average()
+    record["complete"] = True
+    write(record, output)
+    print(output.with_suffix(".md").read_text())
+
+
+def write(record: dict[str, Any], stem: Path) -> None:
+    """The JSON record and a Markdown table (top-1, Δ against the dense fp32 model, size, time, memory)."""
+    common.write_json(stem.with_suffix(".json"), record)
+    fp32 = record.get("fp32_file_bytes")
+    lines = [
+        f"# Reconstruction on unlabeled images vs the data-free fit ({record['mode']})",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Shared CIFAR-10 ResNet-20 (dense fp32 {record['dense_top1_10k']} on the 10,000 test images); "
+        f"{record['calibration_images']} unlabeled training images for reconstruction and BatchNorm recalibration; "
+        f"top-1 of each int8 compact ONNX file (--int8-target any) in onnxruntime on {record['eval_images']} test "
+        f"images. Load average at the start {record['machine']['load_average_start']}, at the end "
+        f"{record['machine'].get('load_average_end', 'n/a')} (2 cores shared with a training job; OMP_NUM_THREADS "
+        f"{record['machine']['OMP_NUM_THREADS']}).",
+        "",
+        "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | output error before → after | "
+        "compress wall s (reconstruction s) | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        made = row["compress"]
+        rebuilt = made.get("reconstruction")
+        error = f"{rebuilt['error_before']:.4f} → {rebuilt['error_after']:.4f}" if rebuilt else ""
+        seconds = f"{made['wall_s']}" + (f" ({rebuilt['seconds']})" if rebuilt else "")
+        ratio = f"{row['file_bytes'] / fp32:.3f}x" if fp32 else ""
+        delta = f"{row['top1'] - record['dense_top1_10k']:+.2f}"
+        cells = [row["row"], row["weight_bits"], f"{row['file_bytes']:,}", ratio, f"{row['top1']:.2f}", delta, error,
+                 seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Commands (compress, measured as child processes):", ""]
+    lines += [f"- `{command}`" for command in dict.fromkeys(row["compress"]["command"] for row in record["rows"])]
+    if record["eval_images"] != 10000:
+        lines += [
+            "",
+            f"Δ vs dense compares {record['eval_images']} test images with the dense model's 10,000: indicative.",
+        ]
+    common.write_markdown(stem.with_suffix(".md"), lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`vconvert compress --reconstruct`: the record it writes, int8 export of its file, and every bad input it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RESNET8_ARCH, assert_one_sentence_error, invoke, noise_image_folder
+
+from vconvert.io.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(resnet8 state_dict with random weights, a folder of noise images)."""
+    from sample_models.resnet_cifar import resnet8
+
+    root = tmp_path_factory.mktemp("reconstruct")
+    torch.manual_seed(0)
+    weights = root / "resnet8.pt"
+    torch.save(resnet8().state_dict(), weights)
+    return weights, noise_image_folder(root / "images") / "train"
+
+
+def compress(weights: Path, *options: object):
+    return invoke("compress", weights, "--arch", RESNET8_ARCH, "--input-shape", "2,3,32,32", *options)
+
+
+def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, tmp_path: Path) -> None:
+    weights, images = workspace
+    output = tmp_path / "r.vc.pt"
+    result = compress(weights, "--calib-data", images, "--reconstruct", "--weight-bits", "4", "--calib-images", "4",
+                      "-o", output)  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "Reconstructed 8 layers on 4 images" in " ".join(result.output.split())
+    checkpoint = load_checkpoint(output)
+    record = checkpoint.metadata.reconstruction
+    assert record["data"] == str(images.resolve()) and record["images"] == 4 and record["layers"] == 8
+    assert record["settings"]["weight_bits"] == 4 and record["error_after"] <= record["error_before"]
+    assert checkpoint.metadata.bn_recalibration["images"] == 4
+    assert checkpoint.metadata.weight_quantization == {"bits": 4, "quantizer": "lsq"}
+    onnx_file = tmp_path / "r.onnx"
+    result = invoke("export", output, "--quantize", "int8", "--compact", "--calib-images", "4", "-o", onnx_file)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert onnx_file.exists()
+    inspected = invoke("inspect", output)
+    assert inspected.exit_code == 0, inspected.output + inspected.stderr
+    assert "reconstructed: 8 layers against the original network's outputs on 4" in " ".join(inspected.output.split())
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (("--reconstruct",), "--reconstruct needs unlabeled images: pass --calib-data"),
+        (("--weight-bits", "4"), "--weight-bits rounds the primaries against the outputs: pass it with --reconstruct"),
+        (("--calib-data", "IMAGES", "--reconstruct", "--weight-bits", "9"), "--weight-bits must be an integer from 2"),
+        (("--calib-data", "IMAGES", "--reconstruct", "--calib-images", "0"), "--calib-images must be at least 1"),
+        (("--calib-data", "MISSING", "--reconstruct"), "missing"),
+        (("--calib-data", "EMPTY", "--reconstruct"), "empty"),
+    ],
+    ids=["no-calib-data", "bits-without-reconstruct", "bits-9", "images-0", "missing-folder", "empty-folder"],
+)
+def test_bad_reconstruction_options_exit_2(workspace, tmp_path: Path, options: tuple[str, ...], fragment: str) -> None:
+    weights, images = workspace
+    (tmp_path / "empty").mkdir()
+    folders = {"IMAGES": images, "MISSING": tmp_path / "missing", "EMPTY": tmp_path / "empty"}
+    typed = [folders.get(option, option) for option in options]
+    output = tmp_path / "out.vc.pt"
+    result = compress(weights, *typed, "-o", output)
+    assert_one_sentence_error(result, 2, fragment)
+    assert not output.exists()
+
+
+def test_damaged_reconstruction_record_is_one_sentence(workspace, tmp_path: Path) -> None:
+    weights, images = workspace
+    output = tmp_path / "r.vc.pt"
+    result = compress(weights, "--calib-data", images, "--reconstruct", "--calib-images", "2", "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    payload = torch.load(output, weights_only=True)
+    for damage, fragment in [
+        ({"images": 0}, "reconstruction images must be an integer ≥ 1"),
+        ({"settings": {"rounds": 1}}, "reconstruction settings lacks"),
+        ({"error_after": -1.0}, "reconstruction error_after must not be negative"),
+        ({"surprise": 1}, "reconstruction has unknown field(s) surprise"),
+    ]:
+        damaged = dict(payload)
+        damaged["metadata"] = {
+            **payload["metadata"],
+            "reconstruction": {**payload["metadata"]["reconstruction"], **damage},
+        }
+        path = tmp_path / "damaged.vc.pt"
+        torch.save(damaged, path)
+        assert_one_sentence_error(invoke("inspect", path), 2, fragment)
+
+
+def test_default_image_counts() -> None:
+    from vconvert.cli.compress import DEFAULT_CALIB_IMAGES, check_calibration_options
+    from vconvert.convert.reconstruct import DEFAULT_IMAGES
+
+    assert check_calibration_options(Path("images"), None, True, None) == DEFAULT_IMAGES == 1024
+    assert check_calibration_options(Path("images"), None, False, None) == DEFAULT_CALIB_IMAGES == 2000
+    assert check_calibration_options(Path("images"), 16, True, 4) == 16

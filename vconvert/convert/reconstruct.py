@@ -1,0 +1,425 @@
+"""Output reconstruction: refit each versatile layer so its outputs match the original conv's on unlabeled images.
+
+The data-free fit (docs/FIT.md §1-§9) matches *weights*; what matters is the layer's *output*. For a conv,
+the output error over calibration images is a quadratic form in the weight (docs/FIT.md §18):
+
+    E_o = w_oᵀ A w_o − 2 w_oᵀ g_o + c_o,      A = E[x_s x_sᵀ],  g_o = E[x_s x_tᵀ] t_o,  c_o = t_oᵀ E[x_t x_tᵀ] t_o
+
+per output o, with x_s the student's and x_t the teacher's im2col patches of the same image and position
+(the student's input comes from the already reconstructed layers before it, the target from the original
+network, so errors do not accumulate: BRECQ's choice), w_o the versatile row and t_o the dense one. Layers
+are visited in execution order; for each, two early-stopped forward passes collect A, E[x_s x_tᵀ] and
+E[x_t x_tᵀ] (K x K, K = c·kh·kw), after which the fit needs no image: rounds of exact sub-problem solves,
+the alternation of docs/FIT.md §6 under the data metric A instead of the identity (or §7's prior):
+
+- masks (learned per-filter): coordinate descent per row, a bit flips where E_o drops (rows are independent
+  given primaries and scales);
+- primaries: one K x K positive-definite system per primary filter (its members' masks, scales and rows);
+- scales: least squares per row;
+- biases (layers that have one): the mean output error set to zero.
+
+Each step solves its sub-problem exactly, so the error never rises. With ``weight_bits`` the primaries are
+then rounded to integers with error feedback under their own quadratic form (GPTQ/OBQ's sequential rounding,
+an exact-objective alternative to AdaRound's learned rounding), with the step per primary chosen from a few
+clipping ratios; masks and float scales are refitted around the integers, and the layer is left
+fake-quantised (``set_weight_bits(bits, "lsq")`` with the chosen steps), so ``export --quantize int8`` writes
+those integers. Per-row errors are weighted by 1/var(teacher output) (what the following BatchNorm does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vconvert.fit.output_fit import (
+    improve_masks,
+    quantize_primaries,
+    relative_error,
+    row_weights,
+    solve_primaries,
+    solve_scales,
+)
+from vconvert.nn.quantize import check_bits
+from vconvert.nn.versatile import PROXY_OFF, PROXY_ON, VersatileConv2d, versatile_layers
+
+DEFAULT_IMAGES = 1024
+DEFAULT_IMAGES = 1024
+
+
+@dataclass
+class ReconstructSettings:
+    """How :func:`reconstruct` fits: ``rounds`` of (masks, primaries, scales), ``mask_sweeps`` coordinate-descent
+    sweeps per mask step, ``damping`` (relative ridge of each primary's system, towards its previous value),
+    ``weight_bits`` (None: each layer's own width, e.g. a ``--target-size`` plan's, or float), ``normalise``
+    (weight each output by 1/var of the teacher's) and ``positions`` (output positions sampled per image for the
+    statistics)."""
+
+    rounds: int = 3
+    mask_sweeps: int = 2
+    positions: int = 256
+    damping: float = 1e-4
+    weight_bits: int | None = None
+    normalise: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.mask_sweeps < 0 or self.positions < 1 or not self.damping > 0:
+            raise ValueError("rounds and positions must be ≥ 1, mask_sweeps ≥ 0 and damping > 0.")
+        if self.weight_bits is not None:
+            check_bits(self.weight_bits)
+
+
+@dataclass
+class LayerResult:
+    """One layer's reconstruction: its relative output error on the calibration images before and after
+    (Σ_o d_o E_o / Σ_o d_o Var_o), the mask bits that changed, and why it was left alone (``skipped``)."""
+
+    name: str
+    error_before: float = 0.0
+    error_after: float = 0.0
+    mask_flips: int = 0
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+@dataclass
+class Reconstruction:
+    """What :func:`reconstruct` did: settings, image count and the per-layer results."""
+
+    settings: ReconstructSettings
+    images: int
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def mean_errors(self) -> tuple[float, float]:
+        """Mean relative output error of the reconstructed layers before and after."""
+        done = [layer for layer in self.layers if layer.skipped is None]
+        if not done:
+            return 0.0, 0.0
+        return (
+            sum(layer.error_before for layer in done) / len(done),
+            sum(layer.error_after for layer in done) / len(done),
+        )
+
+    def record(self, data: str) -> dict:
+        """The metadata record a ``.vc.pt`` keeps (docs/FORMAT.md §6, ``reconstruction``)."""
+        before, after = self.mean_errors()
+        return {
+            "data": data,
+            "images": self.images,
+            "settings": asdict(self.settings),
+            "layers": sum(layer.skipped is None for layer in self.layers),
+            "error_before": round(before, 6),
+            "error_after": round(after, 6),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass
+class Moments:
+    """Sums over calibration patches: ``ss`` = Σ x_s x_sᵀ, ``st`` = Σ x_s x_tᵀ (K x K), ``s``/``t`` the patch sums
+    (K,), ``yy``/``y`` the sums of the teacher's outputs (without bias) and of their squares (N,), ``count``
+    patches; float64 (each batch multiplied in float32)."""
+
+    ss: Tensor
+    st: Tensor
+    s: Tensor
+    t: Tensor
+    yy: Tensor
+    y: Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, size: int, outputs: int) -> Moments:
+        square, vector = (size, size), (size,)
+        return cls(*(torch.zeros(shape, dtype=torch.float64) for shape in (square, square, vector, vector)),
+                   torch.zeros(outputs, dtype=torch.float64), torch.zeros(outputs, dtype=torch.float64))  # fmt: skip
+
+    def add(self, student: Tensor, teacher: Tensor, target: Tensor) -> None:
+        """Add (patches, K) rows of the student's and teacher's patches of the same positions; ``target`` (N, K)
+        is the teacher's weight."""
+        self.ss += (student.T @ student).double()
+        self.st += (student.T @ teacher).double()
+        self.s += student.sum(0).double()
+        self.t += teacher.sum(0).double()
+        outputs = teacher @ target.T
+        self.yy += outputs.square().sum(0).double()
+        self.y += outputs.sum(0).double()
+        self.count += student.shape[0]
+
+    def second_moments(self, centred: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(A, B, c): E[x_s x_sᵀ], E[x_s x_tᵀ] and the teacher's output energies E[y_o²], or the covariances and
+        variances with ``centred``."""
+        n = max(self.count, 1)
+        a, b, c = self.ss / n, self.st / n, self.yy / n
+        if centred:
+            ms, mt = self.s / n, self.t / n
+            a, b, c = a - torch.outer(ms, ms), b - torch.outer(ms, mt), c - (self.y / n).square()
+        return a, b, c.clamp_min(0)
+
+
+def conv_padding(layer: VersatileConv2d) -> tuple[int, int]:
+    """The layer's padding as two integers (``"valid"`` is 0; ``"same"`` for stride 1)."""
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size, strict=True))  # type: ignore[return-value]
+    return layer.padding  # type: ignore[return-value]
+
+
+def patches(x: Tensor, layer: VersatileConv2d, positions: Tensor | None = None) -> Tensor:
+    """(B·L, c·kh·kw) im2col rows of ``x`` as ``layer`` sees it, columns in the weight's (c, kh, kw) order; only
+    the output ``positions`` (indices into L) when given."""
+    cols = F.unfold(x.float(), layer.kernel_size, layer.dilation, conv_padding(layer), layer.stride)
+    if positions is not None:
+        cols = cols.index_select(2, positions)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def sampled_positions(count: int, keep: int, generator: torch.Generator) -> Tensor | None:
+    """``keep`` random output positions of ``count`` (sorted), or None when all are kept."""
+    if count <= keep:
+        return None
+    return torch.randperm(count, generator=generator)[:keep].sort().values
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has seen its input: the rest of the forward is not needed."""
+
+
+def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor]) -> Iterator[Tensor]:
+    """The input of ``model``'s module ``name`` for each batch (forward stopped right after it)."""
+    module = model.get_submodule(name)
+    seen: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            seen.clear()
+            try:
+                with torch.no_grad():
+                    model(batch)
+            except _Stop:
+                pass
+            if not seen:
+                raise ValueError(f"layer {name!r} is not called in the model's forward.")
+            yield seen[0]
+    finally:
+        handle.remove()
+
+
+def layer_moments(
+    student: nn.Module, teacher: nn.Module, name: str, layer: VersatileConv2d, batches: Sequence[Tensor],
+    positions: int = 256,
+) -> Moments:  # fmt: skip
+    """Moments of the student's and teacher's patches at layer ``name`` over ``batches``, at up to ``positions``
+    random output positions per batch image (the same for both; a fixed seed)."""
+    size = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    moments = Moments.zeros(size, layer.out_channels)
+    target = teacher.get_submodule(name).weight.detach().float().flatten(1)
+    generator = torch.Generator().manual_seed(0)
+    for x_s, x_t in zip(layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True):
+        count = _output_positions(x_s.shape[2:], layer)
+        keep = sampled_positions(count, positions, generator)
+        moments.add(patches(x_s, layer, keep), patches(x_t, layer, keep), target)
+    return moments
+
+
+def _output_positions(size: torch.Size, layer: VersatileConv2d) -> int:
+    """H_out · W_out of ``layer`` on an input of spatial ``size``."""
+    padding = conv_padding(layer)
+    sides = [
+        (side + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+        for side, pad, dil, kernel, stride in zip(
+            size, padding, layer.dilation, layer.kernel_size, layer.stride, strict=True
+        )
+    ]
+    return sides[0] * sides[1]
+
+
+def execution_order(model: nn.Module, batch: Tensor) -> list[str]:
+    """Names of ``model``'s versatile layers in the order its forward calls them (uncalled ones last)."""
+    layers = dict(versatile_layers(model))
+    order: list[str] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name) if name not in order else None)
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(batch[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in layers if name not in order]
+
+
+# --------------------------------------------------------------------------- one layer
+def reconstructable(layer: VersatileConv2d) -> str | None:
+    """Why ``layer`` cannot be reconstructed (None when it can): only layers whose primaries span all input
+    channels (modes learned and spatial) are."""
+    if layer.channel_window != layer.in_channels:
+        return "channel windows are not reconstructed (kept at the data-free fit)"
+    return None
+
+
+def layer_state(layer: VersatileConv2d) -> tuple[Tensor, Tensor, Tensor]:
+    """(primaries (P, K), masks (N, K), scales (N,)) of ``layer`` as float64."""
+    primary = layer.quantized_primary().detach().double().flatten(1)
+    mask = layer.output_mask()
+    shape = (layer.out_channels, *layer.primary.shape[1:])
+    masks = torch.ones(shape, dtype=torch.float64) if mask is None else mask.detach().double().expand(shape)
+    scale = (
+        layer.scale.detach().double()
+        if layer.scale is not None
+        else torch.ones(layer.out_channels, dtype=torch.float64)
+    )
+    return primary, masks.reshape(layer.out_channels, -1).clone(), scale
+
+
+@torch.no_grad()
+def write_layer(layer: VersatileConv2d, primary: Tensor, masks: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    """Copy fitted primaries, masks (learned per-filter layers only), scales and bias into ``layer``."""
+    layer.primary.copy_(primary.view_as(layer.primary))
+    if layer.mask_proxy is not None and layer.mask_sharing == "per-filter":
+        on = masks.view_as(layer.mask_proxy) > 0.5
+        layer.mask_proxy.copy_(torch.where(on, PROXY_ON, PROXY_OFF).to(layer.mask_proxy))
+    if layer.scale is not None:
+        layer.scale.copy_(scale)
+    if bias is not None and layer.bias is not None:
+        layer.bias.copy_(bias)
+
+
+def fit_layer(
+    layer: VersatileConv2d, teacher: nn.Conv2d, moments: Moments, settings: ReconstructSettings
+) -> LayerResult:
+    """Refit ``layer`` in place to the outputs of ``teacher`` (its original conv) described by ``moments``."""
+    result = LayerResult(name="")
+    centred = layer.bias is not None
+    a, b, c = moments.second_moments(centred)
+    target = teacher.weight.detach().double().flatten(1)
+    g = target @ b.T
+    n = max(moments.count, 1)
+    d = row_weights(c if centred else c - (moments.y / n).square(), settings.normalise)
+    index = layer.primary_index
+    primary, masks, scale = layer_state(layer)
+    learns_masks = layer.mask_proxy is not None and layer.mask_sharing == "per-filter"
+    start_masks = masks.clone()
+    rows = lambda: scale.unsqueeze(1) * masks * primary[index]  # noqa: E731
+    result.error_before = relative_error(rows(), a, g, c, d)
+    has_scale = layer.scale is not None
+    for _ in range(settings.rounds):
+        if learns_masks:
+            masks = improve_masks(a, g, scale.unsqueeze(1) * primary[index], masks, settings.mask_sweeps)
+        primary = solve_primaries(a, g, masks, scale, d, index, primary, settings.damping)
+        if has_scale:
+            scale = solve_scales(a, g, masks * primary[index], scale)
+    steps = None
+    bits = settings.weight_bits if settings.weight_bits is not None else layer.weight_bits  # a planned width too
+    if bits is not None:
+        codes, steps = quantize_primaries(a, g, masks, scale, d, index, primary, bits, settings.damping)
+        primary = codes * steps.unsqueeze(1)
+        for _ in range(2):
+            if learns_masks:
+                masks = improve_masks(a, g, scale.unsqueeze(1) * primary[index], masks, settings.mask_sweeps)
+            if has_scale:
+                scale = solve_scales(a, g, masks * primary[index], scale)
+    result.error_after = relative_error(rows(), a, g, c, d)
+    result.mask_flips = int((masks != start_masks).sum()) if learns_masks else 0
+    bias = None
+    if centred:
+        teacher_bias = teacher.bias.detach().double() if teacher.bias is not None else 0.0
+        bias = target @ (moments.t / n) + teacher_bias - rows() @ (moments.s / n)
+    if steps is not None:
+        layer.set_weight_bits(bits, "lsq")
+    write_layer(layer, primary, masks, scale, bias)
+    if steps is not None:
+        layer.primary_step.data.copy_(steps.to(layer.primary_step))
+    return result
+
+
+# --------------------------------------------------------------------------- the pass
+def reconstruct(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Tensor],
+    settings: ReconstructSettings | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    layers: Sequence[str] | None = None,
+) -> Reconstruction:
+    """Refit every versatile layer of ``student`` (in place, in execution order) so that its outputs match those
+    of the same-named conv of ``teacher`` (the original model) on ``batches`` of unlabeled, preprocessed images.
+
+    Both models run in eval mode (BatchNorm statistics as they are: recalibrate afterwards). ``progress`` is
+    called as (layers done, layers in all, layer name); ``layers`` limits the pass to those names. Returns the
+    per-layer record.
+    """
+    settings = settings or ReconstructSettings()
+    if not batches:
+        raise ValueError("reconstruction needs at least one batch of calibration images.")
+    begin = time.perf_counter()
+    flags = {module: module.training for module in (*student.modules(), *teacher.modules())}
+    student.eval(), teacher.eval()
+    report = Reconstruction(settings, sum(int(batch.shape[0]) for batch in batches))
+    try:
+        order = [name for name in execution_order(student, batches[0]) if layers is None or name in layers]
+        for done, name in enumerate(order):
+            if progress:
+                progress(done, len(order), name)
+            layer = student.get_submodule(name)
+            started = time.perf_counter()
+            reason = reconstructable(layer)
+            if reason is not None:
+                if settings.weight_bits is not None:  # one width for the whole model: plain rounding here
+                    layer.set_weight_bits(settings.weight_bits, "lsq")
+                report.layers.append(LayerResult(name=name, skipped=reason))
+                continue
+            moments = layer_moments(student, teacher, name, layer, batches, settings.positions)
+            result = fit_layer(layer, teacher.get_submodule(name), moments, settings)
+            result.name, result.seconds = name, time.perf_counter() - started
+            report.layers.append(result)
+        if progress:
+            progress(len(order), len(order), "")
+    finally:
+        for module, training in flags.items():
+            module.train(training)
+    report.seconds = time.perf_counter() - begin
+    return report
+
+
+@torch.no_grad()
+def output_errors(student: nn.Module, teacher: nn.Module, batches: Sequence[Tensor]) -> dict[str, float]:
+    """Relative output error ‖y_s − y_t‖² / ‖y_t − mean‖² of every versatile layer of ``student`` against the
+    same-named module of ``teacher``, each model run on its own inputs (errors accumulate, as in deployment)."""
+    names = [name for name, _ in versatile_layers(student)]
+    sums = {name: [0.0, 0.0] for name in names}
+    outputs: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+    handles = []
+    for which, model in (("student", student), ("teacher", teacher)):
+        for name in names:
+            hook = lambda _m, _a, out, which=which, name=name: outputs[which].__setitem__(name, out.detach())  # noqa: E731
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+    flags = {module: module.training for module in (*student.modules(), *teacher.modules())}
+    student.eval(), teacher.eval()
+    try:
+        for batch in batches:
+            student(batch), teacher(batch)
+            for name in names:
+                y_s, y_t = outputs["student"][name].double(), outputs["teacher"][name].double()
+                sums[name][0] += float((y_s - y_t).square().sum())
+                sums[name][1] += float((y_t - y_t.mean(dim=(0, 2, 3), keepdim=True)).square().sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in flags.items():
+            module.train(training)
+    return {name: error / total if total > 0 else 0.0 for name, (error, total) in sums.items()}
