@@ -16,6 +16,7 @@ from torch import nn
 from sample_models.resnet_cifar import resnet8
 from vconvert.convert.compress import compress
 from vconvert.convert.target_size import (
+    FP32_GRAPH_BITS_PER_CONV,
     Candidate,
     Choice,
     choice_bits,
@@ -93,15 +94,15 @@ def test_a_choice_stores_its_primaries_at_their_width_and_one_bit_per_mask_eleme
     assert choice_bits(conv, Choice(1, 8), LEARNED) == plain_int8_bits(conv) == 32 * 16 * 9 * 8 + 32 * 32
 
 
-def test_the_fp32_size_counts_every_conv_and_linear_weight_and_a_bias_per_output() -> None:
+def test_the_fp32_size_counts_every_conv_and_linear_weight_a_bias_per_output_and_the_graph() -> None:
     model = resnet8()
-    expected = 0
+    expected, convs = 0, 0
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            expected += module.weight.numel() + module.out_channels
+            expected, convs = expected + module.weight.numel() + module.out_channels, convs + 1
         elif isinstance(module, nn.Linear):
             expected += module.weight.numel() + module.bias.numel()
-    assert fp32_file_bits(model) == 32 * expected
+    assert fp32_file_bits(model) == 32 * expected + convs * FP32_GRAPH_BITS_PER_CONV
 
 
 @pytest.fixture(scope="module")
