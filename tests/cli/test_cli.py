@@ -34,6 +34,7 @@ TABLE_COMMAND = {
     "--mode": "compress",
     "--secondary": "compress",
     "--target-ratio": "compress",
+    "--target-size": "compress",
     "--skip": "compress",
     "--masks": "finetune",
     "--loader": "finetune",

@@ -307,9 +307,9 @@ def plan_for_size(
     if not 0 < target_size < 1:
         raise BadInputError(f"`target_size` must lie between 0 and 1 (a fraction of the fp32 file); got {target_size}.")
     if search not in SEARCHES:
-        raise BadInputError(f"`search` must be one of {', '.join(SEARCHES)}; got {search!r}.")
+        raise BadInputError(f"The search must be one of {', '.join(SEARCHES)}; got {search!r}.")
     if not images and not candidates:
-        raise BadInputError("`target_size` needs calibration images (`calibration`) to measure each layer on.")
+        raise BadInputError("`target_size` needs calibration images (a list of batches) to measure each layer on.")
     fp32 = fp32_file_bits(model)
     fixed = fixed_int8_bits(model, list(convs))
     budget = math.floor(target_size * fp32) - fixed
