@@ -13,6 +13,7 @@ Linear layers stay int8.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vconvert.convert.plan import detached
+from vconvert.convert.plan import ConvOptions, detached
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import initialise_from_weight
 from vconvert.nn.quantize import fake_quantize, minmax_step
@@ -61,8 +62,7 @@ class Choice:
         """VersatileConv2d options: a dense conv with a per-output scale (channel mode, one secondary), or the
         learned mode of ``base`` with this many secondaries."""
         if self.secondary == 1:
-            return {"mode": "channel", "secondary": 1, "channel_stride": 1, "mask_sharing": "per-filter",
-                    "scale": True, "channel_window": None}  # fmt: skip
+            return ConvOptions(mode="channel", secondary=1).layer_kwargs()
         return {**base, "mode": "learned", "secondary": self.secondary}
 
     def label(self) -> str:
@@ -134,14 +134,11 @@ def divergence(reference: Tensor, outputs: Tensor) -> float:
 
 def _quantized_conv(conv: nn.Conv2d, bits: int) -> nn.Conv2d:
     """A copy of ``conv`` with its weight fake-quantised min-max per output channel at ``bits``."""
-    copy_ = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)  # fmt: skip
+    copy_ = copy.deepcopy(conv).eval()
     with torch.no_grad():
-        weight = conv.weight.detach().float()
+        weight = conv.weight.detach()
         copy_.weight.copy_(fake_quantize(weight, minmax_step(weight, bits), bits))
-        if conv.bias is not None:
-            copy_.bias.copy_(conv.bias.detach())
-    return copy_.to(conv.weight.device).eval()
+    return copy_
 
 
 def _fitted(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict) -> VersatileConv2d:
