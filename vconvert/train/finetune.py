@@ -79,7 +79,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or name.endswith("mask_proxy"):
             continue
-        is_weight = parameter.ndim > 1
+        # one value per output channel kept in a conv's shape (a quantizer's scale, N x 1 x 1 x 1) is a scale
+        is_weight = parameter.ndim > 1 and parameter[0].numel() > 1
         (decay if is_weight else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
