@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vconvert.convert.plan import ConvOptions, detached
+from vconvert.convert.replay import LayerReplay, values_bytes
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import initialise_from_weight
 from vconvert.nn.quantize import fake_quantize, minmax_step
@@ -34,6 +35,7 @@ INT8 = 8  # the width of a plain int8 conv, and of primaries left float until th
 FLOAT_BITS = 32
 PER_OUTPUT_BITS = FLOAT_BITS  # the int8 file's weight scale (or folded BN and bias) per output channel
 RESOLUTION = 1000  # the knapsack rounds bits to budget / RESOLUTION
+RECORDED_BYTES = 1 << 30  # activations kept per batch while measuring (a batch of ResNet-20 at 32x32: ~2.5 MB an image)
 # What a file holds per conv besides its weights (nodes, names, Q/DQ scales and zero points, int32 biases, the
 # primary index at a whole int8), measured on the shared ResNet-20's files (21 convs): fp32 1,097,532 B against
 # 1,086,760 B of weights; int8 compact s=2 at 4 and 7 bits 17,375 and 17,561 B above their planned weights.
@@ -153,6 +155,52 @@ def _fitted(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict)
     return layer
 
 
+def _stored_form(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict) -> nn.Module:
+    """``conv`` as ``choice`` stores it: dense and fake-quantised, or fitted (``cache``: the fits of this conv)."""
+    return _quantized_conv(conv, choice.bits) if choice.secondary == 1 else _fitted(conv, choice, base, init, cache)
+
+
+def _sized_choices(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> list[tuple[Choice, int]]:
+    """Every choice ``conv``'s shape takes with its bits."""
+    sized = []
+    for secondary in secondaries:
+        for bits in BIT_CHOICES:
+            choice = Choice(secondary, bits)
+            try:
+                sized.append((choice, choice_bits(conv, choice, base)))
+            except ValueError:  # the shape cannot take that many secondaries
+                continue
+    return sized
+
+
+def _chunks(replay: LayerReplay, images: Sequence[Tensor]) -> list[Tensor]:
+    """``images`` in batches whose recorded activations stay within :data:`RECORDED_BYTES`."""
+    every = torch.cat(list(images))
+    per_image = values_bytes(replay.record(every[:1]))
+    return list(every.split(max(1, RECORDED_BYTES // max(per_image, 1))))
+
+
+class _FullRuns:
+    """The network run whole for each swap: the fallback for a model torch.fx cannot trace."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def record(self, images: Tensor) -> Tensor:
+        return images
+
+    def output(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def run_with(self, images: Tensor, name: str, replacement: nn.Module) -> Tensor:
+        original = self.model.get_submodule(name)
+        self.model.set_submodule(name, replacement)
+        try:
+            return self.model(images)
+        finally:
+            self.model.set_submodule(name, original)
+
+
 def measure_candidates(
     model: nn.Module,
     convs: dict[str, nn.Conv2d],
@@ -163,39 +211,40 @@ def measure_candidates(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, list[Candidate]]:
     """Every choice of every conv in ``convs`` (secondary counts ``allowed[name]``, each at every width of
-    :data:`BIT_CHOICES`) with its bits and the divergence of the network's outputs on ``images`` when that
-    conv alone takes it. ``model`` is left as it was."""
+    :data:`BIT_CHOICES`) with its bits and the mean divergence of the network's outputs on ``images`` when that
+    conv alone takes it. Each batch runs through the network once; each swap then re-runs only what follows the
+    conv (:class:`~vconvert.convert.replay.LayerReplay`; the whole network where FX cannot trace it). ``model``
+    is left as it was."""
     model.eval()
+    sized = {name: _sized_choices(conv, allowed[name], base) for name, conv in convs.items()}
+    summed = {name: [0.0] * len(choices) for name, choices in sized.items()}
+    fits: dict[str, dict[int, VersatileConv2d]] = {name: {} for name in convs}
     with torch.no_grad():
-        reference = [model(batch) for batch in images]
-    candidates: dict[str, list[Candidate]] = {}
-    for index, (name, conv) in enumerate(convs.items()):
-        if progress:
-            progress(index, len(convs), name)
-        fits: dict[int, VersatileConv2d] = {}
-        found = []
-        for secondary in allowed[name]:
-            for bits in BIT_CHOICES:
-                choice = Choice(secondary, bits)
-                try:
-                    size = choice_bits(conv, choice, base)
-                except ValueError:  # the shape cannot take that many secondaries
-                    continue
-                dense = choice.secondary == 1
-                model.set_submodule(
-                    name, _quantized_conv(conv, bits) if dense else _fitted(conv, choice, base, init, fits)
-                )
-                try:
-                    with torch.no_grad():
-                        outputs = [model(batch) for batch in images]
-                    spread = sum(divergence(ref, out) for ref, out in zip(reference, outputs, strict=True))
-                finally:
-                    model.set_submodule(name, conv)
-                found.append(Candidate(choice, size, spread / len(images)))
-        candidates[name] = found
+        try:
+            runner: LayerReplay | _FullRuns = LayerReplay(model)
+            batches = _chunks(runner, images)
+        except Exception:  # FX raises many types for untraceable Python: run the whole network instead
+            runner, batches = _FullRuns(model), list(images)
+        for batch_index, batch in enumerate(batches):
+            values = runner.record(batch)
+            reference = runner.output(values)
+            for index, (name, conv) in enumerate(convs.items()):
+                if progress:
+                    progress(batch_index * len(convs) + index, len(batches) * len(convs), name)
+                for position, (choice, _) in enumerate(sized[name]):
+                    outputs = runner.run_with(values, name, _stored_form(conv, choice, base, init, fits[name]))
+                    summed[name][position] += divergence(reference, outputs) * len(batch)
+            del values
     if progress:
-        progress(len(convs), len(convs), "")
-    return candidates
+        progress(len(batches) * len(convs), len(batches) * len(convs), "")
+    count = sum(len(batch) for batch in batches)
+    return {
+        name: [
+            Candidate(choice, size, total / count)
+            for (choice, size), total in zip(sized[name], summed[name], strict=True)
+        ]
+        for name in convs
+    }
 
 
 # --------------------------------------------------------------------------- choosing
