@@ -463,7 +463,7 @@ def write(record: dict[str, Any], stem: Path) -> None:
                          f"kernels {reference['same_top1']}/{reference['images']} with the QDQ reference")  # fmt: skip
     for failed in record.get("failed", []):
         reason = failed["error"].split("error: ")[-1]
-        lines += ["", f"- {failed['artifact']}: no file; the export refused it: `{reason}`"]
+        lines += ["", f"- {failed['artifact']}: no file; vconvert refused it: `{reason}`"]
     common.write_markdown(stem.with_suffix(".md"), lines)
     if rows:
         _plot(rows, stem.with_suffix(".png"), record)
@@ -640,7 +640,13 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         "rows": [],
     }  # fmt: skip
     for key in [key for key in TRAININGS if any(row.train == key for row in chosen)]:
-        record["trainings"][key] = train(key, budget, args, run)
+        try:
+            record["trainings"][key] = train(key, budget, args, run)
+        except RuntimeError as error:  # a refused compress (a size out of reach) is a result too: its rows go
+            reason = str(error).split("error: ")[-1]
+            record.setdefault("failed", []).extend({"artifact": row.name, "error": reason} for row in chosen
+                                                   if row.train == key)  # fmt: skip
+            chosen = [row for row in chosen if row.train != key]
         write(record, stem)
     if args.train_only:
         return
