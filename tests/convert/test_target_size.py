@@ -94,6 +94,17 @@ def test_a_choice_stores_its_primaries_at_their_width_and_one_bit_per_mask_eleme
     assert choice_bits(conv, Choice(1, 8), LEARNED) == plain_int8_bits(conv) == 32 * 16 * 9 * 8 + 32 * 32
 
 
+@pytest.mark.parametrize("secondary", [2, 4], ids=lambda s: f"s{s}")
+def test_a_shared_masks_choice_stores_one_mask_per_secondary(secondary: int) -> None:
+    conv = nn.Conv2d(16, 32, 3, bias=False)
+    shared, per_filter = Choice(secondary, 3, shared=True), Choice(secondary, 3)
+    layer = VersatileConv2d.shaped_like(conv, **shared.options(LEARNED))
+    assert layer.mask_sharing == "shared" and layer.mask_proxy.shape[0] == secondary
+    saved = choice_bits(conv, per_filter, LEARNED) - choice_bits(conv, shared, LEARNED)
+    assert saved == layer.mask_proxy[0].numel() * (32 - secondary)  # one mask per output -> one per secondary
+    assert shared.label() == f"s={secondary} shared masks 3-bit"
+
+
 def test_the_fp32_size_counts_every_conv_and_linear_weight_a_bias_per_output_and_the_graph() -> None:
     model = resnet8()
     expected, convs = 0, 0
@@ -130,6 +141,9 @@ def test_a_plan_for_a_size_fits_it_and_gives_every_planned_conv_a_width(planned)
                 assert layer.mode == "channel" and decision.options["secondary"] == 1
     stem = plan.layers[0]
     assert stem.name == "conv1" and (not stem.converted or stem.options["secondary"] == 1), "the stem stays dense"
+    for decision in plan.layers:
+        if decision.converted and decision.options["mode"] == "learned":
+            assert model.get_submodule(decision.name).mask_sharing == decision.options["mask_sharing"]
     assert isinstance(teacher.conv1, nn.Conv2d) and not isinstance(teacher.conv1, VersatileConv2d)
 
 
@@ -204,6 +218,20 @@ def test_compress_target_size_plans_and_inspect_shows_the_widths(weights_file, t
     assert all(layer["weight_bits"] in (2, 3, 4, 8) for layer in layers if layer["decision"] == "converted")
     table = invoke("inspect", output)
     assert any(f"{kind} {bits}-bit" in table.stdout for kind in ("dense", "s=2", "s=4") for bits in (2, 3, 4, 8))
+
+
+def test_a_small_target_size_stores_some_layers_with_shared_masks(weights_file, tmp_path: Path) -> None:
+    weights, images = weights_file
+    output = tmp_path / "small.vc.pt"
+    result = _compress(weights, "--target-size", "0.07", "--calib-data", images / "train", "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    layers = json.loads(invoke("inspect", output, "--json").stdout)["plan"]["layers"]
+    shared = [layer["name"] for layer in layers if (layer["options"] or {}).get("mask_sharing") == "shared"]
+    assert shared, "at 0.07x no plan fits without shared masks"
+    assert "shared masks" in invoke("inspect", output).stdout
+    exported = invoke("export", output, "-o", tmp_path / "small.onnx", "--quantize", "int8", "--compact",
+                      "--calib-data", images / "train", "--calib-images", "16", "--min-agreement", "0")  # fmt: skip
+    assert exported.exit_code == 0, exported.output + exported.stderr
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,7 @@ class ConversionPlan:
                     "decision": layer.decision,
                     "mode": options.get("mode"),
                     "secondary": _secondary_shown(options),
+                    "shared": options.get("mask_sharing") == "shared",
                     "bits": layer.weight_bits,
                     "dense_bits": layer.dense_bits,
                     "stored_bits": layer.stored_bits or layer.dense_bits,

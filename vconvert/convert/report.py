@@ -94,7 +94,7 @@ def layer_table(rows: list[dict], title: str) -> Table:
         if mode == "channel" and row.get("secondary") == 1:
             mode = "dense"
         elif mode and row.get("secondary"):
-            mode += f" s={row['secondary']}"
+            mode += f" s={row['secondary']}" + (" shared masks" if row.get("shared") else "")
         if mode and row.get("bits"):
             mode += f" {row['bits']}-bit"
         table.add_row(

@@ -1,6 +1,7 @@
-"""``--target-size``: choose per conv how it is stored — dense or versatile with 2 or 4 secondaries, its
-primaries at 2, 3, 4 or 8 bits — so that the int8 file is the asked fraction of the fp32 file, preferring
-the choices that change the network's output least on unlabeled calibration images (docs/ALGEBRA.md §13).
+"""``--target-size``: choose per conv how it is stored — dense or versatile with 2 or 4 secondaries (masks per
+filter or shared by all primaries), its primaries at 2, 3, 4 or 8 bits — so that the int8 file is the asked
+fraction of the fp32 file, preferring the choices that change the network's output least on unlabeled calibration
+images (docs/ALGEBRA.md §13).
 
 Each choice of each conv is tried alone in the original network: the conv replaced by its data-free fit,
 fake-quantised min-max at its width, and the output distribution compared with the original's (mean KL
@@ -31,6 +32,9 @@ from vconvert.nn.versatile import VersatileConv2d
 
 SECONDARY_CHOICES = (1, 2, 4)
 BIT_CHOICES = (2, 3, 4, 8)
+# Shared masks below 8 bits only: on the shared ResNet-20 every conv had a per-filter or dense choice of no more
+# bits and no more divergence than its 8-bit shared ones
+SHARED_SECONDARY, SHARED_BIT_CHOICES = (2, 4), (2, 3, 4)
 INT8 = 8  # the width of a plain int8 conv, and of primaries left float until the int8 export quantizes them
 FLOAT_BITS = 32
 PER_OUTPUT_BITS = FLOAT_BITS  # the int8 file's weight scale (or folded BN and bias) per output channel
@@ -45,10 +49,12 @@ INT8_GRAPH_BITS_PER_CONV = 830 * 8
 
 @dataclass(frozen=True)
 class Choice:
-    """How one conv is stored: ``secondary`` 1 is dense, ``bits`` the width of its (primary) weights."""
+    """How one conv is stored: ``secondary`` 1 is dense, ``bits`` the width of its (primary) weights, ``shared``
+    one learned mask per secondary shared by all primaries (``mask_sharing="shared"``: ~no mask bits)."""
 
     secondary: int
     bits: int
+    shared: bool = False
 
     @property
     def plain(self) -> bool:
@@ -65,10 +71,12 @@ class Choice:
         learned mode of ``base`` with this many secondaries."""
         if self.secondary == 1:
             return ConvOptions(mode="channel", secondary=1).layer_kwargs()
-        return {**base, "mode": "learned", "secondary": self.secondary}
+        sharing = "shared" if self.shared else "per-filter"
+        return {**base, "mode": "learned", "secondary": self.secondary, "mask_sharing": sharing}
 
     def label(self) -> str:
-        return f"{'dense' if self.secondary == 1 else f's={self.secondary}'} {self.bits}-bit"
+        stored = "dense" if self.secondary == 1 else f"s={self.secondary}" + (" shared masks" if self.shared else "")
+        return f"{stored} {self.bits}-bit"
 
 
 @dataclass
@@ -144,13 +152,14 @@ def _quantized_conv(conv: nn.Conv2d, bits: int) -> nn.Conv2d:
 
 
 def _fitted(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict) -> VersatileConv2d:
-    """The data-free fit of ``conv`` for ``choice`` (one fit per secondary count), quantized min-max at its
-    width (8 bits: as the int8 export quantizes float primaries)."""
-    if choice.secondary not in cache:
+    """The data-free fit of ``conv`` for ``choice`` (one fit per secondary count and mask sharing), quantized
+    min-max at its width (8 bits: as the int8 export quantizes float primaries)."""
+    key = (choice.secondary, choice.shared)
+    if key not in cache:
         layer = VersatileConv2d.shaped_like(conv, **choice.options(base))
         initialise_from_weight(layer, conv.weight.detach(), detached(conv.bias), method=init)
-        cache[choice.secondary] = layer.eval()
-    layer = cache[choice.secondary]
+        cache[key] = layer.eval()
+    layer = cache[key]
     layer.set_weight_bits(choice.bits, "minmax")
     return layer
 
@@ -164,8 +173,8 @@ def _sized_choices(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> l
     """Every choice ``conv``'s shape takes with its bits."""
     sized = []
     for secondary in secondaries:
-        for bits in BIT_CHOICES:
-            choice = Choice(secondary, bits)
+        shared = [Choice(secondary, bits, shared=True) for bits in SHARED_BIT_CHOICES if secondary in SHARED_SECONDARY]
+        for choice in [*(Choice(secondary, bits) for bits in BIT_CHOICES), *shared]:
             try:
                 sized.append((choice, choice_bits(conv, choice, base)))
             except ValueError:  # the shape cannot take that many secondaries
@@ -383,11 +392,5 @@ def plan_for_size(
 
 
 def _fewest_bits(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> int:
-    """Bits of ``conv`` at its smallest choice (the fewest bits, any secondary count its shape takes)."""
-    sizes = []
-    for secondary in secondaries:
-        try:
-            sizes.append(choice_bits(conv, Choice(secondary, min(BIT_CHOICES)), base))
-        except ValueError:
-            continue
-    return min(sizes)
+    """Bits of ``conv`` at its smallest choice (any that its shape takes)."""
+    return min(size for _, size in _sized_choices(conv, secondaries, base))
