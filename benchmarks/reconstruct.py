@@ -1,7 +1,8 @@
 """Small without labels or training (issue 31): ``compress --reconstruct`` against the data-free fit, as int8 files.
 
 For each row the real CLI runs: ``vconvert compress`` of the shared CIFAR-10 ResNet-20 (as benchmarks/pareto.py:
-``--skip downsample --mode learned --secondary S``), data-free (BatchNorm recalibration only) or with
+``--skip downsample --mode learned --secondary S``, or ``--target-size F``: each layer at its planned form and
+width), data-free (BatchNorm recalibration only) or with
 ``--reconstruct [--weight-bits B]``, both on the same unlabeled training images (``--calib-images``, no labels);
 then ``vconvert export --quantize int8 --compact`` (default ``--int8-target any``) and ``vconvert evaluate`` of the
 ONNX file in onnxruntime on the test images. Each compress runs as a child process whose wall time and peak RSS
@@ -12,8 +13,10 @@ are recorded. The dense row is the original model's fp32 ONNX file (file size re
 
 Rows: data-free int8 (the exporter rounds the float primaries, 7-bit under ``any``); reconstructed at 7 bits (the
 width ``any`` stores, so the file holds the integers the reconstruction chose); data-free 4-bit (the exporter's
-min-max rounding, ``--weight-bits 4``: "4-bit weights without training"); reconstructed at 4 bits.
-Writes benchmarks/results/reconstruct_{quick,full}.json and .md. Trained files stay in ``--work``.
+min-max rounding, ``--weight-bits 4``: "4-bit weights without training"); reconstructed at 4 bits; planned
+(``--target-size``) data-free and reconstructed, each layer rounded at its planned width.
+Writes benchmarks/results/reconstruct_{quick,full}.json and .md (``--output STEM``: elsewhere; ``--rows 6,7``:
+some rows). Trained files stay in ``--work``.
 """
 
 from __future__ import annotations
@@ -33,25 +36,36 @@ ARCH = "sample_models.resnet_cifar:resnet20"
 SHAPE = "1,3,32,32"
 DENSE_TOP1 = 88.57  # the shared model on the 10,000 test images (fp32 ONNX; benchmarks/results/pareto*)
 
-# (row name, secondary, reconstruct, reconstruction bits, export bits)
+LAYOUTS = {  # compress options of each converted network
+    "s2": ["--secondary", "2"],
+    "s4": ["--secondary", "4"],
+    # compress --target-size: every layer at its planned form and width (reconstructed at it, exported at it)
+    "plan0.1": ["--target-size", "0.1"],
+    "plan0.07": ["--target-size", "0.07"],
+}
+# (row name, layout, reconstruct, reconstruction bits, export bits)
 FULL_ROWS = [
-    ("s=2 data-free, int8", 2, False, None, None),
-    ("s=2 reconstructed, int8 (7-bit primaries)", 2, True, 7, None),
-    ("s=2 data-free, 4-bit primaries", 2, False, None, 4),
-    ("s=2 reconstructed, 4-bit primaries", 2, True, 4, None),
-    ("s=4 data-free, int8", 4, False, None, None),
-    ("s=4 reconstructed, int8 (7-bit primaries)", 4, True, 7, None),
+    ("s=2 data-free, int8", "s2", False, None, None),
+    ("s=2 reconstructed, int8 (7-bit primaries)", "s2", True, 7, None),
+    ("s=2 data-free, 4-bit primaries", "s2", False, None, 4),
+    ("s=2 reconstructed, 4-bit primaries", "s2", True, 4, None),
+    ("s=4 data-free, int8", "s4", False, None, None),
+    ("s=4 reconstructed, int8 (7-bit primaries)", "s4", True, 7, None),
+    ("--target-size 0.1 data-free (planned widths)", "plan0.1", False, None, None),
+    ("--target-size 0.1 reconstructed (planned widths)", "plan0.1", True, None, None),
+    ("--target-size 0.07 data-free (planned widths)", "plan0.07", False, None, None),
+    ("--target-size 0.07 reconstructed (planned widths)", "plan0.07", True, None, None),
 ]
 QUICK_ROWS = FULL_ROWS[:4]
 
 
-def compress(args: argparse.Namespace, output: Path, secondary: int, reconstruct: bool, bits: int | None) -> dict:
+def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: bool, bits: int | None) -> dict:
     """Run ``vconvert compress`` as a measured child; its JSON output plus wall seconds and peak RSS (GB)."""
     options = ["--reconstruct"] + (["--weight-bits", str(bits)] if bits else []) if reconstruct else []
     command = common.vconvert_command(
         "compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape", SHAPE,
         "--skip", "downsample", "--mean", common.CIFAR_MEAN_ARG, "--std", common.CIFAR_STD_ARG,
-        "--mode", "learned", "--secondary", str(secondary), "--calib-data", str(args.cifar / "train"),
+        "--mode", "learned", *LAYOUTS[layout], "--calib-data", str(args.cifar / "train"),
         "--calib-images", str(args.calib_images), *options, "-o", str(output), "--json",
     )  # fmt: skip
     folder = output.parent / f"{output.name}.log"
@@ -76,6 +90,7 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, help="unlabeled training images (default 1024; quick 256)")
     parser.add_argument("--eval-limit", type=int, help="test images (default 10,000; quick 1,000)")
     parser.add_argument("--rows", help="comma-separated row numbers to run (default all)")
+    parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/reconstruct_MODE)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     args.calib_images = args.calib_images or (256 if args.quick else 1024)
@@ -85,7 +100,7 @@ def main() -> None:
         rows = [rows[int(index)] for index in args.rows.split(",")]
     common.ensure_cifar(args.cifar, args.shared_data)
     args.work.mkdir(parents=True, exist_ok=True)
-    output = common.RESULTS / f"reconstruct_{mode}"
+    output = args.output or common.RESULTS / f"reconstruct_{mode}"
     run = common.Runner(args.work, echo=True)
     started = time.perf_counter()
     record: dict[str, Any] = {
@@ -112,19 +127,19 @@ def main() -> None:
 
     dense_checkpoint = args.work / "s2.datafree.vc.pt"
     made: dict[str, dict] = {}
-    for name, secondary, reconstruct, bits, export_bits in rows:
-        stem = f"s{secondary}." + (f"reconstructed.b{bits}" if reconstruct else "datafree")
+    for name, layout, reconstruct, bits, export_bits in rows:
+        stem = f"{layout}." + (f"reconstructed.b{bits or 'planned'}" if reconstruct else "datafree")
         checkpoint = args.work / f"{stem}.vc.pt"
         if stem not in made:
             print(f"$ compress {stem}", flush=True)
-            made[stem] = compress(args, checkpoint, secondary, reconstruct, bits)
+            made[stem] = compress(args, checkpoint, layout, reconstruct, bits)
         onnx_file = args.work / f"{stem}.int8{'.b' + str(export_bits) if export_bits else ''}.onnx"
         exported, _ = run("export", str(checkpoint), "-o", str(onnx_file), "--quantize", "int8", "--compact",
                           "--calib-images", "512", "--no-compare", *(["--weight-bits", str(export_bits)]
                                                                      if export_bits else []))  # fmt: skip
         row = {
             "row": name,
-            "secondary": secondary,
+            "layout": " ".join(LAYOUTS[layout]),
             "reconstructed": reconstruct,
             "file_bytes": onnx_file.stat().st_size,
             "weight_bits": exported["quantization"]["weight_bits"],
