@@ -6,7 +6,8 @@ by the single pass (both networks run once, node by node: ``single_pass_inputs``
 the moments (``moments_of_inputs``) and the fits (``fit_layer``). The old path (both networks run from the start
 up to each layer: ``prefix_inputs``) is timed on its first ``--old-layers`` layers only and extrapolated: each
 layer's prefix costs the full forward of both networks times the share of multiply-accumulates before it, plus
-the same moments and fit as in the single pass. Peak RSS is the process's high-water mark after each stage.
+the same moments and fit as in the single pass. Peak RSS is the process's high-water mark after each stage; with
+``--quick`` the activations the single pass would hold at 256 images are estimated from one image.
 
     python benchmarks/reconstruct_large.py --quick   # 32 images (walk and moments scaled to 256 in the report)
     python benchmarks/reconstruct_large.py           # 256 images (run only when the machine is otherwise idle)
@@ -31,6 +32,7 @@ from benchmarks import common
 from vconvert.convert import reconstruct as module
 from vconvert.convert.compress import compress
 from vconvert.convert.reconstruct import reconstruct
+from vconvert.convert.replay import GraphStepper, LayerReplay, values_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_IMAGES = 256
@@ -65,6 +67,27 @@ class StageTimer:
                 self.seconds[stage] += time.perf_counter() - started
 
         return timed
+
+
+def log_progress(stage: str) -> Any:
+    """A ``reconstruct`` progress callback that prints each layer as it starts, with the elapsed seconds."""
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"{stage} {done}/{total} {name} {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def live_activation_gb(model: nn.Module, size: int, images: int) -> float:
+    """Peak GB of activations the single pass holds for both networks over ``images`` images: the largest set of
+    live values of one network on one image (:class:`GraphStepper`), times two, times ``images``."""
+    stepper = GraphStepper(LayerReplay(model), [torch.randn(1, 3, size, size)])
+    peak = 0
+    for node in stepper.replay.nodes:
+        stepper.step(node)
+        peak = max(peak, values_bytes(stepper.values[0]))
+    return 2 * images * peak / 1e9
 
 
 def mac_shares(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
@@ -134,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with StageTimer() as timer:
                 started = time.perf_counter()
-                reconstruct(old_student, teacher, batches, layers=order[: args.old_layers])
+                reconstruct(old_student, teacher, batches, None, log_progress("old"), order[: args.old_layers])
                 old_seconds = time.perf_counter() - started
         finally:
             module.single_pass_inputs = original
@@ -148,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with StageTimer() as timer:
         started = time.perf_counter()
-        report = reconstruct(student, teacher, batches)
+        report = reconstruct(student, teacher, batches, None, log_progress("single"))
         single_seconds = time.perf_counter() - started
     walk = single_seconds - timer.seconds["moments"] - timer.seconds["fit"]
     record["single_pass"] = {
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     record["old_path_extrapolated_at_256_images_s"] = round(
         (prefix_total + timer.seconds["moments"]) * scale + timer.seconds["fit"], 1
     )
+    record["live_activations_gb_at_256_images"] = round(live_activation_gb(teacher, args.size, FULL_IMAGES), 2)
     record["load_average_at_end"] = common.load_average()
     stem = "reconstruct_resnet50_quick" if args.quick else "reconstruct_resnet50"
     common.write_json(RESULTS / f"{stem}.json", record)
@@ -194,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
             f"| single pass at {FULL_IMAGES} images (walk and moments scaled) | "
             f"{record['single_pass_at_256_images_s']} | |",
             f"| old path at {FULL_IMAGES} images, extrapolated | {record['old_path_extrapolated_at_256_images_s']} | |",
+            "",
+            f"At {FULL_IMAGES} images the single pass holds about {record['live_activations_gb_at_256_images']} GB of "
+            "activations at its peak (both networks; largest live set of one image, scaled), on top of the RSS above.",
         ]
     if args.old_layers:
         old = record["old_path_first_layers"]
