@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from sample_models.resnet_cifar import resnet20
 from vconvert.convert.calibrate import recalibrate_batchnorm
@@ -14,6 +15,7 @@ from vconvert.convert.compress import compress
 from vconvert.convert.reconstruct import ReconstructSettings, output_errors, reconstruct
 from vconvert.data.datasets import digits_tensors
 from vconvert.nn.quantize import largest_level
+from vconvert.nn.versatile import versatile_layers
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "sample_models" / "weights" / "resnet20_digits.pt"
 MEAN, STD = 0.3049, 0.3234
@@ -93,3 +95,109 @@ def test_large_layers_take_the_iterative_path(monkeypatch: pytest.MonkeyPatch, b
     else:
         assert all(layer.weight_bits == bits for layer in student.modules() if hasattr(layer, "weight_bits"))
     assert sum(layer.error_after for layer in report.layers) < sum(layer.error_before for layer in report.layers)
+
+
+# --------------------------------------------------------------------------- the single pass against the old one
+def _torchvision(name: str):
+    from torchvision import models
+
+    return lambda: getattr(models, name)(num_classes=10)
+
+
+def _resnet8():
+    from sample_models.resnet_cifar import resnet8
+
+    return resnet8()
+
+
+# (model, the layers to reconstruct: all, or those under these prefixes, whose fits are quick; the whole graph
+# is walked either way)
+SINGLE_PASS_MODELS = {
+    "resnet8-cifar": (_resnet8, None),
+    "torchvision-resnet18-downsample-branch": (
+        _torchvision("resnet18"),
+        ("layer1.0.conv1", "layer1.1.conv2", "layer2.0.downsample"),
+    ),
+    "torchvision-mobilenet_v3_small": (
+        _torchvision("mobilenet_v3_small"),
+        ("features.1.", "features.2.", "features.4."),
+    ),
+    "resnet8-cifar-subset": (_resnet8, ("layer1.0.conv2", "layer2.0.conv1", "layer3.0.conv2")),
+}
+
+
+def _reconstructed_both_ways(monkeypatch: pytest.MonkeyPatch, build, prefixes, bits: int | None = 4):
+    """(single pass, old prefix path) reconstructions of one compressed model: models and reports."""
+    import vconvert.convert.reconstruct as module
+
+    torch.manual_seed(0)
+    teacher = build().eval()
+    images = torch.randn(12, 3, 32, 32)
+    student, _ = compress(teacher, images[:1], init="naive")
+    layers = None
+    if prefixes is not None:
+        converted = [name for name, _ in versatile_layers(student)]
+        layers = [name for name in converted if name in prefixes or name.startswith(tuple(prefixes))]
+    batches = list(images.split(5))  # uneven batches: the last one is short
+    settings = ReconstructSettings(rounds=1, mask_sweeps=1, positions=32, weight_bits=bits)
+    single, prefix = copy.deepcopy(student), copy.deepcopy(student)
+    with monkeypatch.context() as patched:  # the single pass must not fall back here
+        patched.setattr(module, "prefix_inputs", lambda *_: pytest.fail("fell back to the prefix path"))
+        single_report = reconstruct(single, teacher, batches, settings, layers=layers)
+    with monkeypatch.context() as patched:
+        patched.setattr(module, "single_pass_inputs", lambda *_: None)
+        prefix_report = reconstruct(prefix, teacher, batches, settings, layers=layers)
+    return layers, (single, single_report), (prefix, prefix_report)
+
+
+@pytest.mark.parametrize("model", SINGLE_PASS_MODELS, ids=str)
+def test_single_pass_gives_the_same_weights_as_running_the_prefix_per_layer(
+    monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    build, prefixes = SINGLE_PASS_MODELS[model]
+    layers, (single, single_report), (prefix, prefix_report) = _reconstructed_both_ways(monkeypatch, build, prefixes)
+    names = [layer.name for layer in single_report.layers]
+    assert names == [layer.name for layer in prefix_report.layers]
+    assert layers is None or names == list(layers)
+    assert sum(layer.skipped is None for layer in single_report.layers) >= 3
+    for ours, theirs in zip(single_report.layers, prefix_report.layers, strict=True):
+        assert (ours.error_before, ours.error_after, ours.skipped) == (
+            theirs.error_before,
+            theirs.error_after,
+            theirs.skipped,
+        )
+    ours, theirs = single.state_dict(), prefix.state_dict()
+    assert list(ours) == list(theirs)
+    different = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+    assert not different, different  # bit-identical: the same operations on the same tensors
+
+
+class _Untraceable(nn.Module):
+    """Control flow on a tensor's value: FX cannot trace it, so reconstruction runs the prefix per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # the first conv stays dense
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(torch.relu(self.stem(x)))
+        if x.mean() > 100:  # data-dependent branch
+            x = -x
+        return self.fc(self.conv2(torch.relu(x)).mean((2, 3)))
+
+
+def test_an_untraceable_model_is_reconstructed_through_the_prefix_path() -> None:
+    import vconvert.convert.reconstruct as module
+
+    torch.manual_seed(0)
+    teacher = _Untraceable().eval()
+    images = torch.randn(8, 3, 16, 16)
+    student, _ = compress(teacher, images[:1], init="naive")
+    batches = list(images.split(4))
+    assert module.single_pass_inputs(student, teacher, batches, ["conv1", "conv2"]) is None
+    report = reconstruct(student, teacher, batches, ReconstructSettings(rounds=2, positions=64))
+    assert [layer.name for layer in report.layers] == ["conv1", "conv2"]
+    assert all(layer.skipped is None and layer.error_after < layer.error_before for layer in report.layers)

@@ -8,9 +8,10 @@ the output error over calibration images is a quadratic form in the weight (docs
 per output o, with x_s the student's and x_t the teacher's im2col patches of the same image and position
 (the student's input comes from the already reconstructed layers before it, the target from the original
 network, so errors do not accumulate: BRECQ's choice), w_o the versatile row and t_o the dense one. Layers
-are visited in execution order; for each, two early-stopped forward passes collect A, E[x_s x_tᵀ] and
-E[x_t x_tᵀ] (K x K, K = c·kh·kw), after which the fit needs no image: rounds of exact sub-problem solves,
-the alternation of docs/FIT.md §6 under the data metric A instead of the identity (or §7's prior):
+are visited in execution order in one node-by-node run of both networks (falling back to partial forwards per
+layer where FX cannot trace them); at each, A, E[x_s x_tᵀ] and E[x_t x_tᵀ] are collected (K x K, K = c·kh·kw),
+after which the fit needs no image: rounds of exact sub-problem solves, the alternation of docs/FIT.md §6 under
+the data metric A instead of the identity (or §7's prior):
 
 - masks (learned per-filter): coordinate descent per row, a bit flips where E_o drops (rows are independent
   given primaries and scales);
@@ -29,13 +30,14 @@ those integers. Per-row errors are weighted by 1/var(teacher output) (what the f
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from vconvert.convert.replay import GraphStepper, LayerReplay
 from vconvert.fit.output_fit import (
     improve_masks,
     quantize_primaries,
@@ -47,7 +49,6 @@ from vconvert.fit.output_fit import (
 from vconvert.nn.quantize import check_bits
 from vconvert.nn.versatile import PROXY_OFF, PROXY_ON, VersatileConv2d, versatile_layers
 
-DEFAULT_IMAGES = 1024
 DEFAULT_IMAGES = 1024
 
 
@@ -223,11 +224,20 @@ def layer_moments(
 ) -> Moments:  # fmt: skip
     """Moments of the student's and teacher's patches at layer ``name`` over ``batches``, at up to ``positions``
     random output positions per batch image (the same for both; a fixed seed)."""
+    inputs = zip(layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True)
+    return moments_of_inputs(inputs, layer, teacher.get_submodule(name), positions)
+
+
+def moments_of_inputs(
+    inputs: Iterable[tuple[Tensor, Tensor]], layer: VersatileConv2d, original: nn.Conv2d, positions: int = 256
+) -> Moments:
+    """:func:`layer_moments` from the (student, teacher) inputs of ``layer`` for each batch, in batch order;
+    ``original`` is the teacher's conv."""
     size = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     moments = Moments.zeros(size, layer.out_channels)
-    target = teacher.get_submodule(name).weight.detach().float().flatten(1)
+    target = original.weight.detach().float().flatten(1)
     generator = torch.Generator().manual_seed(0)
-    for x_s, x_t in zip(layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True):
+    for x_s, x_t in inputs:
         count = _output_positions(x_s.shape[2:], layer)
         keep = sampled_positions(count, positions, generator)
         moments.add(patches(x_s, layer, keep), patches(x_t, layer, keep), target)
@@ -348,6 +358,9 @@ def fit_layer(
 
 
 # --------------------------------------------------------------------------- the pass
+LayerInputs = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a layer's (student, teacher) input per batch
+
+
 def reconstruct(
     student: nn.Module,
     teacher: nn.Module,
@@ -361,7 +374,8 @@ def reconstruct(
 
     Both models run in eval mode (BatchNorm statistics as they are: recalibrate afterwards). ``progress`` is
     called as (layers done, layers in all, layer name); ``layers`` limits the pass to those names. Returns the
-    per-layer record.
+    per-layer record. Both networks are run once, node by node (:func:`single_pass_inputs`), where FX traces
+    them alike; otherwise from the start up to each layer (:func:`prefix_inputs`), with the same result.
     """
     settings = settings or ReconstructSettings()
     if not batches:
@@ -372,21 +386,13 @@ def reconstruct(
     report = Reconstruction(settings, sum(int(batch.shape[0]) for batch in batches))
     try:
         order = [name for name in execution_order(student, batches[0]) if layers is None or name in layers]
-        for done, name in enumerate(order):
+        walk = single_pass_inputs(student, teacher, batches, order)
+        if walk is None:
+            walk = prefix_inputs(student, teacher, batches, order)
+        for done, (name, inputs) in enumerate(walk):
             if progress:
                 progress(done, len(order), name)
-            layer = student.get_submodule(name)
-            started = time.perf_counter()
-            reason = reconstructable(layer)
-            if reason is not None:
-                if settings.weight_bits is not None:  # one width for the whole model: plain rounding here
-                    layer.set_weight_bits(settings.weight_bits, "lsq")
-                report.layers.append(LayerResult(name=name, skipped=reason))
-                continue
-            moments = layer_moments(student, teacher, name, layer, batches, settings.positions)
-            result = fit_layer(layer, teacher.get_submodule(name), moments, settings)
-            result.name, result.seconds = name, time.perf_counter() - started
-            report.layers.append(result)
+            report.layers.append(_reconstruct_layer(student, teacher, name, inputs, settings))
         if progress:
             progress(len(order), len(order), "")
     finally:
@@ -394,6 +400,89 @@ def reconstruct(
             module.train(training)
     report.seconds = time.perf_counter() - begin
     return report
+
+
+def _reconstruct_layer(
+    student: nn.Module, teacher: nn.Module, name: str, inputs: LayerInputs, settings: ReconstructSettings
+) -> LayerResult:
+    """Refit the student's layer ``name`` from its ``inputs`` (read only when it is reconstructed)."""
+    layer = student.get_submodule(name)
+    started = time.perf_counter()
+    reason = reconstructable(layer)
+    if reason is not None:
+        if settings.weight_bits is not None:  # one width for the whole model: plain rounding here
+            layer.set_weight_bits(settings.weight_bits, "lsq")
+        return LayerResult(name=name, skipped=reason)
+    original = teacher.get_submodule(name)
+    moments = moments_of_inputs(inputs(), layer, original, settings.positions)
+    result = fit_layer(layer, original, moments, settings)
+    result.name, result.seconds = name, time.perf_counter() - started
+    return result
+
+
+def prefix_inputs(
+    student: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], order: Sequence[str]
+) -> Iterator[tuple[str, LayerInputs]]:
+    """Each layer of ``order`` with its inputs found by running both networks from the start up to it (cost
+    quadratic in depth; works for any model)."""
+    for name in order:
+        yield (
+            name,
+            lambda name=name: zip(
+                layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True
+            ),
+        )
+
+
+def single_pass_inputs(
+    student: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], order: Sequence[str]
+) -> Iterator[tuple[str, LayerInputs]] | None:
+    """Each layer of ``order`` with its inputs, from one node-by-node run of both traced graphs over all
+    ``batches`` together; the layer's call runs once the consumer asks for the next one, so it runs as refitted.
+    None when FX cannot trace a network, the graphs differ, or the graph's order is not ``order``."""
+    try:
+        traced = LayerReplay(student), LayerReplay(teacher)
+    except Exception:  # whatever FX raises on a model it cannot trace
+        return None
+    student_nodes, teacher_nodes = traced[0].nodes, traced[1].nodes
+    if not _same_graph(student_nodes, teacher_nodes):
+        return None
+    wanted = set(order)
+    sites: dict[str, fx.Node] = {}  # each layer's first call site
+    for node in student_nodes:
+        if node.op == "call_module" and node.target in wanted:
+            sites.setdefault(str(node.target), node)
+    if list(sites) != list(order):
+        return None
+    return _walk(*(GraphStepper(replay, batches) for replay in traced), {node: name for name, node in sites.items()})
+
+
+def _walk(student: GraphStepper, teacher: GraphStepper, sites: dict[fx.Node, str]) -> Iterator[tuple[str, LayerInputs]]:
+    remaining = len(sites)
+    for student_node, teacher_node in zip(student.replay.nodes, teacher.replay.nodes, strict=True):
+        if student_node in sites:
+            pending = [list(zip(student.arguments(student_node), teacher.arguments(teacher_node), strict=True))]
+            yield sites[student_node], pending.pop  # taken once, so the consumer holds no stale activations
+            pending.clear()
+            remaining -= 1
+            if not remaining:  # the rest of the networks feeds no layer to reconstruct
+                return
+        student.step(student_node)
+        teacher.step(teacher_node)
+
+
+def _same_graph(first: Sequence[fx.Node], second: Sequence[fx.Node]) -> bool:
+    """Whether two traced graphs run the same operations on the same operands, node for node."""
+    if len(first) != len(second):
+        return False
+    position = {node: index for index, node in enumerate(first)}
+    position.update({node: index for index, node in enumerate(second)})
+    for ours, theirs in zip(first, second, strict=True):
+        if ours.op != theirs.op or ours.target != theirs.target:
+            return False
+        if [position[n] for n in ours.all_input_nodes] != [position[n] for n in theirs.all_input_nodes]:
+            return False
+    return True
 
 
 @torch.no_grad()

@@ -4,12 +4,14 @@
 before a conv (and beside it: a residual branch that does not pass through it) are the same for every form, so
 :class:`LayerReplay` runs the FX graph once per batch, keeps every node's value, and per swap re-executes only
 the nodes downstream of the conv's call sites. Exact: the outputs equal a full forward of the swapped network.
+:class:`GraphStepper` runs the same graph one node at a time over several batches together, dropping each value
+after its last user (output reconstruction's single pass).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,13 +36,8 @@ class LayerReplay:
         """Every node's value for ``images`` (the first input; later inputs take their defaults) through the
         unchanged network."""
         values: Values = {}
-        first = True
         for node in self.nodes:
-            if node.op == "placeholder":
-                values[node] = images if first else (node.args[0] if node.args else None)
-                first = False
-            else:
-                values[node] = self._execute(node, values, None, None)
+            values[node] = self._execute(node, values, None, None, images)
         return values
 
     @staticmethod
@@ -69,8 +66,15 @@ class LayerReplay:
         return self._downstream[name]
 
     def _execute(
-        self, node: fx.Node, values: Mapping[fx.Node, Any], name: str | None, replacement: nn.Module | None
+        self,
+        node: fx.Node,
+        values: Mapping[fx.Node, Any],
+        name: str | None,
+        replacement: nn.Module | None,
+        images: Tensor | None = None,
     ) -> Any:
+        if node.op == "placeholder":  # the first input is the images, later ones take their defaults
+            return images if node is self.nodes[0] else (node.args[0] if node.args else None)
         if node.op == "get_attr":
             return _attribute(self.model, str(node.target))
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
@@ -82,6 +86,43 @@ class LayerReplay:
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return args[0]  # output
+
+
+class GraphStepper:
+    """Runs a :class:`LayerReplay`'s graph node by node, each node for every batch of ``inputs`` before the next,
+    and drops each node's values once its last user has run, so that only the live activations are held."""
+
+    def __init__(self, replay: LayerReplay, inputs: Sequence[Tensor]) -> None:
+        self.replay = replay
+        self.inputs = list(inputs)
+        self.values: list[Values] = [{} for _ in self.inputs]
+        self._released = released_after(replay.nodes)
+
+    def arguments(self, node: fx.Node) -> list[Any]:
+        """The value of ``node``'s first argument for each batch (e.g. a conv's input); the node has not run."""
+        source = node.args[0]
+        return [values[source] if isinstance(source, fx.Node) else source for values in self.values]
+
+    @torch.no_grad()
+    def step(self, node: fx.Node) -> None:
+        """Run ``node`` for every batch, then drop the values that no later node reads."""
+        for values, images in zip(self.values, self.inputs, strict=True):
+            values[node] = self.replay._execute(node, values, None, None, images)
+            for finished in self._released[node]:
+                del values[finished]
+
+
+def released_after(nodes: Sequence[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the nodes whose values are no longer needed once it has run: those it is the last user
+    of, and itself when nothing reads it (the output node's value is kept)."""
+    last_user = {node: node for node in nodes if node.op != "output"}
+    for node in nodes:
+        for source in node.all_input_nodes:
+            last_user[source] = node
+    released: dict[fx.Node, list[fx.Node]] = {node: [] for node in nodes}
+    for source, user in last_user.items():
+        released[user].append(source)
+    return released
 
 
 def _attribute(module: nn.Module, target: str) -> Any:
