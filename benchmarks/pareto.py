@@ -485,20 +485,28 @@ def _plot(rows: list[dict[str, Any]], path: Path, record: dict[str, Any]) -> Non
 
     colours = {"dense": "black", "int8-ptq": "tab:blue", "w4": "tab:purple", "pruning": "tab:orange",
                "versatile": "tab:green", "qat": "tab:red", "planner": "tab:cyan"}  # fmt: skip
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        marker = "*" if row["method"] == "planner" else "o" if row["bits"] > 8 else "s" if row["bits"] == 8 else "^"
-        axes.scatter(row["file_ratio"], row["top1"], color=colours[row["method"]], marker=marker)
-        axes.annotate(row["artifact"], (row["file_ratio"], row["top1"]), fontsize=7, xytext=(4, 2),
-                      textcoords="offset points")  # fmt: skip
     front = pareto_front(rows)
-    axes.step([r["file_ratio"] for r in front], [r["top1"] for r in front], where="post", color="grey", lw=0.8)
-    axes.set_xscale("log")
-    axes.set_xlabel("ONNX file size / dense fp32 file (log)")
-    axes.set_ylabel(f"top-1 (%), {record['eval_images']} CIFAR-10 test images")
-    axes.set_title(
-        f"ResNet-20 CIFAR-10, {record['mode']} run: circles fp32, squares 8 bits, triangles ≤ 4, stars planned"
-    )
+    dense = next((r["top1"] for r in rows if r["method"] == "dense"), max(r["top1"] for r in rows))
+    figure, panels = plt.subplots(1, 2, figsize=(14, 5.5))
+    for axes, zoomed in zip(panels, (False, True), strict=True):
+        shown = [r for r in rows if not zoomed or r["top1"] >= dense - 6]
+        for row in shown:
+            marker = "*" if row["method"] == "planner" else "o" if row["bits"] > 8 else "s" if row["bits"] == 8 else "^"
+            axes.scatter(row["file_ratio"], row["top1"], color=colours[row["method"]], marker=marker)
+            if row in front or (zoomed and row["method"] != "planner"):  # the full view names the frontier only
+                axes.annotate(row["artifact"], (row["file_ratio"], row["top1"]), fontsize=6, xytext=(4, 2),
+                              textcoords="offset points")  # fmt: skip
+        steps = [r for r in front if r in shown]
+        axes.step([r["file_ratio"] for r in steps], [r["top1"] for r in steps], where="post", color="grey", lw=0.8)
+        axes.set_xscale("log")
+        axes.set_xlabel("ONNX file size / dense fp32 file (log)")
+        axes.set_ylabel(f"top-1 (%), {record['eval_images']} CIFAR-10 test images")
+        budget = f"{record['epochs']} epochs on {record['train_images']} images"
+        axes.set_title(
+            "within 6 points of dense (grey: the frontier)" if zoomed else f"all rows, frontier named; {budget}"
+        )
+    figure.suptitle(f"ResNet-20 CIFAR-10, {record['mode']} run: circles fp32, squares 8 bits, triangles ≤ 4, stars "
+                    "compress --target-size")  # fmt: skip
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
