@@ -15,6 +15,7 @@ from benchmarks.pareto import (
     int8_ptq,
     kernels_against_reference,
     pareto_front,
+    planner_verdicts,
     verdicts,
     weight_only_int4,
 )
@@ -113,6 +114,35 @@ def test_pareto_front_and_verdicts() -> None:
     # ... unless that row is at least as accurate
     better_small = [*ROWS[:4], {**ROWS[4], "top1": 87.0}]
     assert "): met (1 peer rows ≤ 0.15x)" in "\n".join(verdicts(better_small))
+
+
+def _row(name: str, method: str, ratio: float, top1: float) -> dict:
+    return {"artifact": name, "method": method, "file_bytes": int(ratio * 1e6), "file_ratio": ratio, "top1": top1}
+
+
+@pytest.mark.parametrize(
+    ("planned_top1", "word"),
+    [(87.5, "at least as accurate as"), (87.0, "within 0.15 of (seeds decide)"), (86.5, "LOSES to")],
+    ids=["wins", "tie", "loses"],
+)
+def test_planner_verdicts_compare_each_plan_with_every_other_row_no_larger(planned_top1: float, word: str) -> None:
+    rows = [
+        _row("dense fp32", "dense", 1.0, 88.5),
+        _row("qat", "qat", 0.095, 87.05),  # the best row no larger than the plan
+        _row("fixed", "versatile", 0.09, 86.0),
+        _row("bigger", "qat", 0.2, 88.4),  # larger than the plan: not its rival
+        _row("vconvert --target-size 0.1 + int8", "planner", 0.1, planned_top1),
+        _row("vconvert --target-size 0.07 + int8", "planner", 0.07, 87.2),
+    ]
+    text = "\n".join(planner_verdicts(rows))
+    assert f"(0.100x, {planned_top1:.2f}%) is {word} the best other row of the same or smaller file, qat" in text
+    assert "--target-size 0.07 + int8 (0.070x, 87.20%): no other row is this small." in text
+    met = planned_top1 >= 88.2
+    assert (
+        f"Target 0.1x within 0.3 of dense: {planned_top1:.2f} vs 88.50" in text and ("met" if met else "missed") in text
+    )
+    assert "Target 0.07x within 1.5 of dense: 87.20 vs 88.50 (-1.30, file 0.070x): met." in text
+    assert planner_verdicts([r for r in rows if r["method"] != "planner"]) == []
 
 
 def test_quantization_aware_peers_train_in_vconverts_loop_and_export_their_4_bit_integers(tmp_path: Path) -> None:
