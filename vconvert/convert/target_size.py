@@ -227,7 +227,7 @@ def measure_candidates(
     model.eval()
     sized = {name: _sized_choices(conv, allowed[name], base) for name, conv in convs.items()}
     summed = {name: [0.0] * len(choices) for name, choices in sized.items()}
-    fits: dict[str, dict[int, VersatileConv2d]] = {name: {} for name in convs}
+    fits: dict[str, dict[tuple[int, bool], VersatileConv2d]] = {name: {} for name in convs}
     with torch.no_grad():
         try:
             runner: LayerReplay | _FullRuns = LayerReplay(model)
