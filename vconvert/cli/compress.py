@@ -145,7 +145,8 @@ def compress(
         typer.Option(
             "--target-size",
             help="Plan every conv for an int8 file this fraction of the fp32 file, e.g. 0.1: dense or versatile "
-            "(s=2, 4), at 2, 3, 4 or 8 bits, whatever changes the outputs least on --calib-data (no labels); "
+            "(s=2, 4; masks per filter or shared), at 2, 3, 4 or 8 bits, whatever changes the outputs least on "
+            "--calib-data (no labels); "
             "finetune and export keep each layer's width.",
         ),
     ] = None,
