@@ -224,8 +224,16 @@ def layer_moments(
 ) -> Moments:  # fmt: skip
     """Moments of the student's and teacher's patches at layer ``name`` over ``batches``, at up to ``positions``
     random output positions per batch image (the same for both; a fixed seed)."""
-    inputs = zip(layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True)
-    return moments_of_inputs(inputs, layer, teacher.get_submodule(name), positions)
+    return moments_of_inputs(
+        _prefix_pairs(student, teacher, name, batches), layer, teacher.get_submodule(name), positions
+    )
+
+
+def _prefix_pairs(
+    student: nn.Module, teacher: nn.Module, name: str, batches: Sequence[Tensor]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Layer ``name``'s (student, teacher) input per batch, each network run from the start up to it."""
+    return zip(layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True)
 
 
 def moments_of_inputs(
@@ -426,12 +434,7 @@ def prefix_inputs(
     """Each layer of ``order`` with its inputs found by running both networks from the start up to it (cost
     quadratic in depth; works for any model)."""
     for name in order:
-        yield (
-            name,
-            lambda name=name: zip(
-                layer_inputs(student, name, batches), layer_inputs(teacher, name, batches), strict=True
-            ),
-        )
+        yield name, lambda name=name: _prefix_pairs(student, teacher, name, batches)
 
 
 def single_pass_inputs(
