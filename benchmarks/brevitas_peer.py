@@ -72,11 +72,14 @@ def brevitas_integers(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]
 
 
 @torch.no_grad()
-def to_vconvert_quantized(model: nn.Module, convs: list[str], bits: int) -> nn.Module:
+def to_vconvert_quantized(model: nn.Module, convs: list[str], bits: int, keep_latent: bool = True) -> nn.Module:
     """``model`` with each brevitas QuantConv2d named in ``convs`` replaced by a versatile conv with one secondary
     per primary (mode channel: a dense conv, per-output scale 1) whose ``bits``-bit fake-quantised weight is the
     brevitas quantized weight: the same integers times the same per-channel scales (checked to be equal, float
-    tolerance 0), so that vconvert's int8 exporter packs what brevitas trained."""
+    tolerance 0), so that vconvert's int8 exporter packs what brevitas trained. ``keep_latent``: the primaries are
+    brevitas's float weights (QAT: the latent weights training rounds to nearest); False: the quantized weights
+    themselves (post-training rounding such as GPTQ's or a learned rounding chose integers that rounding the
+    float weights to nearest need not give)."""
     from vconvert import from_conv
     from vconvert.nn.quantize import largest_level
 
@@ -92,20 +95,21 @@ def to_vconvert_quantized(model: nn.Module, convs: list[str], bits: int) -> nn.M
             trained.dilation, trained.groups, bias=trained.bias is not None,
             device=trained.weight.device, dtype=trained.weight.dtype,
         )  # fmt: skip
-        plain.weight.copy_(trained.weight)
+        expected = integers * scales.view(-1, 1, 1, 1)
+        latent = trained.weight if keep_latent else expected
+        plain.weight.copy_(latent)
         if trained.bias is not None:
             plain.bias.copy_(trained.bias)
         layer = from_conv(plain, init="naive", mode="channel", secondary=1)  # naive: primary p is output p's filter
         outputs = torch.arange(trained.out_channels, device=layer.primary_index.device)
         if not torch.equal(layer.primary_index, outputs) or layer.scale is None:
             raise ValueError(f"{name}: expected one primary filter and one scale per output channel.")
-        layer.primary.copy_(trained.weight)  # the float latent weights: the step rounds them to brevitas's integers
+        layer.primary.copy_(latent)  # the step rounds them to brevitas's integers
         layer.scale.fill_(1.0)
         layer.set_weight_bits(bits, "lsq")
         layer.primary_step.copy_(scales)
         layer.train(trained.training)
         vconvert_integers, vconvert_steps = layer.primary_integers()
-        expected = integers * scales.view(-1, 1, 1, 1)
         if not (
             torch.equal(vconvert_integers.float(), integers)
             and torch.equal(vconvert_steps, scales)

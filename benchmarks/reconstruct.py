@@ -17,6 +17,14 @@ min-max rounding, ``--weight-bits 4``: "4-bit weights without training"); recons
 (``--target-size``) data-free and reconstructed, each layer rounded at its planned width.
 Writes benchmarks/results/reconstruct_{quick,full}.json and .md (``--output STEM``: elsewhere; ``--rows 6,7``:
 some rows). Trained files stay in ``--work``.
+
+No-label peers on the dense network, the same unlabeled images (``--peers with|only|none``, default with):
+onnxruntime INT8 PTQ (``quantize_static`` of the dense fp32 file, all calibration images), W4 (4-bit weight-only,
+no data) and brevitas GPTQ at 4 and 3 bits (:mod:`benchmarks.brevitas_ptq`; vconvert's int8 exporter stores
+brevitas's integers, activations calibrated on 512 of the images like vconvert's rows). Each quantization step
+(images read, quantize, file or module written) runs as a child process whose wall time and peak RSS are recorded.
+
+    python benchmarks/reconstruct.py --peers only --output benchmarks/results/reconstruct_peers
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +66,14 @@ FULL_ROWS = [
     ("--target-size 0.07 reconstructed (planned widths)", "plan0.07", True, None, None),
 ]
 QUICK_ROWS = FULL_ROWS[:4]
+# no-label peers on the dense network: (row name, method, weight bits)
+PEERS = [
+    ("dense + INT8 PTQ (onnxruntime quantize_static)", "int8-ptq", 8),
+    ("dense W4 (4-bit weight-only, round to nearest, no data)", "w4", 4),
+    ("dense brevitas GPTQ 4-bit", "brevitas-gptq", 4),
+    ("dense brevitas GPTQ 3-bit", "brevitas-gptq", 3),
+]
+EXPORT_CALIBRATION_IMAGES = 512  # activation calibration of the int8 exports (vconvert export --calib-images 512)
 
 
 def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: bool, bits: int | None) -> dict:
@@ -80,6 +97,76 @@ def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: b
     }
 
 
+def make_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """The child process of one peer's quantization step (``--make-peer METHOD,BITS``): read the unlabeled
+    calibration images, quantize, write ``--peer-file`` (the ONNX file, or the brevitas module handed over to
+    versatile convs for vconvert's exporter); what it did, as JSON-ready data."""
+    import torch
+
+    from benchmarks import pareto
+
+    method, bits = args.make_peer.split(",")
+    started = time.perf_counter()
+    if method == "w4":
+        pareto.weight_only_int4(args.fp32, args.peer_file)
+        return {"images": 0, "quantize_s": round(time.perf_counter() - started, 1)}
+    images = pareto.calibration_images(args.cifar, args.calib_images)  # calibration_batches: labels never read
+    loaded = time.perf_counter()
+    info: dict[str, Any] = {"images": len(images), "read_images_s": round(loaded - started, 1)}
+    if method == "int8-ptq":
+        pareto.int8_ptq(args.fp32, args.peer_file, images)
+    elif method == "brevitas-gptq":
+        from benchmarks.brevitas_ptq import ALGORITHM, brevitas_gptq_peer
+
+        base = common.pretrained_resnet20(args.models)
+        convs = pareto.quantizable_convs(base)
+        model, _ = brevitas_gptq_peer(base, convs, int(bits), images.split(128))
+        torch.save(model, args.peer_file)
+        info["algorithm"] = ALGORITHM
+    else:
+        raise ValueError(f"unknown peer method {method!r}")
+    info["quantize_s"] = round(time.perf_counter() - loaded, 1)
+    return info
+
+
+def run_peers(args: argparse.Namespace, record: dict[str, Any], output: Path,
+              evaluate: Callable[[Path], dict]) -> None:  # fmt: skip
+    """The no-label peer rows (:data:`PEERS`): the dense fp32 file, then each peer's quantization step as a
+    measured child, its int8 export where it needs one, and the evaluation of each file."""
+    from benchmarks import pareto
+    from vconvert.export.pipeline import export as export_model
+
+    fp32 = args.work / "peers.dense.fp32.onnx"
+    base = common.pretrained_resnet20(args.models)
+    export_model(base, fp32, input_shape=pareto.INPUT_SHAPE, measure=False, metadata=pareto._preprocessing_metadata())
+    record["peers_fp32"] = {"file_bytes": fp32.stat().st_size, **evaluate(fp32)}
+    export_images = pareto.calibration_images(args.cifar, EXPORT_CALIBRATION_IMAGES)
+    for name, method, bits in PEERS:
+        stem = f"peer.{method}.b{bits}"
+        made = args.work / (f"{stem}.qat.pt" if method == "brevitas-gptq" else f"{stem}.onnx")
+        command = [sys.executable, str(Path(__file__).resolve()), "--make-peer", f"{method},{bits}",
+                   "--peer-file", str(made), "--fp32", str(fp32), "--models", str(args.models),
+                   "--cifar", str(args.cifar), "--calib-images", str(args.calib_images)]  # fmt: skip
+        folder = args.work / f"{stem}.log"
+        folder.mkdir(exist_ok=True)
+        print(f"$ peer {method} {bits}-bit", flush=True)
+        peak, wall, stdout = common.run_measured(command, folder)
+        row: dict[str, Any] = {"row": name, "method": method, "weight_bits": bits,
+                               "quantization": {**json.loads(stdout), "wall_s": round(wall, 1),
+                                                "peak_rss_gb": round(peak, 3)}}  # fmt: skip
+        onnx_file = made
+        if method == "brevitas-gptq":
+            onnx_file = args.work / f"{stem}.int8.onnx"
+            started = time.perf_counter()
+            checked = pareto.export_quantization_aware(made, onnx_file, export_images, bits)
+            row["export"] = {"seconds": round(time.perf_counter() - started, 1), **checked}
+        row["file_bytes"] = onnx_file.stat().st_size
+        row.update(evaluate(onnx_file))
+        record["peers"].append(row)
+        print({key: value for key, value in row.items() if key not in ("quantization", "export")}, flush=True)
+        write(record, output)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 calibration images, 1,000 test images, s=2 only")
@@ -91,13 +178,23 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, help="test images (default 10,000; quick 1,000)")
     parser.add_argument("--rows", help="comma-separated row numbers to run (default all)")
     parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/reconstruct_MODE)")
+    parser.add_argument("--peers", choices=("with", "only", "none"), default="with",
+                        help="no-label peer rows (dense network): with the rows (default), only, none")  # fmt: skip
+    parser.add_argument("--make-peer", help=argparse.SUPPRESS)  # METHOD,BITS: the measured child of one peer
+    parser.add_argument("--peer-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fp32", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_peer:
+        print(json.dumps(make_peer(args)))
+        return
     mode = "quick" if args.quick else "full"
     args.calib_images = args.calib_images or (256 if args.quick else 1024)
     args.eval_limit = args.eval_limit or (1000 if args.quick else 10000)
     rows = QUICK_ROWS if args.quick else FULL_ROWS
     if args.rows:
         rows = [rows[int(index)] for index in args.rows.split(",")]
+    if args.peers == "only":
+        rows = []
     common.ensure_cifar(args.cifar, args.shared_data)
     args.work.mkdir(parents=True, exist_ok=True)
     output = args.output or common.RESULTS / f"reconstruct_{mode}"
@@ -119,6 +216,7 @@ def main() -> None:
         },
         "commands": run.commands,
         "rows": [],
+        "peers": [],
     }
 
     def evaluate(path: Path) -> dict:
@@ -149,7 +247,9 @@ def main() -> None:
         record["rows"].append(row)
         print({key: value for key, value in row.items() if key != "compress"}, flush=True)
         write(record, output)
-    if dense_checkpoint.exists():
+    if args.peers != "none":
+        run_peers(args, record, output, evaluate)
+    if rows and dense_checkpoint.exists():
         fp32 = args.work / "dense.fp32.onnx"
         run("export", str(dense_checkpoint), "-o", str(fp32), "--no-compare")
         record["fp32_file_bytes"] = fp32.stat().st_size  # the dense fold: the original network's fp32 graph
@@ -169,16 +269,20 @@ def write(record: dict[str, Any], stem: Path) -> None:
         "",
         f"Command: `{record['command']}`  ",
         f"Shared CIFAR-10 ResNet-20 (dense fp32 {record['dense_top1_10k']} on the 10,000 test images); "
-        f"{record['calibration_images']} unlabeled training images for reconstruction and BatchNorm recalibration; "
-        f"top-1 of each int8 compact ONNX file (--int8-target any) in onnxruntime on {record['eval_images']} test "
+        f"{record['calibration_images']} unlabeled training images for reconstruction and BatchNorm recalibration "
+        "(and the peers' calibration); "
+        f"top-1 of each ONNX file (int8: --int8-target any) in onnxruntime on {record['eval_images']} test "
         f"images. Load average at the start {record['machine']['load_average_start']}, at the end "
         f"{record['machine'].get('load_average_end', 'n/a')} (2 cores shared with a training job; OMP_NUM_THREADS "
         f"{record['machine']['OMP_NUM_THREADS']}).",
-        "",
-        "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | output error before → after | "
-        "compress wall s (reconstruction s) | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if record["rows"]:
+        lines += [
+            "",
+            "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | output error before → after | "
+            "compress wall s (reconstruction s) | peak RSS GB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for row in record["rows"]:
         made = row["compress"]
         rebuilt = made.get("reconstruction")
@@ -189,14 +293,55 @@ def write(record: dict[str, Any], stem: Path) -> None:
         cells = [row["row"], row["weight_bits"], f"{row['file_bytes']:,}", ratio, f"{row['top1']:.2f}", delta, error,
                  seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "Commands (compress, measured as child processes):", ""]
-    lines += [f"- `{command}`" for command in dict.fromkeys(row["compress"]["command"] for row in record["rows"])]
+    if record["rows"]:
+        lines += ["", "Commands (compress, measured as child processes):", ""]
+        lines += [f"- `{command}`" for command in dict.fromkeys(row["compress"]["command"] for row in record["rows"])]
+    if record.get("peers"):
+        lines += peer_lines(record)
     if record["eval_images"] != 10000:
         lines += [
             "",
             f"Δ vs dense compares {record['eval_images']} test images with the dense model's 10,000: indicative.",
         ]
     common.write_markdown(stem.with_suffix(".md"), lines)
+
+
+def peer_lines(record: dict[str, Any]) -> list[str]:
+    """The Markdown section of the no-label peers: each file's size, top-1 and its quantization step's cost."""
+    fp32 = record["peers_fp32"]
+    lines = [
+        "",
+        "## No-label peers on the dense network (same unlabeled training images, no training)",
+        "",
+        f"The dense fp32 file: {fp32['file_bytes']:,} bytes, top-1 {fp32['top1']:.2f} on {fp32['images']} test "
+        "images. Quantization step = a child process that reads the calibration images, quantizes and writes the "
+        "file (brevitas: the handed-over module; its int8 export, activation calibration on "
+        f"{EXPORT_CALIBRATION_IMAGES} of the images, is timed apart).",
+        "",
+        "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | quantization wall s (algorithm s) | "
+        "peak RSS GB | export s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in record["peers"]:
+        made = row["quantization"]
+        export = row.get("export")
+        ratio = row["file_bytes"] / fp32["file_bytes"]
+        cells = [row["row"], row["weight_bits"], f"{row['file_bytes']:,}", f"{ratio:.3f}x",
+                 f"{row['top1']:.2f}", f"{row['top1'] - record['dense_top1_10k']:+.2f}",
+                 f"{made['wall_s']} ({made['quantize_s']})", f"{made['peak_rss_gb']:.2f}",
+                 export["seconds"] if export else ""]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if any(row.get("export") for row in record["peers"]):
+        lines.append("")
+    for row in (row for row in record["peers"] if row.get("export")):
+        export = row["export"]
+        widths = sorted(set(export["layer_weight_bits"].values()))
+        lines.append(
+            f"- {row['row']}: {row['quantization']['algorithm']}; integers kept by the export "
+            f"{export['weights_equal_fake_quantised']}, compact file = dense QDQ {export['compact_equals_dense']}, "
+            f"converted layers at {widths} bits"
+        )
+    return lines
 
 
 if __name__ == "__main__":
