@@ -51,6 +51,10 @@ LAYOUTS = {  # compress options of each converted network
     # compress --target-size: every layer at its planned form and width (reconstructed at it, exported at it)
     "plan0.1": ["--target-size", "0.1"],
     "plan0.07": ["--target-size", "0.07"],
+    # at or under the file sizes of the fixed rows: s=2 int8 (0.162x), s=2 4-bit (0.117x), s=4 int8 (0.109x)
+    "plan0.16": ["--target-size", "0.16"],
+    "plan0.116": ["--target-size", "0.116"],
+    "plan0.108": ["--target-size", "0.108"],
 }
 # (row name, layout, reconstruct, reconstruction bits, export bits)
 FULL_ROWS = [
@@ -64,6 +68,9 @@ FULL_ROWS = [
     ("--target-size 0.1 reconstructed (planned widths)", "plan0.1", True, None, None),
     ("--target-size 0.07 data-free (planned widths)", "plan0.07", False, None, None),
     ("--target-size 0.07 reconstructed (planned widths)", "plan0.07", True, None, None),
+    ("--target-size 0.16 reconstructed (planned widths)", "plan0.16", True, None, None),
+    ("--target-size 0.116 reconstructed (planned widths)", "plan0.116", True, None, None),
+    ("--target-size 0.108 reconstructed (planned widths)", "plan0.108", True, None, None),
 ]
 QUICK_ROWS = FULL_ROWS[:4]
 # no-label peers on the dense network: (row name, method, weight bits)
