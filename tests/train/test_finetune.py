@@ -148,6 +148,45 @@ def test_project_rule_trains_a_dense_latent_and_follows_it_with_masks_primaries_
     assert not torch.equal(layer.primary, primary_before)
 
 
+def test_project_rule_starts_a_moved_layer_exactly_where_it_is() -> None:
+    """A reconstructed or fine-tuned layer is no longer the teacher's projection: started from the teacher its
+    weight would jump back; started from itself it stays put."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    moved_weights = {}
+    for from_layer in (False, True):
+        model = torch.nn.Sequential(from_conv(teacher[0]))
+        layer = model[0]
+        with torch.no_grad():  # what a reconstruction does: other primaries and scales, same structure
+            layer.primary.mul_(1.5).add_(0.1 * torch.randn_like(layer.primary))
+            layer.scale.mul_(0.8)
+        before = layer.dense_weight().detach().clone()
+        MaskLearner(model, MaskSettings("project", latent_from_layer=from_layer), 10, 1, teacher)
+        moved_weights[from_layer] = (layer.dense_weight().detach() - before).norm() / before.norm()
+        if from_layer:
+            torch.testing.assert_close(layer.latent_weight.detach(), before)
+    assert moved_weights[True] < 1e-6 < 0.1 < moved_weights[False]
+
+
+def test_finetune_from_a_reconstructed_file_starts_from_its_reconstruction(tmp_path: Path) -> None:
+    from vconvert.convert.reconstruct import reconstruct
+
+    source = converted_checkpoint(tmp_path / "m.vc.pt")
+    checkpoint = load_checkpoint(source)
+    torch.manual_seed(1)
+    report = reconstruct(checkpoint.model, checkpoint.teacher, [torch.randn(8, 1, 32, 32)])
+    checkpoint.metadata.reconstruction = report.record("noise")
+    reconstructed = tmp_path / "rec.vc.pt"
+    save(reconstructed, checkpoint.model, checkpoint.plan, checkpoint.base, checkpoint.teacher, checkpoint.metadata)
+    start = {name: layer.dense_weight().detach() for name, layer in load_checkpoint(reconstructed).model.named_modules()
+             if isinstance(layer, VersatileConv2d)}  # fmt: skip
+    options = {**QUICK, "epochs": 1, "lr": 0.0, "recalibrate_images": 0, "bn_mode": "frozen", "masks": "project"}
+    finetune(reconstructed, tmp_path / "ft.vc.pt", FinetuneConfig(**options))
+    trained = load_checkpoint(tmp_path / "ft.vc.pt").model
+    for name, weight in start.items():  # no step was taken: every layer is where the reconstruction left it
+        torch.testing.assert_close(trained.get_submodule(name).dense_weight().detach(), weight, msg=name)
+
+
 @pytest.mark.parametrize(("images", "batch", "steps"), [(128, 8, 16), (128, 32, 4), (128, 128, 1), (128, 256, 1),
                                                      (100, 64, 2), (1, 8, 1)])  # fmt: skip
 def test_projection_interval_is_about_a_fixed_number_of_images(images: int, batch: int, steps: int) -> None:

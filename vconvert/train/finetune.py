@@ -156,14 +156,15 @@ def _open_source(
 
 
 def _optimisation(
-    student: nn.Module, teacher: nn.Module, config: FinetuneConfig, steps_per_epoch: int
+    student: nn.Module, teacher: nn.Module, config: FinetuneConfig, steps_per_epoch: int, moved: bool
 ) -> tuple[MaskLearner, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The mask rule, SGD (Nesterov) over the weights and the rule's own parameters, and the warm-up
-    cosine schedule."""
+    cosine schedule. ``moved``: the layers are no longer their data-free fit of the teacher (reconstructed or
+    fine-tuned), so the ``project`` rule starts its latent weights from them."""
     total_steps = steps_per_epoch * config.epochs
     every = projection_interval(config.project_every, config.batch_size)
     settings = MaskSettings(config.masks, config.mask_lr, config.flip_rate, config.mask_anneal,
-                            ramp=config.project_ramp, every=every)  # fmt: skip
+                            ramp=config.project_ramp, every=every, latent_from_layer=moved)  # fmt: skip
     masks = MaskLearner(student, settings, total_steps, steps_per_epoch, teacher)
     optimiser = torch.optim.SGD(
         parameter_groups(student, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True
@@ -380,7 +381,8 @@ def finetune(
             "lower `batch_size`."
         )
     quantized_now = _quantize_primaries(student, config, env.main)
-    masks, optimiser, scheduler = _optimisation(student, teacher, config, steps_per_epoch)
+    moved = source.finetuned or source.metadata.reconstruction is not None
+    masks, optimiser, scheduler = _optimisation(student, teacher, config, steps_per_epoch, moved)
     if quantized_now:  # the project rule has just replaced the primaries: learned steps start from those
         for _, layer in versatile_layers(student):
             layer.reset_primary_steps()

@@ -2,17 +2,18 @@
 
 Five strategies (docs/FIT.md §11-§16; what the measurements say: §17):
 
-- ``project`` (the default): a dense latent weight per layer, started from the original network's,
-  is what SGD trains (straight-through: it receives the gradient of the materialised versatile
-  weight). After every step the layer is set to the latent weight's nearest versatile weight for the
-  layer's fixed grouping and scale direction (:func:`vconvert.fit.initialise.project_onto_groups`): masks,
-  primaries and scales all follow. The direction is searched once, at the start; re-searching it
-  after every step kept ~30k of ResNet-20's 270k bits switching per epoch to the end and lost a point.
-  From ``anneal`` of the run on the masks stay as they are and only primaries and scales follow.
-  With small batches the projection (a fixed cost per step) is done every ``every`` steps instead,
-  and always at the end of an epoch: the latent weights take every step's gradient meanwhile.
-  With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into the
-  projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
+- ``project`` (the default): a dense latent weight per layer, started from the original network's (or, for
+  layers that already moved from their data-free fit, reconstructed or fine-tuned, from the layer's own
+  weight, so that the run starts where the file is), is what SGD trains (straight-through: it receives the
+  gradient of the materialised versatile weight). After every step the layer is set to the latent weight's
+  nearest versatile weight for the layer's fixed grouping and scale direction
+  (:func:`vconvert.fit.initialise.project_onto_groups`): masks, primaries and scales all follow. The direction
+  is searched once, at the start; re-searching it after every step kept ~30k of ResNet-20's 270k bits
+  switching per epoch to the end and lost a point. From ``anneal`` of the run on the masks stay as they are
+  and only primaries and scales follow. With small batches the projection (a fixed cost per step) is done
+  every ``every`` steps instead, and always at the end of an epoch: the latent weights take every step's
+  gradient meanwhile. With ``ramp`` > 0 the forward starts from the dense latent weight itself and blends into
+  the projection by the cubic schedule of gradual pruning, reaching it at ``ramp`` of the run.
 - ``frozen``: masks keep their data-free fit; only primary filters, scales, biases (and the rest of
   the network) train.
 - ``ste``: the common variant: proxies H in [0, 1] trained by SGD at ``mask_lr`` through the
@@ -132,6 +133,7 @@ class MaskSettings:
     evidence_decay: float = 0.9
     ramp: float = 0.0  # project: fraction of the run over which the forward moves from latent to projected weight
     every: int = 1  # project: steps between projections (always at the end of an epoch)
+    latent_from_layer: bool = False  # project: start the latent weights from the layers, not from the teacher
 
 
 class MaskLearner:
@@ -154,11 +156,13 @@ class MaskLearner:
             self.layers = [(name, layer) for name, layer in self.layers if projectable(layer)]
             for name, layer in self.layers:
                 self._members[name] = group_members(layer.primary_index, layer.secondary_index, layer.num_primary)
-                start = teacher.get_submodule(name).weight if teacher is not None else layer.dense_weight()
+                from_layer = settings.latent_from_layer or teacher is None
+                start = layer.dense_weight() if from_layer else teacher.get_submodule(name).weight
                 layer.register_parameter("latent_weight", nn.Parameter(start.detach().clone()))
                 for parameter in (layer.primary, layer.scale, layer.mask_proxy):
                     parameter.requires_grad_(False)
-                project_layer_(layer, self._members[name], search=True)
+                # a layer's own weight is already versatile: its projection for its own scales is itself
+                project_layer_(layer, self._members[name], search=not from_layer)
                 layer.latent_share = latent_share(0.0, settings.ramp)
         self.step = 0
         self.evidence = {name: torch.zeros_like(layer.mask_proxy) for name, layer in self.layers}
