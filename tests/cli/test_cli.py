@@ -28,7 +28,8 @@ OPTION = re.compile(r"--?[A-Za-z][\w-]*")
 # Options the README gives to other programs than vconvert: torchrun's, and the benchmark scripts' (checked below
 # against the scripts' own argument parsers).
 NOT_VCONVERT = {"--nproc_per_node": None, "--quick": "benchmarks/cifar10.py", "--base": "benchmarks/cifar10.py",
-                "--work": "benchmarks/pareto.py", "--rows": "benchmarks/pareto.py"}  # fmt: skip
+                "--work": "benchmarks/pareto.py", "--rows": "benchmarks/pareto.py",
+                "--peers": "benchmarks/reconstruct.py"}  # fmt: skip
 # The command each row of the README's "Options that matter" table is about, keyed by the row's first option.
 TABLE_COMMAND = {
     "--mode": "compress",
