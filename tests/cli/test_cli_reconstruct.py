@@ -9,6 +9,7 @@ import torch
 from conftest import RESNET8_ARCH, assert_one_sentence_error, invoke, noise_image_folder
 
 from vconvert.io.checkpoint import load_checkpoint
+from vconvert.nn.versatile import versatile_layers
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,26 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
     assert "reconstructed: 8 layers against the original network's outputs on 4" in " ".join(inspected.output.split())
 
 
+def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace, tmp_path: Path) -> None:
+    weights, images = workspace
+    output = tmp_path / "d.vc.pt"
+    result = compress(weights, "--secondary", "1", "--calib-data", images, "--reconstruct", "--weight-bits", "3",
+                      "--calib-images", "4", "--json", "-o", output)  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    checkpoint = load_checkpoint(output)
+    layers = dict(versatile_layers(checkpoint.model))
+    assert len(layers) == 8 and checkpoint.metadata.reconstruction["layers"] == 8
+    for layer in layers.values():  # one filter per primary, scaled per output: the dense conv at 3 bits
+        assert (layer.mode, layer.group_size, layer.num_primary) == ("channel", 1, layer.out_channels)
+        assert layer.weight_bits == 3 and layer.primary_integers()[0].abs().max() <= 3
+    converted = [layer for layer in checkpoint.plan.layers if layer.options]
+    # sized at 3 of 32 bits a weight (plus a float scale per output and the output index), not as floats
+    assert all(layer.stored_bits < layer.dense_bits / 4 for layer in converted)
+    onnx_file = tmp_path / "d.onnx"
+    result = invoke("export", output, "--quantize", "int8", "--compact", "--calib-images", "4", "-o", onnx_file)
+    assert result.exit_code == 0, result.output + result.stderr
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
@@ -58,8 +79,30 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
         (("--calib-data", "IMAGES", "--reconstruct", "--calib-images", "0"), "--calib-images must be at least 1"),
         (("--calib-data", "MISSING", "--reconstruct"), "missing"),
         (("--calib-data", "EMPTY", "--reconstruct"), "empty"),
+        (
+            (
+                "--secondary",
+                "1",
+            ),
+            "--secondary 1 keeps every conv dense, which saves storage only below 8 bits",
+        ),
+        (("--secondary", "1", "--calib-data", "IMAGES", "--reconstruct", "--weight-bits", "8"), "below 8 bits"),
+        (
+            ("--calib-data", "IMAGES", "--target-size", "0.2", "--reconstruct", "--weight-bits", "4"),
+            "--target-size picks each layer's width itself: drop --weight-bits",
+        ),
     ],
-    ids=["no-calib-data", "bits-without-reconstruct", "bits-9", "images-0", "missing-folder", "empty-folder"],
+    ids=[
+        "no-calib-data",
+        "bits-without-reconstruct",
+        "bits-9",
+        "images-0",
+        "missing-folder",
+        "empty-folder",
+        "dense-without-bits",
+        "dense-at-8-bits",
+        "bits-with-target-size",
+    ],
 )
 def test_bad_reconstruction_options_exit_2(workspace, tmp_path: Path, options: tuple[str, ...], fragment: str) -> None:
     weights, images = workspace

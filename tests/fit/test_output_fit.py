@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from vconvert.fit.output_fit import (
@@ -69,11 +70,12 @@ def test_masks_are_a_local_optimum_of_single_flips() -> None:
         assert torch.all(row_errors(flipped * values, a, g, c) >= best - 1e-12)
 
 
-def test_rounding_with_feedback_beats_plain_rounding_under_the_quadratic() -> None:
+@pytest.mark.parametrize("act_order", [True, False], ids=["act-order", "in-order"])
+def test_rounding_with_feedback_beats_plain_rounding_under_the_quadratic(act_order: bool) -> None:
     a, target = quadratic(27, seed=2)
     systems = a.expand(8, -1, -1).contiguous()
     step = target.abs().amax(1) / largest_level(4)
-    codes = round_with_feedback(target, systems, step, 4)
+    codes = round_with_feedback(target, systems, step, 4, act_order=act_order)
     assert codes.abs().max() <= largest_level(4) and torch.equal(codes, codes.round())
     plain = torch.clamp(torch.round(target / step[:, None]), -7, 7)
 
@@ -82,3 +84,20 @@ def test_rounding_with_feedback_beats_plain_rounding_under_the_quadratic() -> No
         return float(torch.einsum("pk,pkl,pl->", error, systems, error))
 
     assert cost(codes) < cost(plain)
+
+
+def test_act_order_does_not_depend_on_how_the_elements_are_numbered() -> None:
+    # the order is the diagonal's, so renumbering the elements (and the system with them) renumbers the integers;
+    # rounding in the given order feeds the errors forward differently, which the last line checks
+    a, target = quadratic(27, seed=3)
+    a = a + torch.diag(torch.linspace(0.1, 3.0, 27, dtype=torch.float64))  # distinct diagonal: one order
+    systems = a.expand(8, -1, -1).contiguous()
+    step = target.abs().amax(1) / largest_level(3)
+    order = torch.randperm(27, generator=torch.Generator().manual_seed(0))
+    permuted = systems[:, order][:, :, order]
+
+    def renumbered(act_order: bool) -> bool:
+        codes = round_with_feedback(target, systems, step, 3, act_order=act_order)
+        return torch.equal(round_with_feedback(target[:, order], permuted, step, 3, act_order=act_order), codes[:, order])
+
+    assert renumbered(True) and not renumbered(False)

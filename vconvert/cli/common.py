@@ -292,7 +292,10 @@ TrustOpt = Annotated[
 InputShapeOpt = Annotated[str, typer.Option("--input-shape", help="Example input N,C,H,W used to trace the model.")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="learned | spatial | channel | spatial+channel.")]
 SecondaryOpt = Annotated[
-    int, typer.Option("--secondary", "-s", help="Secondary filters per primary (learned/channel).")
+    int,
+    typer.Option(
+        "--secondary", "-s", help="Secondary filters per primary (learned/channel); 1: dense, below 8 bits only."
+    ),
 ]
 ChannelWindowOpt = Annotated[
     int | None, typer.Option("--channel-window", help="Channels per primary filter in the channel modes.")

@@ -189,7 +189,8 @@ def compress(
         typer.Option(
             "--weight-bits",
             help="With --reconstruct: round the primaries to B-bit integers (2-8) against the outputs, so that export "
-            "--quantize int8 stores those integers (7: the width of the default --int8-target any files).",
+            "--quantize int8 stores those integers (7: the width of the default --int8-target any files); with "
+            "--secondary 1 the convs stay dense at B bits.",
         ),
     ] = None,
     mean: Annotated[
@@ -249,6 +250,7 @@ def compress(
             progress=fitting_progress(progress, "planning" if target_size is not None else "fitting"),
             target_size=target_size,
             calibration=plan_batches,
+            weight_bits=weight_bits,
         )
     metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
     origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"

@@ -19,6 +19,7 @@ from torch import nn
 from vconvert.convert.discover import _ConvSite, analyse
 from vconvert.convert.plan import (
     CONVERTED,
+    DENSE,
     ConversionPlan,
     ConvOptions,
     LayerDecision,
@@ -32,6 +33,7 @@ from vconvert.convert.select import _choose_for_target
 from vconvert.convert.target_size import SizePlan, plan_for_size
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import METHODS, initialise_from_weight
+from vconvert.nn.quantize import check_bits
 from vconvert.nn.versatile import VersatileConv2d
 
 
@@ -89,6 +91,8 @@ def compress(
     calibration: Sequence[torch.Tensor] = (),
     search: str = "knapsack",
     candidates: dict | None = None,
+    plan_reconstructed: bool = False,
+    weight_bits: int | None = None,
 ) -> tuple[nn.Module, ConversionPlan]:
     """Convert the eligible Conv2d layers of ``model`` into VersatileConv2d, initialised without data.
 
@@ -102,12 +106,22 @@ def compress(
     ``target_size`` (a fraction of the fp32 file, e.g. 0.1) plans each conv instead: dense or versatile with 2
     or 4 secondaries, at 2, 3, 4 or 8 bits, measured on the unlabeled ``calibration`` batches
     (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy; ``candidates`` a dict that keeps the
-    measured choices: filled when empty, reused when filled, to plan several sizes from one measurement). Convs
+    measured choices: filled when empty, reused when filled, to plan several sizes from one measurement;
+    ``plan_reconstructed``: each choice measured as output reconstruction on those images will leave it, for a
+    model reconstructed next, :func:`vconvert.convert.reconstruct.reconstruct`). Convs
     the rules above skip may still be stored dense at fewer bits; the layers get their widths (fine-tuning and
     export keep them).
+
+    ``weight_bits`` fake-quantises the primaries of every converted layer at that width from the start (a learned
+    step started min-max, what :func:`vconvert.convert.reconstruct.reconstruct` then rounds against the outputs)
+    and sizes the plan at it. ``secondary`` 1 in mode ``learned`` keeps each conv dense (one filter per primary
+    with a per-output scale, as ``target_size``'s dense choice), which saves storage only below 8 bits: it needs
+    a ``weight_bits`` of 2 to 7.
     """
-    base_options = _checked_options(ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing,
-                                                scale), init, skip)  # fmt: skip
+    dense = mode == "learned" and secondary == 1
+    _check_weight_bits(weight_bits, dense, target_size)
+    options = ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing, scale)
+    base_options = _checked_options(DENSE if dense else options, init, skip)
     if target_size is not None and (target_ratio is not None or mode != "learned"):
         raise BadInputError("`target_size` plans the modes and widths itself: drop `target_ratio` and `mode`.")
     source = copy.deepcopy(model).eval()
@@ -124,7 +138,7 @@ def compress(
     for name in order:
         conv, site = convs[name], sites.get(name)
         reasons[name] = _skip_reason(name, conv, site, name == stem, convert_first, min_params, skip)
-        decisions[name] = _decide(name, conv, site, reasons[name], base_options)
+        decisions[name] = _decide(name, conv, site, reasons[name], base_options, weight_bits)
     eligible = [name for name, decision in decisions.items() if decision.decision == CONVERTED]
     model_dense_bits = model_stored_bits(source)
     chosen = {name: base_options.layer_kwargs() for name in eligible}
@@ -136,16 +150,17 @@ def compress(
         for name in eligible:
             if name not in chosen:
                 decisions[name].decision = "skipped: not needed for --target-ratio"
-    widths: dict[str, int | None] = {}
+    widths: dict[str, int | None] = dict.fromkeys(chosen, weight_bits) if weight_bits is not None else {}
     if target_size is not None:
         planner = functools.partial(plan_for_size, images=calibration, target_size=target_size, init=init,
-                                    search=search, progress=progress, candidates=candidates)  # fmt: skip
+                                    search=search, progress=progress, candidates=candidates,
+                                    reconstructed=plan_reconstructed)  # fmt: skip
         chosen, widths, choice_note = _plan_for_size(source, convs, decisions, reasons, base_options, planner)
     # apply: fit each chosen layer to its conv's weights and swap it in by qualified name
     if dry_run:
         for name, options in chosen.items():
             decisions[name].options = options
-            decisions[name].stored_bits = storage_of(convs[name], options)[1]
+            decisions[name].stored_bits = storage_of(convs[name], options, widths.get(name))[1]
     else:
         _apply(source, convs, chosen, decisions, init, progress, widths)
     plan = ConversionPlan(
@@ -214,11 +229,28 @@ def _checked_options(options: ConvOptions, init: str, skip: Sequence[str]) -> Co
     return options
 
 
+def _check_weight_bits(bits: int | None, dense: bool, target_size: float | None) -> None:
+    """``weight_bits`` once it agrees with a dense conversion (``secondary`` 1) and ``target_size``."""
+    if bits is not None:
+        if target_size is not None:
+            raise BadInputError("`target_size` picks each layer's width itself: drop `weight_bits`.")
+        try:
+            check_bits(bits)
+        except ValueError as error:
+            raise BadInputError(f"`weight_bits` must be an integer from 2 to 8; got {bits!r}.") from error
+    if dense and (bits is None or bits >= 8):
+        raise BadInputError(
+            "`secondary` 1 keeps every conv dense, which saves storage only below 8 bits: give a `weight_bits` "
+            "from 2 to 7 (or use the int8 export alone)."
+        )
+
+
 def _decide(
-    name: str, conv: nn.Conv2d, site: _ConvSite | None, reason: str | None, options: ConvOptions
-) -> LayerDecision:
+    name: str, conv: nn.Conv2d, site: _ConvSite | None, reason: str | None, options: ConvOptions,
+    weight_bits: int | None = None,
+) -> LayerDecision:  # fmt: skip
     """What happens to one conv: skipped for ``reason``, or converted with ``options`` when they apply and
-    save storage."""
+    save storage (its primaries at ``weight_bits``)."""
     decision = LayerDecision(
         name=name,
         decision=reason or CONVERTED,
@@ -236,7 +268,7 @@ def _decide(
         decision.macs = site.macs
     if reason is None:
         try:
-            dense, stored = storage_of(conv, options.layer_kwargs())
+            dense, stored = storage_of(conv, options.layer_kwargs(), weight_bits)
         except ValueError as error:
             decision.decision = f"skipped: options do not apply ({error})"
         else:

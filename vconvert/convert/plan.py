@@ -44,6 +44,9 @@ class ConvOptions:
         return kwargs
 
 
+DENSE = ConvOptions(mode="channel", secondary=1)  # a dense conv with a per-output scale: one filter per primary
+
+
 @dataclass
 class LayerDecision:
     """One Conv2d of the model: what it is, where it runs, and whether (and how) it was converted."""
@@ -142,9 +145,11 @@ def _check_options(value: object, where: str) -> dict:
     return checked
 
 
-def storage_of(conv: nn.Conv2d, options: dict) -> tuple[int, int]:
-    """(dense bits, stored bits) of ``conv`` converted with ``options``, without allocating weights."""
+def storage_of(conv: nn.Conv2d, options: dict, weight_bits: int | None = None) -> tuple[int, int]:
+    """(dense bits, stored bits) of ``conv`` converted with ``options`` (its primaries at ``weight_bits``; None:
+    float), without allocating weights."""
     meta = VersatileConv2d.shaped_like(conv, device="meta", **options)
+    meta.weight_bits = weight_bits  # sizing only: no step is allocated on the meta device
     return meta.dense_bits(), meta.stored_bits()
 
 

@@ -188,9 +188,17 @@ def quantization_steps(primary: Tensor, systems: Tensor, bits: int) -> Tensor:
     return best
 
 
-def round_with_feedback(primary: Tensor, systems: Tensor, step: Tensor, bits: int) -> Tensor:
+def round_with_feedback(primary: Tensor, systems: Tensor, step: Tensor, bits: int, act_order: bool = True) -> Tensor:
     """Integers (P, K) for ``primary`` at ``step``: element by element, round, then spread the rounding error over
-    the elements not yet rounded through the inverse of Q_p (GPTQ's update; Frantar et al. 2023)."""
+    the elements not yet rounded through the inverse of Q_p (GPTQ's update; Frantar et al. 2023). With
+    ``act_order`` the elements of each primary go in decreasing order of Q_p's diagonal (GPTQ's act order: those
+    the output is most sensitive to are rounded while the most elements remain to absorb their error)."""
+    if act_order:
+        order = systems.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)
+        rows = order.unsqueeze(2).expand_as(systems)
+        permuted = systems.gather(1, rows).gather(2, order.unsqueeze(1).expand_as(systems))
+        codes = round_with_feedback(primary.gather(1, order), permuted, step, bits, act_order=False)
+        return codes.gather(1, order.argsort(dim=1))
     level = largest_level(bits)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(systems))
     upper = torch.linalg.cholesky(inverse, upper=True)
