@@ -14,7 +14,9 @@ are recorded. The dense row is the original model's fp32 ONNX file (file size re
 Rows: data-free int8 (the exporter rounds the float primaries, 7-bit under ``any``); reconstructed at 7 bits (the
 width ``any`` stores, so the file holds the integers the reconstruction chose); data-free 4-bit (the exporter's
 min-max rounding, ``--weight-bits 4``: "4-bit weights without training"); reconstructed at 4 bits; planned
-(``--target-size``) data-free and reconstructed, each layer rounded at its planned width.
+(``--target-size``) data-free and reconstructed, each layer rounded at its planned width; every converted conv
+dense (``--secondary 1``) reconstructed at 4 and 3 bits (vconvert's own rounding of the dense network, against the
+brevitas GPTQ peer).
 Writes benchmarks/results/reconstruct_{quick,full}.json and .md (``--output STEM``: elsewhere; ``--rows 6,7``:
 some rows). Trained files stay in ``--work``.
 
@@ -55,6 +57,8 @@ LAYOUTS = {  # compress options of each converted network
     "plan0.16": ["--target-size", "0.16"],
     "plan0.116": ["--target-size", "0.116"],
     "plan0.108": ["--target-size", "0.108"],
+    "plan0.145": ["--target-size", "0.145"],  # the size of the brevitas GPTQ 4-bit peer
+    "dense": ["--secondary", "1"],  # every converted conv dense at the reconstruction's width
 }
 # (row name, layout, reconstruct, reconstruction bits, export bits)
 FULL_ROWS = [
@@ -71,6 +75,9 @@ FULL_ROWS = [
     ("--target-size 0.16 reconstructed (planned widths)", "plan0.16", True, None, None),
     ("--target-size 0.116 reconstructed (planned widths)", "plan0.116", True, None, None),
     ("--target-size 0.108 reconstructed (planned widths)", "plan0.108", True, None, None),
+    ("dense (--secondary 1) reconstructed, 4-bit", "dense", True, 4, None),
+    ("dense (--secondary 1) reconstructed, 3-bit", "dense", True, 3, None),
+    ("--target-size 0.145 reconstructed (planned widths)", "plan0.145", True, None, None),
 ]
 QUICK_ROWS = FULL_ROWS[:4]
 # no-label peers on the dense network: (row name, method, weight bits)

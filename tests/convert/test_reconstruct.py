@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sample_models.resnet_cifar import resnet20
-from vconvert.convert.calibrate import recalibrate_batchnorm
+from vconvert.convert.calibrate import output_divergence, recalibrate_batchnorm, recalibrate_if_closer
 from vconvert.convert.compress import compress
 from vconvert.convert.reconstruct import ReconstructSettings, output_errors, reconstruct
 from vconvert.data.datasets import digits_tensors
@@ -201,3 +201,28 @@ def test_an_untraceable_model_is_reconstructed_through_the_prefix_path() -> None
     report = reconstruct(student, teacher, batches, ReconstructSettings(rounds=2, positions=64))
     assert [layer.name for layer in report.layers] == ["conv1", "conv2"]
     assert all(layer.skipped is None and layer.error_after < layer.error_before for layer in report.layers)
+
+
+def _batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items() if "running" in key}
+
+
+def test_recalibration_is_put_back_when_it_moves_the_outputs_away(digits_model) -> None:
+    teacher, _, calibration, _ = digits_model
+    model = copy.deepcopy(teacher)  # the original statistics: nothing estimated on 128 images can match them better
+    outcome = recalibrate_if_closer(model, teacher, calibration, 128)
+    assert outcome.images == 128 and outcome.divergence_before == 0.0 < outcome.divergence_after and not outcome.kept
+    after = _batchnorm_state(model)
+    assert all(torch.equal(after[key], value) for key, value in _batchnorm_state(teacher).items())
+
+
+def test_recalibration_is_kept_when_it_brings_the_outputs_closer(digits_model) -> None:
+    teacher, _, calibration, _ = digits_model
+    model = copy.deepcopy(teacher)
+    with torch.no_grad():  # statistics that no longer fit: every BatchNorm's running mean shifted
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean += 0.5
+    outcome = recalibrate_if_closer(model, teacher, calibration, 128)
+    assert outcome.kept and outcome.divergence_after < outcome.divergence_before
+    assert output_divergence(model, teacher, calibration) == pytest.approx(outcome.divergence_after)

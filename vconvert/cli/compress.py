@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
@@ -36,6 +37,9 @@ from vconvert.cli.common import (
     progress_bar,
 )
 from vconvert.errors import BadInputError, shown
+
+if TYPE_CHECKING:
+    from vconvert.convert.calibrate import Recalibration
 
 
 def load_input_model(file: Path, arch: str | None, arch_kwargs: str | None, trust: bool):
@@ -109,6 +113,19 @@ def reconstruct_layers(converted, original, batches: list, calib_data: Path, bit
         report = reconstruct(converted, original, batches, ReconstructSettings(weight_bits=bits),
                              fitting_progress(progress, "reconstructing"))  # fmt: skip
     return report.record(absolute_data(str(calib_data)))
+
+
+def recalibration_line(outcome: Recalibration) -> str:
+    """What became of BatchNorm recalibration after reconstruction."""
+    change = (
+        f"output divergence from the original network {outcome.divergence_before:.4g} → {outcome.divergence_after:.4g}"
+    )
+    if outcome.kept:
+        return f"BatchNorm statistics recalibrated on {outcome.images} images ({change})."
+    return (
+        f"BatchNorm statistics kept as trained: re-estimated on {outcome.images} images they moved the outputs "
+        f"away ({change})."
+    )
 
 
 # --------------------------------------------------------------------------- commands
@@ -255,8 +272,9 @@ def compress(
     metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
     origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"
     log.info(describe_input(None, size_from, origin, shape=shape, preprocessing=preprocessing))
+    recalibration = None
     if calib_data is not None:
-        from vconvert.convert.calibrate import recalibrate_batchnorm
+        from vconvert.convert.calibrate import recalibrate_batchnorm, recalibrate_if_closer
         from vconvert.data.datasets import calibration_batches
 
         batches = calibration_batches(
@@ -266,13 +284,19 @@ def compress(
         if reconstruct:
             batches = list(batches)
             metadata.reconstruction = reconstruct_layers(converted, model, batches, calib_data, weight_bits)
-        used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
-        metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used}
+            recalibration = recalibrate_if_closer(converted, model, batches, calib_images)
+            used = recalibration.images if recalibration.kept else None
+        else:
+            used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
+        if used is not None:
+            metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used}
     save(output, converted, plan, base, model, metadata)
     if as_json:
         record = {"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}
         if metadata.reconstruction is not None:
             record["reconstruction"] = metadata.reconstruction
+        if recalibration is not None:
+            record["bn_recalibration"] = asdict(recalibration)
         typer.echo(json.dumps(record, indent=2))
         return
     from vconvert.convert.report import layer_table
@@ -288,7 +312,9 @@ def compress(
             f"Reconstructed {record['layers']} layers on {record['images']} images: mean output error "
             f"{record['error_before']:.4f} → {record['error_after']:.4f} ({record['seconds']:.0f} s)."
         )
-    if calib_data is not None:
+    if recalibration is not None:
+        console.print(recalibration_line(recalibration))
+    elif calib_data is not None:
         console.print(f"BatchNorm statistics recalibrated on {metadata.bn_recalibration['images']} images.")
     console.print(plan_summary(plan))
     console.print(Text(f"wrote {shown(output, None)}"), soft_wrap=True)

@@ -8,7 +8,8 @@ few thousand training images, with no labels and no gradient, restores most of t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from rich.progress import Progress
@@ -68,3 +69,53 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
         for module, training in flags.items():
             module.train(training)
     return used
+
+
+@torch.no_grad()
+def output_divergence(model: nn.Module, original: nn.Module, batches: Iterable[Tensor]) -> float:
+    """Mean KL divergence of ``model``'s softmax outputs from ``original``'s over the images of ``batches`` (both
+    in eval mode for the measurement; their modes are restored)."""
+    from vconvert.convert.target_size import divergence
+
+    flags = {module: module.training for module in (*model.modules(), *original.modules())}
+    model.eval(), original.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            total += divergence(original(batch), model(batch)) * len(batch)
+            count += len(batch)
+    finally:
+        for module, training in flags.items():
+            module.train(training)
+    return total / count if count else 0.0
+
+
+@dataclass
+class Recalibration:
+    """What :func:`recalibrate_if_closer` did: the images it re-estimated on, the output divergence from the
+    original network before and after, and whether the new statistics were kept."""
+
+    images: int
+    divergence_before: float
+    divergence_after: float
+    kept: bool
+
+
+def recalibrate_if_closer(
+    model: nn.Module, original: nn.Module, batches: Sequence[Tensor], max_images: int
+) -> Recalibration:
+    """:func:`recalibrate_batchnorm` on ``batches``, kept only when it brings ``model``'s outputs closer to
+    ``original``'s on those images (:func:`output_divergence`; no labels), else the statistics ``model`` had are
+    put back. After output reconstruction the layers already match the original's outputs, and the statistics
+    the original network learned on its whole (augmented) training set usually fit them better than a re-estimate
+    on ~1,000 unaugmented images (docs/FIT.md §18)."""
+    norms = batchnorm_layers(model)
+    saved = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
+    before = output_divergence(model, original, batches)
+    used = recalibrate_batchnorm(model, batches, max_images=max_images)
+    after = output_divergence(model, original, batches)
+    kept = after < before
+    if not kept:
+        for norm, state in zip(norms, saved, strict=True):
+            norm.load_state_dict(state)
+    return Recalibration(used, before, after, kept)

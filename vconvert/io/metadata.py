@@ -62,12 +62,16 @@ class CheckpointMetadata:
         return replace(self, finetune_state=None, saved_at=None)
 
     def _recorded_candidates(self) -> list[str]:
-        candidates = ((self.data or {}).get("source"), (self.bn_recalibration or {}).get("data"))
+        candidates = (
+            (self.data or {}).get("source"),
+            (self.bn_recalibration or {}).get("data"),
+            (self.reconstruction or {}).get("data"),
+        )
         return [candidate for candidate in candidates if isinstance(candidate, str)]
 
     def recorded_data(self) -> str | None:
-        """The data this file records (its fine-tuning data, else its BatchNorm recalibration folder) when
-        that is ``digits`` or a folder that still exists here; else None."""
+        """The data this file records (its fine-tuning data, else its BatchNorm recalibration or reconstruction
+        folder) when that is ``digits`` or a folder that still exists here; else None."""
         for candidate in self._recorded_candidates():
             if candidate == DIGITS or Path(candidate).expanduser().is_dir():
                 return candidate
