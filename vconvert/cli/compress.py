@@ -198,7 +198,8 @@ def compress(
         typer.Option(
             "--reconstruct",
             help="Refit each converted layer (masks, primaries, scales) so its outputs match the original network's "
-            "on the --calib-data images, layer by layer (no labels, no training), then recalibrate BatchNorm.",
+            "on the --calib-data images, layer by layer (no labels, no training), then recalibrate BatchNorm where "
+            "that brings the outputs closer to the original's.",
         ),
     ] = False,
     weight_bits: Annotated[

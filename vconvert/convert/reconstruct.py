@@ -164,10 +164,7 @@ class Moments:
         return a, b, c.clamp_min(0)
 
 
-ConvLike = nn.Conv2d | VersatileConv2d  # what the patch algebra reads: kernel, stride, padding, dilation
-
-
-def conv_padding(layer: ConvLike) -> tuple[int, int]:
+def conv_padding(layer: VersatileConv2d) -> tuple[int, int]:
     """The layer's padding as two integers (``"valid"`` is 0; ``"same"`` for stride 1)."""
     if layer.padding == "valid":
         return (0, 0)
@@ -176,7 +173,7 @@ def conv_padding(layer: ConvLike) -> tuple[int, int]:
     return layer.padding  # type: ignore[return-value]
 
 
-def patches(x: Tensor, layer: ConvLike, positions: Tensor | None = None) -> Tensor:
+def patches(x: Tensor, layer: VersatileConv2d, positions: Tensor | None = None) -> Tensor:
     """(B·L, c·kh·kw) im2col rows of ``x`` as ``layer`` sees it, columns in the weight's (c, kh, kw) order; only
     the output ``positions`` (indices into L) when given."""
     cols = F.unfold(x.float(), layer.kernel_size, layer.dilation, conv_padding(layer), layer.stride)
@@ -255,32 +252,7 @@ def moments_of_inputs(
     return moments
 
 
-@torch.no_grad()
-def own_input_moments(
-    model: nn.Module, convs: dict[str, nn.Conv2d], batches: Sequence[Tensor], positions: int = 256
-) -> dict[str, Moments]:
-    """Moments of each conv of ``convs`` (modules of ``model``) on its own input in ``model`` over ``batches``
-    (student and teacher patches the same: what a conv replaced alone sees), from one run per batch."""
-    moments = {name: Moments.zeros(conv.weight[0].numel(), conv.out_channels) for name, conv in convs.items()}
-    generator = torch.Generator().manual_seed(0)
-
-    def hook(conv: nn.Conv2d, args: tuple, name: str) -> None:
-        x = args[0]
-        keep = sampled_positions(_output_positions(x.shape[2:], conv), positions, generator)
-        rows = patches(x, conv, keep)
-        moments[name].add(rows, rows, conv.weight.detach().float().flatten(1))
-
-    handles = [conv.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)) for name, conv in convs.items()]
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return moments
-
-
-def _output_positions(size: torch.Size, layer: ConvLike) -> int:
+def _output_positions(size: torch.Size, layer: VersatileConv2d) -> int:
     """H_out · W_out of ``layer`` on an input of spatial ``size``."""
     padding = conv_padding(layer)
     sides = [

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vconvert.convert.plan import DENSE, detached
-from vconvert.convert.reconstruct import Moments, ReconstructSettings, fit_layer, own_input_moments, reconstructable
 from vconvert.convert.replay import LayerReplay, values_bytes
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import initialise_from_weight
@@ -170,35 +169,6 @@ def _stored_form(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: 
     return _quantized_conv(conv, choice.bits) if choice.secondary == 1 else _fitted(conv, choice, base, init, cache)
 
 
-PLAN_RECONSTRUCTION = ReconstructSettings(rounds=1)  # from the float output fit: one round more, then the rounding
-
-
-def _reconstructed_form(
-    conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict, moments: Moments
-) -> nn.Module:  # fmt: skip
-    """``conv`` as ``choice`` stores it after output reconstruction on its own input (``moments``): the float
-    output fit of each secondary count and mask sharing (kept in ``cache``), then at the choice's width the
-    rounding reconstruction applies below 8 bits, or the int8 export's min-max rounding at 8. A plain int8 conv,
-    and a layer reconstruction leaves alone, as :func:`_stored_form` has them."""
-    if choice.plain:
-        return _quantized_conv(conv, choice.bits)
-    key = ("output", choice.secondary, choice.shared)
-    if key not in cache:
-        layer = copy.deepcopy(_fitted(conv, Choice(choice.secondary, INT8, choice.shared), base, init, cache))
-        layer.set_weight_bits(None)
-        if reconstructable(layer) is None:
-            fit_layer(layer, conv, moments, ReconstructSettings())
-        cache[key] = layer
-    if reconstructable(cache[key]) is not None:
-        return _fitted(conv, choice, base, init, cache)
-    layer = copy.deepcopy(cache[key])
-    if choice.bits == INT8:
-        layer.set_weight_bits(INT8, "minmax")
-    else:
-        fit_layer(layer, conv, moments, ReconstructSettings(rounds=PLAN_RECONSTRUCTION.rounds, weight_bits=choice.bits))
-    return layer.eval()
-
-
 def _sized_choices(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> list[tuple[Choice, int]]:
     """Every choice ``conv``'s shape takes with its bits."""
     sized = []
@@ -248,26 +218,16 @@ def measure_candidates(
     images: Sequence[Tensor],
     init: str = "fit",
     progress: Callable[[int, int, str], None] | None = None,
-    reconstructed: bool = False,
 ) -> dict[str, list[Candidate]]:
     """Every choice of every conv in ``convs`` (secondary counts ``allowed[name]``, each at every width of
     :data:`BIT_CHOICES`) with its bits and the mean divergence of the network's outputs on ``images`` when that
     conv alone takes it. Each batch runs through the network once; each swap then re-runs only what follows the
-    conv (:class:`~vconvert.convert.replay.LayerReplay`; the whole network where FX cannot trace it). Each choice
-    is measured in its data-free form, or with ``reconstructed`` as output reconstruction will leave it (fitted
-    to the conv's outputs on ``images``, rounded against them below 8 bits). ``model`` is left as it was."""
+    conv (:class:`~vconvert.convert.replay.LayerReplay`; the whole network where FX cannot trace it). ``model``
+    is left as it was."""
     model.eval()
     sized = {name: _sized_choices(conv, allowed[name], base) for name, conv in convs.items()}
     summed = {name: [0.0] * len(choices) for name, choices in sized.items()}
-    fits: dict[str, dict] = {name: {} for name in convs}
-    forms: dict[str, list[nn.Module]] = {}
-    if reconstructed:
-        moments = own_input_moments(model, convs, images)
-        for index, (name, conv) in enumerate(convs.items()):
-            if progress:
-                progress(index, len(convs), f"{name} (reconstructing its choices)")
-            forms[name] = [_reconstructed_form(conv, c, base, init, fits[name], moments[name]) for c, _ in sized[name]]
-        del moments
+    fits: dict[str, dict[tuple[int, bool], VersatileConv2d]] = {name: {} for name in convs}
     with torch.no_grad():
         try:
             runner: LayerReplay | _FullRuns = LayerReplay(model)
@@ -281,8 +241,7 @@ def measure_candidates(
                 if progress:
                     progress(batch_index * len(convs) + index, len(batches) * len(convs), name)
                 for position, (choice, _) in enumerate(sized[name]):
-                    form = forms[name][position] if forms else _stored_form(conv, choice, base, init, fits[name])
-                    outputs = runner.run_with(values, name, form)
+                    outputs = runner.run_with(values, name, _stored_form(conv, choice, base, init, fits[name]))
                     summed[name][position] += divergence(reference, outputs) * len(batch)
             del values
     if progress:
@@ -395,12 +354,11 @@ def plan_for_size(
     search: str = "knapsack",
     progress: Callable[[int, int, str], None] | None = None,
     candidates: dict[str, list[Candidate]] | None = None,
-    reconstructed: bool = False,
 ) -> SizePlan:
     """Choose a :class:`Choice` for each conv of ``convs`` so that the int8 file's weights are at most
     ``target_size`` of the fp32 file's (convs left out of ``convs`` stay plain int8). ``candidates`` keeps the
-    measured choices (:func:`measure_candidates`; ``reconstructed``: each as output reconstruction will leave it):
-    an empty dict is filled, a filled one is reused (several sizes planned from one measurement)."""
+    measured choices (:func:`measure_candidates`): an empty dict is filled, a filled one is reused (several sizes
+    planned from one measurement)."""
     if not 0 < target_size < 1:
         raise BadInputError(f"`target_size` must lie between 0 and 1 (a fraction of the fp32 file); got {target_size}.")
     if search not in SEARCHES:
@@ -423,7 +381,7 @@ def plan_for_size(
             "--quantize int8 instead, or ask for less."
         )
     if not candidates:
-        measured = measure_candidates(model, convs, allowed, base, images, init, progress, reconstructed)
+        measured = measure_candidates(model, convs, allowed, base, images, init, progress)
         if candidates is not None:
             candidates.update(measured)
         candidates = measured
