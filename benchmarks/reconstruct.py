@@ -108,6 +108,7 @@ def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: b
         "wall_s": round(wall, 1),
         "peak_rss_gb": round(peak, 3),
         "reconstruction": result.get("reconstruction"),
+        "bn_recalibration": result.get("bn_recalibration"),  # with --reconstruct: kept only where closer
     }
 
 
@@ -287,15 +288,16 @@ def write(record: dict[str, Any], stem: Path) -> None:
         "(and the peers' calibration); "
         f"top-1 of each ONNX file (int8: --int8-target any) in onnxruntime on {record['eval_images']} test "
         f"images. Load average at the start {record['machine']['load_average_start']}, at the end "
-        f"{record['machine'].get('load_average_end', 'n/a')} (2 cores shared with a training job; OMP_NUM_THREADS "
+        f"{record['machine'].get('load_average_end', 'n/a')} (2 cores shared with other jobs; OMP_NUM_THREADS "
         f"{record['machine']['OMP_NUM_THREADS']}).",
     ]
     if record["rows"]:
         lines += [
             "",
             "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | output error before → after | "
+            "BatchNorm statistics (output divergence without → with recalibration) | "
             "compress wall s (reconstruction s) | peak RSS GB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
     for row in record["rows"]:
         made = row["compress"]
@@ -305,11 +307,13 @@ def write(record: dict[str, Any], stem: Path) -> None:
         ratio = f"{row['file_bytes'] / fp32:.3f}x" if fp32 else ""
         delta = f"{row['top1'] - record['dense_top1_10k']:+.2f}"
         cells = [row["row"], row["weight_bits"], f"{row['file_bytes']:,}", ratio, f"{row['top1']:.2f}", delta, error,
-                 seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
+                 batchnorm_cell(made), seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if record["rows"]:
         lines += ["", "Commands (compress, measured as child processes):", ""]
         lines += [f"- `{command}`" for command in dict.fromkeys(row["compress"]["command"] for row in record["rows"])]
+    if record.get("fp32_file_bytes_from"):
+        lines += ["", f"fp32 file bytes ({fp32:,}) from {record['fp32_file_bytes_from']}."]
     if record.get("peers"):
         lines += peer_lines(record)
     if record["eval_images"] != 10000:
@@ -318,6 +322,16 @@ def write(record: dict[str, Any], stem: Path) -> None:
             f"Δ vs dense compares {record['eval_images']} test images with the dense model's 10,000: indicative.",
         ]
     common.write_markdown(stem.with_suffix(".md"), lines)
+
+
+def batchnorm_cell(made: dict[str, Any]) -> str:
+    """What became of a row's BatchNorm statistics: recalibrated (data-free rows, or where that brought the outputs
+    closer to the original's) or kept as trained, with the two divergences."""
+    outcome = made.get("bn_recalibration")
+    if outcome is None:
+        return "recalibrated" if made.get("reconstruction") is None else ""
+    verdict = "recalibrated" if outcome["kept"] else "kept as trained"
+    return f"{verdict} ({outcome['divergence_before']:.4f} → {outcome['divergence_after']:.4f})"
 
 
 def peer_lines(record: dict[str, Any]) -> list[str]:
