@@ -150,3 +150,16 @@ def test_default_image_counts() -> None:
     assert check_calibration_options(Path("images"), None, True, None) == DEFAULT_IMAGES == 1024
     assert check_calibration_options(Path("images"), None, False, None) == DEFAULT_CALIB_IMAGES == 2000
     assert check_calibration_options(Path("images"), 16, True, 4) == 16
+
+
+@pytest.mark.parametrize(
+    ("images", "kept", "fragment"),
+    [(0, False, "no BatchNorm statistics"), (8, True, "recalibrated on 8 images"), (8, False, "kept as trained")],
+    ids=["no-batchnorm", "kept", "put-back"],
+)
+def test_the_batchnorm_outcome_is_said_in_one_line(images: int, kept: bool, fragment: str) -> None:
+    from vconvert.cli.compress import recalibration_line
+    from vconvert.convert.calibrate import Recalibration
+
+    line = recalibration_line(Recalibration(images, 0.02, 0.01 if kept else 0.03, kept))
+    assert fragment in line and "\n" not in line

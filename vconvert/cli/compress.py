@@ -117,6 +117,8 @@ def reconstruct_layers(converted, original, batches: list, calib_data: Path, bit
 
 def recalibration_line(outcome: Recalibration) -> str:
     """What became of BatchNorm recalibration after reconstruction."""
+    if outcome.images == 0:
+        return "The model has no BatchNorm statistics to recalibrate."
     change = (
         f"output divergence from the original network {outcome.divergence_before:.4g} → {outcome.divergence_after:.4g}"
     )
