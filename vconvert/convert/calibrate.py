@@ -23,6 +23,27 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+class _LateProgress:
+    """A transient progress bar that appears only once the work has run for more than a few seconds."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.description, self.total = description, total
+        self.started = time.perf_counter()
+        self.bar: Progress | None = None
+
+    def update(self, completed: int) -> None:
+        if self.bar is None and time.perf_counter() - self.started > _PROGRESS_AFTER_S:
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task(self.description, total=self.total)
+            self.bar.start()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=completed)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_images: int = 2000) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them on up to ``max_images`` images.
@@ -39,13 +60,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
     momenta = {norm: norm.momentum for norm in norms}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     used = 0
-    progress: Progress | None = None
+    progress = _LateProgress("BatchNorm recalibration", max_images)
     try:
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None
         model.train()
-        start = time.perf_counter()
         for batch in batches:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             images = images[: max_images - used]
@@ -53,17 +73,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
                 break
             model(images.to(device))
             used += images.shape[0]
-            if progress is None and time.perf_counter() - start > _PROGRESS_AFTER_S:
-                progress = Progress(transient=True)
-                task = progress.add_task("BatchNorm recalibration", total=max_images)
-                progress.start()
-            if progress is not None:
-                progress.update(task, completed=used)
+            progress.update(used)
             if used >= max_images:
                 break
     finally:
-        if progress is not None:
-            progress.stop()
+        progress.stop()
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, training in flags.items():
@@ -72,7 +86,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
 
 
 @torch.no_grad()
-def output_divergence(model: nn.Module, original: nn.Module, batches: Iterable[Tensor]) -> float:
+def output_divergence(model: nn.Module, original: nn.Module, batches: Sequence[Tensor]) -> float:
     """Mean KL divergence of ``model``'s softmax outputs from ``original``'s over the images of ``batches`` (both
     in eval mode for the measurement; their modes are restored)."""
     from vconvert.convert.target_size import divergence
@@ -80,11 +94,14 @@ def output_divergence(model: nn.Module, original: nn.Module, batches: Iterable[T
     flags = {module: module.training for module in (*model.modules(), *original.modules())}
     model.eval(), original.eval()
     total, count = 0.0, 0
+    progress = _LateProgress("output divergence", sum(len(batch) for batch in batches))
     try:
         for batch in batches:
             total += divergence(original(batch), model(batch)) * len(batch)
             count += len(batch)
+            progress.update(count)
     finally:
+        progress.stop()
         for module, training in flags.items():
             module.train(training)
     return total / count if count else 0.0

@@ -115,7 +115,7 @@ def compress(
     with a per-output scale, as ``target_size``'s dense choice), which saves storage only below 8 bits: it needs
     a ``weight_bits`` of 2 to 7.
     """
-    dense = mode == "learned" and secondary == 1
+    dense = mode == "learned" and secondary == 1 and target_size is None  # a plan picks its own dense layers
     _check_weight_bits(weight_bits, dense, target_size)
     options = ConvOptions(mode, secondary, channel_window, channel_stride, mask_sharing, scale)
     base_options = _checked_options(DENSE if dense else options, init, skip)
