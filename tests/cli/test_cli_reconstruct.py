@@ -85,13 +85,7 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
         (("--calib-data", "IMAGES", "--reconstruct", "--calib-images", "0"), "--calib-images must be at least 1"),
         (("--calib-data", "MISSING", "--reconstruct"), "missing"),
         (("--calib-data", "EMPTY", "--reconstruct"), "empty"),
-        (
-            (
-                "--secondary",
-                "1",
-            ),
-            "--secondary 1 keeps every conv dense, which saves storage only below 8 bits",
-        ),
+        (("--secondary", "1"), "--secondary 1 keeps every conv dense, which saves storage only below 8 bits"),
         (("--secondary", "1", "--calib-data", "IMAGES", "--reconstruct", "--weight-bits", "8"), "below 8 bits"),
         (
             ("--calib-data", "IMAGES", "--target-size", "0.2", "--reconstruct", "--weight-bits", "4"),
