@@ -117,6 +117,6 @@ def test_the_measured_peer_step_reads_images_but_never_labels(tmp_path: Path, mo
                               calib_images=6)  # fmt: skip
     info = reconstruct.make_peer(args)
     assert info["images"] == 6 and "gptq" in info["algorithm"]
-    model = torch.load(module, weights_only=False)
+    model = torch.load(module, weights_only=False)  # the module this test's own child step just wrote
     assert {layer.weight_bits for _, layer in versatile_layers(model)} == {4}
     assert [name for name, _ in versatile_layers(model)] == pareto.quantizable_convs(resnet20())

@@ -86,24 +86,34 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], max_image
 
 
 @torch.no_grad()
-def output_divergence(model: nn.Module, original: nn.Module, batches: Sequence[Tensor]) -> float:
-    """Mean KL divergence of ``model``'s softmax outputs from ``original``'s over the images of ``batches`` (both
-    in eval mode for the measurement; their modes are restored)."""
-    from vconvert.convert.target_size import divergence
-
-    flags = {module: module.training for module in (*model.modules(), *original.modules())}
-    model.eval(), original.eval()
-    total, count = 0.0, 0
-    progress = _LateProgress("output divergence", sum(len(batch) for batch in batches))
+def outputs_of(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]:
+    """``model``'s outputs on each of ``batches``, run in eval mode (its modes are restored)."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    outputs: list[Tensor] = []
+    done = 0
+    progress = _LateProgress("model outputs", sum(len(batch) for batch in batches))
     try:
         for batch in batches:
-            total += divergence(original(batch), model(batch)) * len(batch)
-            count += len(batch)
-            progress.update(count)
+            outputs.append(model(batch))
+            done += len(batch)
+            progress.update(done)
     finally:
         progress.stop()
         for module, training in flags.items():
             module.train(training)
+    return outputs
+
+
+def output_divergence(model: nn.Module, original: nn.Module | Sequence[Tensor], batches: Sequence[Tensor]) -> float:
+    """Mean KL divergence of ``model``'s softmax outputs from ``original``'s over the images of ``batches``
+    (``original`` a network, or its outputs on ``batches`` from :func:`outputs_of`)."""
+    from vconvert.convert.target_size import divergence
+
+    reference = outputs_of(original, batches) if isinstance(original, nn.Module) else original
+    pairs = zip(reference, outputs_of(model, batches), strict=True)
+    total = sum(divergence(theirs, ours) * len(ours) for theirs, ours in pairs)
+    count = sum(len(batch) for batch in batches)
     return total / count if count else 0.0
 
 
@@ -128,9 +138,10 @@ def recalibrate_if_closer(
     on ~1,000 unaugmented images (docs/FIT.md §18)."""
     norms = batchnorm_layers(model)
     saved = [{key: value.clone() for key, value in norm.state_dict().items()} for norm in norms]
-    before = output_divergence(model, original, batches)
+    reference = outputs_of(original, batches)  # once for both measurements
+    before = output_divergence(model, reference, batches)
     used = recalibrate_batchnorm(model, batches, max_images=max_images)
-    after = output_divergence(model, original, batches)
+    after = output_divergence(model, reference, batches)
     kept = after < before
     if not kept:
         for norm, state in zip(norms, saved, strict=True):

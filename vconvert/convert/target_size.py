@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vconvert.convert.plan import DENSE, detached
+from vconvert.convert.plan import DENSE, detached, storage_of
 from vconvert.convert.replay import LayerReplay, values_bytes
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import initialise_from_weight
@@ -100,10 +100,8 @@ def choice_bits(conv: nn.Conv2d, choice: Choice, base: dict) -> int:
     float scale per output), sized on the meta device."""
     if choice.plain:
         return plain_int8_bits(conv)
-    layer = VersatileConv2d.shaped_like(conv, device="meta", **choice.options(base))
-    layer.weight_bits = choice.bits  # sizing only: no step is allocated on the meta device
     bias = conv.out_channels * FLOAT_BITS if conv.bias is not None else 0
-    return layer.stored_bits() - bias
+    return storage_of(conv, choice.options(base), choice.bits)[1] - bias
 
 
 def fp32_file_bits(model: nn.Module) -> int:
