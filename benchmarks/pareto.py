@@ -15,6 +15,8 @@ measures onnxruntime latency at batch 1 and 64 for all files side by side at the
   ``--compact`` (fp32) and ``--quantize int8 --compact``; s=4 also with ``--mask-sharing shared``;
 - the same fine-tuned at 4 bits (``finetune --weight-bits 4``), exported ``--quantize int8 --compact``
   (4-bit primaries, packed at 4 bits, widened to int8 in the graph);
+- ``compress --target-size R --reconstruct`` (per-layer plan, layers fitted to the original's outputs on 1,024
+  unlabeled training images), fine-tuned with the same budget and exported ``--quantize int8 --compact``;
 - quantization-aware peers with the same budget, loop, distillation and quantizer (one step per output
   channel): the dense network fine-tuned with 4-bit and with 3-bit weights, and torch-pruning 3x fine-tuned
   at 4 bits, each exported as int8 QDQ with 4-bit storage (3-bit values in 4-bit nibbles). Their convs are
@@ -74,6 +76,7 @@ from vconvert.errors import VConvertError
 
 ARCH = "sample_models.resnet_cifar:resnet20"
 CALIBRATION_IMAGES = 512
+RECONSTRUCT = ["--reconstruct", "--calib-images", "1024"]  # the planner rows' start: `compress --reconstruct`
 
 
 @dataclass
@@ -122,9 +125,13 @@ TRAININGS: dict[str, dict[str, Any]] = {  # trained in this order: the rows the 
     "s4-w2": {"compress": ["--mode", "learned", "--secondary", "4"], "finetune": ["--weight-bits", "2"]},
     "dense-w2": {"quantize": 2},
     "brevitas-w4": {"quantize": 4, "library": "brevitas"},  # the same convs, budget and loop; brevitas's quantizer
-    # compress --target-size: per conv dense or s=2/4 at 2-8 bits, planned on unlabeled images; the fine-tune
-    # keeps every layer's width and the export writes each at it
-    **{f"plan{size:g}": {"compress": ["--mode", "learned", "--target-size", f"{size:g}"]} for size in PLAN_SIZES},
+    # compress --target-size: per conv dense or s=2/4 at 2-8 bits, planned on unlabeled images and reconstructed
+    # on 1,024 of them (no labels) before the fine-tune, which keeps every layer's width; the export writes each
+    # at it
+    **{
+        f"plan{size:g}": {"compress": ["--mode", "learned", "--target-size", f"{size:g}", *RECONSTRUCT]}
+        for size in PLAN_SIZES
+    },
 }
 INT8 = ["--quantize", "int8", "--compact"]
 ROWS = [
