@@ -238,14 +238,18 @@ def test_project_ramp_starts_from_the_dense_weight_and_reaches_the_projection() 
 def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None:
     source = converted_checkpoint(tmp_path / "m.vc.pt")
     output = tmp_path / "ft.vc.pt"
-    history = finetune(source, output, FinetuneConfig(masks="flip", **QUICK))
+    start: list[float] = []
+    config = FinetuneConfig(masks="flip", **{**QUICK, "lr": 0.05})  # enough for random weights to beat chance
+    history = finetune(source, output, config, on_start=lambda top1, _: start.append(top1))
     assert [entry.epoch for entry in history] == [1, 2]
     lines = (tmp_path / "ft.metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     best = load_checkpoint(tmp_path / "ft.best.vc.pt")
     last = load_checkpoint(output)
     assert last.metadata.finetune["complete"] and last.metadata.data["source"] == "digits"
-    assert best.metadata.finetune["val_top1"] == max(entry.val_top1 for entry in history)
+    best_epoch = max(entry.val_top1 for entry in history)
+    assert best_epoch > start[0]  # random weights: training beats the start, and the best file holds that epoch
+    assert best.metadata.finetune["val_top1"] == best_epoch and best.metadata.finetune["epochs_done"] >= 1
     assert history[-1].train_loss < history[0].train_loss * 1.5
     # the default gradient clip never acts on a BatchNorm net (runs stay as they were before it existed)
     assert all(0 < entry.extra["grad_norm_max"] < FinetuneConfig().grad_clip for entry in history)
@@ -254,6 +258,44 @@ def test_finetune_on_digits_writes_last_best_and_metrics(tmp_path: Path) -> None
         k for k, v in last.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, original[k])
     ]
     assert any(name.endswith("primary") for name in changed), "primary filters must train"
+
+
+def _pretrained_digits_checkpoint(path: Path) -> Path:
+    """The shipped trained ResNet-20 on digits compressed with the defaults: a start worth keeping."""
+    from sample_models.resnet_cifar import resnet20
+    from vconvert import compress
+    from vconvert.io.metadata import CheckpointMetadata
+    from vconvert.io.untrusted import BaseSpec
+
+    weights = Path(__file__).resolve().parents[2] / "sample_models" / "weights"
+    record = json.loads((weights / "resnet20_digits.json").read_text())
+    teacher = resnet20(**record["arch_kwargs"]).eval()
+    teacher.load_state_dict(torch.load(weights / "resnet20_digits.pt", weights_only=True))
+    torch.manual_seed(0)
+    model, plan = compress(teacher, torch.randn(1, 1, 32, 32))
+    base = BaseSpec(record["arch"], record["arch_kwargs"], None, str(weights / "resnet20_digits.pt"))
+    preprocessing = {key: record["data"][key] for key in ("mean", "std", "input_size")}
+    save(path, model, plan, base, teacher, CheckpointMetadata(input_shape=[1, 1, 32, 32], preprocessing=preprocessing))
+    return path
+
+
+def test_a_run_that_only_loses_accuracy_leaves_the_start_as_its_best_file(tmp_path: Path) -> None:
+    source = _pretrained_digits_checkpoint(tmp_path / "r20.vc.pt")
+    output = tmp_path / "ft.vc.pt"
+    options = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--eval-limit", "96"]
+    result = CliRunner().invoke(app, ["finetune", str(source), "-o", str(output), *options, "--lr", "1.0"])
+    assert result.exit_code == 0, result.output + result.stderr
+    best, last = load_checkpoint(tmp_path / "ft.best.vc.pt"), load_checkpoint(output)
+    start = best.metadata.finetune["val_top1"]
+    assert f"start: val top-1 {start:.2f}%" in result.output and "holds the start" in result.output
+    assert best.metadata.finetune["epochs_done"] == 0 and last.metadata.finetune["val_top1"] < start - 50
+    assert last.metadata.finetune_state["start_top1"] == start  # a resumed run still compares against it
+    scores = {}  # the best file is the working start, the last one the wrecked model
+    for name in ("ft.best.vc.pt", "ft.vc.pt"):
+        evaluated = CliRunner().invoke(app, ["evaluate", str(tmp_path / name), "--data", "digits", "--json"])
+        assert evaluated.exit_code == 0, evaluated.output + evaluated.stderr
+        scores[name] = json.loads(evaluated.stdout)["top1"]
+    assert scores["ft.best.vc.pt"] > 90 > 50 > scores["ft.vc.pt"]
 
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -224,6 +225,14 @@ def finetune(
             )
             console.file.flush()  # a line per epoch also when stdout is a file or a pipe
 
+    start: list[float] = []  # the start's validation top-1
+
+    def on_start(top1: float, top5: float) -> None:
+        start.append(top1)
+        if not as_json and not math.isnan(top1):  # NaN: resuming a run written before starts were validated
+            console.print(f"start: val top-1 {top1:.2f}% (top-5 {top5:.2f}%): the .best.vc.pt until an epoch beats it")
+            console.file.flush()
+
     started = time.time()
     total = [epochs]  # a resumed run may take its recorded epoch count: the steps report it
 
@@ -235,7 +244,7 @@ def finetune(
         with progress:
             history = run_finetune(
                 file, output, config, trust=trust, resume=resume, typed_options=typed_options(context),
-                on_epoch=on_epoch, progress=on_training_step,
+                on_epoch=on_epoch, progress=on_training_step, on_start=on_start,
                 tensorboard=tensorboard,
             )  # fmt: skip
     except KeyboardInterrupt:
@@ -246,11 +255,17 @@ def finetune(
     if not main:
         return
     best = max(history, key=lambda entry: entry.val_top1)
+    start_top1 = start[0] if start and not math.isnan(start[0]) else None
     if as_json:
-        typer.echo(json.dumps({"output": str(output), "history": [vars(entry) for entry in history]}, indent=2))
-    else:
+        typer.echo(json.dumps({"output": str(output), "start_val_top1": start_top1,
+                               "history": [vars(entry) for entry in history]}, indent=2))  # fmt: skip
+    elif start_top1 is None or best.val_top1 > start_top1:
         console.print(f"wrote {output} (last epoch, val top-1 {history[-1].val_top1:.2f}%); best epoch {best.epoch} "
                       f"({best.val_top1:.2f}%) in its .best.vc.pt")  # fmt: skip
+    else:
+        console.print(f"wrote {output} (last epoch, val top-1 {history[-1].val_top1:.2f}%); no epoch beat the start "
+                      f"(val top-1 {start_top1:.2f}%, best epoch {best.epoch} {best.val_top1:.2f}%): its .best.vc.pt "
+                      "holds the start")  # fmt: skip
 
 
 def epoch_on_disk(output: Path, started: float, resumed: bool) -> int | None:

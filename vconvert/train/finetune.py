@@ -340,12 +340,16 @@ def finetune(
     typed_options: Collection[str] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    on_start: Callable[[float, float], None] | None = None,
     tensorboard: str | Path | None = None,
 ) -> list[EpochMetrics]:
     """Fine-tune the converted model of ``checkpoint_path`` and write ``output`` (last epoch, with
     resume state), ``<stem>.best.vc.pt`` (best validation top-1) and ``<stem>.metrics.jsonl``.
 
     ``progress(step, steps, info)`` is called during each epoch, ``on_epoch`` after it (rank 0 only).
+    The start is validated before the first step and written as the best file until an epoch beats it, so
+    ``<stem>.best.vc.pt`` is never below the model the run started from on the validation images;
+    ``on_start(top1, top5)`` (rank 0 only) receives that validation (the recorded one when resuming).
     With ``resume`` the run continues from ``output``'s last completed epoch and ends with the same
     weights as an uninterrupted run; it takes the options the run recorded, except those named in
     ``typed_options`` (None: all of ``config``), which must equal the recorded ones.
@@ -418,6 +422,18 @@ def finetune(
                use_bf16, channels_last, last_path)  # fmt: skip
     writer = _tensorboard(tensorboard) if tensorboard and env.main else None
     files = EpochFiles(last_path, best_path, metrics_path, source, spec, config, base_metadata)
+
+    if resume_state is None:
+        with torch.random.fork_rng(devices=[]):  # the training's random stream stays what it was without this
+            start_top1, start_top5 = batches.evaluate(evaluated)
+        best_top1 = start_top1
+        if env.main:
+            files.write_start(evaluated, teacher, start_top1, start_top5)
+    else:
+        start_top1, start_top5 = resume_state.get("start_top1", math.nan), resume_state.get("start_top5", math.nan)
+    files.start = (start_top1, start_top5)
+    if env.main and on_start:
+        on_start(start_top1, start_top5)
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()

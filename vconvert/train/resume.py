@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -137,7 +138,7 @@ def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoin
     optimiser, scheduler, masks and weights are checked against them when they exist)."""
     where = f"`resume`: {path}'s fine-tuning state"
     averaged = ("live_weights", "ema") if config.ema else ()
-    state = check_fields(value, where, RESUME_FIELDS + averaged)
+    state = check_fields(value, where, RESUME_FIELDS + averaged, ("start_top1", "start_top5"))  # optional: older runs
     recorded = {**asdict(FinetuneConfig()), **BEFORE_THE_OPTION, **check_mapping(state["config"], f"{where} config")}
     if recorded != asdict(config):
         raise BadInputError(
@@ -145,6 +146,9 @@ def _check_resume_state(value: object, config: FinetuneConfig, source: Checkpoin
         )
     epoch = check_int(state["epoch"], f"{where} epoch", 1, config.epochs)
     check_float(state["best_top1"], f"{where} best_top1")
+    for name in ("start_top1", "start_top5"):
+        if name in state:
+            check_float(state[name], f"{where} {name}", finite=False)
     history = state["history"]
     if not isinstance(history, list) or len(history) != epoch:
         raise BadInputError(f"{where} history must list the {epoch} epochs done: the file is damaged.")
@@ -234,6 +238,27 @@ class EpochFiles:
     spec: DataSpec
     config: FinetuneConfig
     base_metadata: CheckpointMetadata  # what the run carries from its source (CheckpointMetadata.carried)
+    start: tuple[float, float] = (math.nan, math.nan)  # the start's validation (top-1, top-5), kept for resuming
+
+    def write_start(self, student: nn.Module, teacher: nn.Module, top1: float, top5: float) -> None:
+        """The model the run starts from, validated, as the best file: an epoch replaces it only by beating it."""
+        snapshot, teacher = self._snapshots(student, teacher)
+        record = {"config": asdict(self.config), "epochs_done": 0, "complete": False, "val_top1": top1,
+                  "val_top5": top5}  # fmt: skip
+        save(self.best_path, snapshot, self.source.plan, self.source.base, teacher, self._metadata(record))
+
+    def _snapshots(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+        snapshot, teacher = (
+            copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
+        )
+        canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
+        drop_latent_weights_(snapshot)  # the project rule's training state travels in the resume state
+        return snapshot, teacher
+
+    def _metadata(self, record: dict) -> CheckpointMetadata:
+        spec = self.spec
+        preprocessing = {"mean": spec.mean, "std": spec.std, "input_size": spec.input_size}
+        return replace(self.base_metadata, data=spec.to_dict(), preprocessing=preprocessing, finetune=record)
 
     def write(
         self,
@@ -245,12 +270,8 @@ class EpochFiles:
         training: dict,
     ) -> None:
         """Write this epoch's files (``training``: the optimiser, schedule, mask and RNG state)."""
-        snapshot, teacher = (
-            copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
-        )
-        canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
-        drop_latent_weights_(snapshot)  # the project rule's training state travels in the resume state
-        config, spec, source = self.config, self.spec, self.source
+        snapshot, teacher = self._snapshots(student, teacher)
+        config, source = self.config, self.source
         record = {
             "config": asdict(config),
             "epochs_done": metrics.epoch,
@@ -258,13 +279,14 @@ class EpochFiles:
             "val_top1": metrics.val_top1,
             "val_top5": metrics.val_top5,
         }
-        preprocessing = {"mean": spec.mean, "std": spec.std, "input_size": spec.input_size}
-        metadata = replace(self.base_metadata, data=spec.to_dict(), preprocessing=preprocessing, finetune=record)
+        metadata = self._metadata(record)
         state = {
             **training,
             "config": asdict(config),
             "history": [asdict(entry) for entry in history],
             "best_top1": max(best_top1, metrics.val_top1),
+            "start_top1": self.start[0],
+            "start_top5": self.start[1],
             "base_metadata": self.base_metadata.to_dict(),
         }
         if metrics.val_top1 > best_top1:
