@@ -32,6 +32,7 @@ pick the same top-1 class: what the runtime's rounding leaves, next to what the 
     python benchmarks/pareto.py [--work DIR]            # 50,000 images, 15 epochs, 10,000 test images (hours on CPU)
            [--rows a,b] [--epochs E] [--train-limit N] [--eval-limit N] [--precision P] [--train-only]
            [--int8-target any|vnni]
+    python benchmarks/pareto.py --render RESULTS.json [--work DIR]   # only re-write its .md and .png
 
 Every int8 file (vconvert's, the INT8 PTQ and QAT peers alike) is written for ``--int8-target`` (default any:
 7-bit weights, exact on x86 CPUs without VNNI too; vnni: 8-bit weights, the tables before issue 28).
@@ -451,6 +452,13 @@ def write(record: dict[str, Any], stem: Path) -> None:
             f"| {row['top1']:.2f} | {row['delta_vs_dense']:+.2f} | {row.get('latency_b1_ratio', float('nan')):.2f} | "
             f"{row.get('latency_b64_ratio', float('nan')):.2f} | {row['macs'] / 1e6:.1f} M | {row['epochs']} |"
         )
+    planner = next((recipe for key, recipe in record.get("recipes", {}).items() if key.startswith("plan")), None)
+    if planner:
+        compress = planner["compress"]
+        options = ["S" if before == "--target-size" else option
+                   for before, option in zip(["", *compress], compress, strict=False)]  # fmt: skip
+        lines += ["", f"Planner rows: `vconvert compress ... {' '.join(options)}` (S: the row's size), "
+                      "then the same fine-tune as every trained row."]  # fmt: skip
     lines += ["", *record.get("verdicts", [])]
     checked = [row for row in rows if "kernels_vs_qdq_reference" in row]
     if checked:
@@ -570,9 +578,9 @@ def planner_verdicts(rows: list[dict[str, Any]]) -> list[str]:
                          "small.")  # fmt: skip
             continue
         margin = row["top1"] - best["top1"]
-        word = ("at least as accurate as" if margin >= TIE else "within 0.15 of (seeds decide)" if margin > -TIE
-                else "LOSES to")  # fmt: skip
-        lines.append(f"- {row['artifact']} ({row['file_ratio']:.3f}x, {row['top1']:.2f}%) is {word} the best other "
+        word = ("is at least as accurate as" if margin >= TIE else "is within 0.15 of (seeds decide)"
+                if margin > -TIE else "LOSES to")  # fmt: skip
+        lines.append(f"- {row['artifact']} ({row['file_ratio']:.3f}x, {row['top1']:.2f}%) {word} the best other "
                      f"row of the same or smaller file, {best['artifact']} ({best['file_ratio']:.3f}x, "
                      f"{best['top1']:.2f}%): {margin:+.2f}.")  # fmt: skip
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -613,7 +621,12 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="results stem (default pareto_cifar10[_quick])")
     parser.add_argument("--int8-target", default="any", choices=("any", "vnni"),
                         help="every int8 file: any (7-bit weights, exact on every CPU) or vnni (8-bit)")  # fmt: skip
+    parser.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json (recipes "
+                        "it lacks from --work's option stamps)")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        render(args.render, args.work)
+        return
     quick = args.quick
     budget = Budget(args.epochs or (2 if quick else 15), args.train_limit or (2000 if quick else None),
                     args.batch_size, args.lr, args.precision, args.seed)  # fmt: skip
@@ -625,6 +638,19 @@ def main() -> None:
         args.work = args.work or Path(scratch)
         args.work.mkdir(parents=True, exist_ok=True)
         run_all(args, budget, eval_limit, stem, chosen, quick)
+
+
+def render(results: Path, work: Path | None) -> None:
+    """Re-write a finished run's report from its JSON: verdicts recomputed, recipes read from the work folder's
+    option stamps where the record predates them."""
+    record = json.loads(results.read_text())
+    if work is not None and "recipes" not in record:
+        stamps = {key: work / f"{key}.options.json" for key in record["trainings"]}
+        record["recipes"] = {key: json.loads(path.read_text())["recipe"]["training"] for key, path in stamps.items()
+                             if path.exists()}  # fmt: skip
+    if record.get("complete"):
+        record["verdicts"] = verdicts(record["rows"])
+    write(record, results.with_suffix(""))
 
 
 def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Path, chosen: list[Row],
@@ -655,6 +681,7 @@ def run_all(args: argparse.Namespace, budget: Budget, eval_limit: int, stem: Pat
         "rows": [],
     }  # fmt: skip
     for key in [key for key in TRAININGS if any(row.train == key for row in chosen)]:
+        record.setdefault("recipes", {})[key] = TRAININGS[key]
         try:
             record["trainings"][key] = train(key, budget, args, run)
         except RuntimeError as error:  # a refused compress (a size out of reach) is a result too: its rows go
