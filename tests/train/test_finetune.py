@@ -371,14 +371,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     source = converted_checkpoint(tmp_path / "m.vc.pt")
     output = tmp_path / "ft.vc.pt"
     finetune(source, output, FinetuneConfig(**{**QUICK, "epochs": 1}))
-    good = output.read_bytes()
+    good, good_best = output.read_bytes(), (tmp_path / "ft.best.vc.pt").read_bytes()
     broken = load_checkpoint(source)
     with torch.no_grad():
         broken.model.fc.weight.fill_(3e38)  # finite (a NaN weight is refused on loading), but the logits overflow
     save(tmp_path / "broken.vc.pt", broken.model, broken.plan, broken.base, broken.teacher, broken.metadata)
     with pytest.raises(CheckFailedError, match=r"loss became (nan|inf)") as stopped:
         finetune(tmp_path / "broken.vc.pt", output, FinetuneConfig(**{**QUICK, "recalibrate_images": 0}))
-    assert output.read_bytes() == good
+    assert output.read_bytes() == good and (tmp_path / "ft.best.vc.pt").read_bytes() == good_best  # start held
     assert "before its first epoch ended, so no epoch was written; nothing on disk changed" in str(stopped.value)
     assert "with a lower `lr` (e.g. 0.001, a tenth of 0.01)" in str(stopped.value)
 

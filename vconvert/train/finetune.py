@@ -347,8 +347,9 @@ def finetune(
     resume state), ``<stem>.best.vc.pt`` (best validation top-1) and ``<stem>.metrics.jsonl``.
 
     ``progress(step, steps, info)`` is called during each epoch, ``on_epoch`` after it (rank 0 only).
-    The start is validated before the first step and written as the best file until an epoch beats it, so
-    ``<stem>.best.vc.pt`` is never below the model the run started from on the validation images;
+    The start is validated before the first step and is the best file until an epoch beats it, so
+    ``<stem>.best.vc.pt`` is never below the model the run started from on the validation images (it is written
+    with the first epoch's files: nothing is written before an epoch ends);
     ``on_start(top1, top5)`` (rank 0 only) receives that validation (the recorded one when resuming).
     With ``resume`` the run continues from ``output``'s last completed epoch and ends with the same
     weights as an uninterrupted run; it takes the options the run recorded, except those named in
@@ -428,10 +429,10 @@ def finetune(
             start_top1, start_top5 = batches.evaluate(evaluated)
         best_top1 = start_top1
         if env.main:
-            files.write_start(evaluated, teacher, start_top1, start_top5)
+            files.keep_start(evaluated, start_top1, start_top5)
     else:
         start_top1, start_top5 = resume_state.get("start_top1", math.nan), resume_state.get("start_top5", math.nan)
-    files.start = (start_top1, start_top5)
+        files.start = (start_top1, start_top5)
     if env.main and on_start:
         on_start(start_top1, start_top5)
 

@@ -226,6 +226,15 @@ def restore_training_state(
     return [EpochMetrics(**entry) for entry in state["history"]], state["best_top1"], state["epoch"]
 
 
+def _snapshot(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` as files hold it: canonical masks, no latent weights (the project rule's training
+    state travels in the resume state)."""
+    snapshot = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+    canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
+    drop_latent_weights_(snapshot)
+    return snapshot
+
+
 @dataclass
 class EpochFiles:
     """The files a run writes after each epoch: the last checkpoint (with resume state), the best one when
@@ -239,21 +248,17 @@ class EpochFiles:
     config: FinetuneConfig
     base_metadata: CheckpointMetadata  # what the run carries from its source (CheckpointMetadata.carried)
     start: tuple[float, float] = (math.nan, math.nan)  # the start's validation (top-1, top-5), kept for resuming
+    _start_model: nn.Module | None = None  # held until the first epoch's files are written
 
-    def write_start(self, student: nn.Module, teacher: nn.Module, top1: float, top5: float) -> None:
-        """The model the run starts from, validated, as the best file: an epoch replaces it only by beating it."""
-        snapshot, teacher = self._snapshots(student, teacher)
-        record = {"config": asdict(self.config), "epochs_done": 0, "complete": False, "val_top1": top1,
-                  "val_top5": top5}  # fmt: skip
-        save(self.best_path, snapshot, self.source.plan, self.source.base, teacher, self._metadata(record))
+    def keep_start(self, student: nn.Module, top1: float, top5: float) -> None:
+        """Hold the model the run starts from, validated: the first epoch writes it as the best file unless that
+        epoch beats it (nothing is written before an epoch ends)."""
+        self.start = (top1, top5)
+        self._start_model = _snapshot(student)
 
-    def _snapshots(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
-        snapshot, teacher = (
-            copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format) for model in (student, teacher)
-        )
-        canonicalise_masks_(snapshot)  # threshold 0.5 / proxies 0.75, 0.25 whatever the training rule
-        drop_latent_weights_(snapshot)  # the project rule's training state travels in the resume state
-        return snapshot, teacher
+    def _start_record(self) -> dict:
+        return {"config": asdict(self.config), "epochs_done": 0, "complete": False, "val_top1": self.start[0],
+                "val_top5": self.start[1]}  # fmt: skip
 
     def _metadata(self, record: dict) -> CheckpointMetadata:
         spec = self.spec
@@ -270,7 +275,7 @@ class EpochFiles:
         training: dict,
     ) -> None:
         """Write this epoch's files (``training``: the optimiser, schedule, mask and RNG state)."""
-        snapshot, teacher = self._snapshots(student, teacher)
+        snapshot, teacher = _snapshot(student), _snapshot(teacher)
         config, source = self.config, self.source
         record = {
             "config": asdict(config),
@@ -291,6 +296,10 @@ class EpochFiles:
         }
         if metrics.val_top1 > best_top1:
             save(self.best_path, snapshot, source.plan, source.base, teacher, metadata)
+        elif self._start_model is not None:  # the first epoch did not beat the start: the start is the best file
+            save(self.best_path, self._start_model, source.plan, source.base, teacher,
+                 self._metadata(self._start_record()))  # fmt: skip
+        self._start_model = None
         save(self.last_path, snapshot, source.plan, source.base, teacher, replace(metadata, finetune_state=state))
         lines = "".join(json.dumps(asdict(entry)) + "\n" for entry in history)
         atomic_write_bytes(lines.encode(), self.metrics_path)
