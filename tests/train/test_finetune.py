@@ -180,11 +180,20 @@ def test_finetune_from_a_reconstructed_file_starts_from_its_reconstruction(tmp_p
     save(reconstructed, checkpoint.model, checkpoint.plan, checkpoint.base, checkpoint.teacher, checkpoint.metadata)
     start = {name: layer.dense_weight().detach() for name, layer in load_checkpoint(reconstructed).model.named_modules()
              if isinstance(layer, VersatileConv2d)}  # fmt: skip
-    options = {**QUICK, "epochs": 1, "lr": 0.0, "recalibrate_images": 0, "bn_mode": "frozen", "masks": "project"}
+    statistics = {name: buffer.clone() for name, buffer in load_checkpoint(reconstructed).model.named_buffers()
+                  if "running_" in name}  # fmt: skip
+    # the default --recalibrate-images: a reconstructed file keeps the BatchNorm statistics compress chose
+    options = {**QUICK, "epochs": 1, "lr": 0.0, "bn_mode": "frozen", "masks": "project"}
     finetune(reconstructed, tmp_path / "ft.vc.pt", FinetuneConfig(**options))
     trained = load_checkpoint(tmp_path / "ft.vc.pt").model
     for name, weight in start.items():  # no step was taken: every layer is where the reconstruction left it
         torch.testing.assert_close(trained.get_submodule(name).dense_weight().detach(), weight, msg=name)
+    for name, buffer in statistics.items():
+        torch.testing.assert_close(trained.get_buffer(name), buffer, msg=name)
+    finetune(source, tmp_path / "df.vc.pt", FinetuneConfig(**options))  # a data-free start is recalibrated
+    recalibrated = load_checkpoint(tmp_path / "df.vc.pt").model
+    assert any(not torch.equal(recalibrated.get_buffer(name), buffer) for name, buffer in statistics.items()
+               if name.endswith("running_var"))  # fmt: skip
 
 
 @pytest.mark.parametrize(("images", "batch", "steps"), [(128, 8, 16), (128, 32, 4), (128, 128, 1), (128, 256, 1),

@@ -113,7 +113,11 @@ def finetune(
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature.")] = 4.0,
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the KD term.")] = 0.7,
     recalibrate_images: Annotated[
-        int, typer.Option("--recalibrate-images", help="BN recalibration images before epoch 1 (0: off).")
+        int,
+        typer.Option(
+            "--recalibrate-images",
+            help="BN recalibration images before epoch 1 (0: off; a reconstructed or fine-tuned file keeps its own).",
+        ),
     ] = 2000,
     bn_mode: Annotated[
         str, typer.Option("--bn-mode", help="train | frozen (BN statistics fixed after recalibration).")

@@ -2,8 +2,8 @@
 
 Loss = (1-w)·CE + w·T²·KL(student/T ‖ teacher/T) + λ·L_ortho (masks that learn: the penalty is a
 function of the masks alone, so it has no gradient when they are frozen).
-SGD with Nesterov momentum, cosine schedule with linear warm-up, BatchNorm recalibration before the
-first epoch, mask updates by one of the strategies of ``vconvert.train.masks``. Each epoch writes
+SGD with Nesterov momentum, cosine schedule with linear warm-up, BatchNorm recalibration before the first
+epoch (of a data-free start only), mask updates by one of the strategies of ``vconvert.train.masks``. Each epoch writes
 the last checkpoint (with everything needed to resume exactly) and the best one, atomically.
 Under ``torchrun`` the student runs in DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0
 alone logs and writes.
@@ -397,7 +397,7 @@ def finetune(
         history, best_top1, start_epoch = restore_training_state(
             resume_state, last_path, student, masks, optimiser, scheduler
         )
-    elif config.recalibrate_images > 0:
+    elif config.recalibrate_images > 0 and not moved:  # a reconstructed or fine-tuned file keeps its statistics
         _recalibrate(student, config, spec, env.device)
 
     channels_last = uses_channels_last(env.device, spec)
