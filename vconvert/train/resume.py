@@ -256,12 +256,11 @@ class EpochFiles:
         self.start = (top1, top5)
         self._start_model = _snapshot(student)
 
-    def _start_record(self) -> dict:
-        return {"config": asdict(self.config), "epochs_done": 0, "complete": False, "val_top1": self.start[0],
-                "val_top5": self.start[1]}  # fmt: skip
-
-    def _metadata(self, record: dict) -> CheckpointMetadata:
-        spec = self.spec
+    def _metadata(self, epochs_done: int, top1: float, top5: float) -> CheckpointMetadata:
+        """The metadata of a file holding the model after ``epochs_done`` epochs (0: the start)."""
+        spec, config = self.spec, self.config
+        record = {"config": asdict(config), "epochs_done": epochs_done, "complete": epochs_done == config.epochs,
+                  "val_top1": top1, "val_top5": top5}  # fmt: skip
         preprocessing = {"mean": spec.mean, "std": spec.std, "input_size": spec.input_size}
         return replace(self.base_metadata, data=spec.to_dict(), preprocessing=preprocessing, finetune=record)
 
@@ -277,14 +276,7 @@ class EpochFiles:
         """Write this epoch's files (``training``: the optimiser, schedule, mask and RNG state)."""
         snapshot, teacher = _snapshot(student), _snapshot(teacher)
         config, source = self.config, self.source
-        record = {
-            "config": asdict(config),
-            "epochs_done": metrics.epoch,
-            "complete": metrics.epoch == config.epochs,
-            "val_top1": metrics.val_top1,
-            "val_top5": metrics.val_top5,
-        }
-        metadata = self._metadata(record)
+        metadata = self._metadata(metrics.epoch, metrics.val_top1, metrics.val_top5)
         state = {
             **training,
             "config": asdict(config),
@@ -297,8 +289,7 @@ class EpochFiles:
         if metrics.val_top1 > best_top1:
             save(self.best_path, snapshot, source.plan, source.base, teacher, metadata)
         elif self._start_model is not None:  # the first epoch did not beat the start: the start is the best file
-            save(self.best_path, self._start_model, source.plan, source.base, teacher,
-                 self._metadata(self._start_record()))  # fmt: skip
+            save(self.best_path, self._start_model, source.plan, source.base, teacher, self._metadata(0, *self.start))
         self._start_model = None
         save(self.last_path, snapshot, source.plan, source.base, teacher, replace(metadata, finetune_state=state))
         lines = "".join(json.dumps(asdict(entry)) + "\n" for entry in history)
