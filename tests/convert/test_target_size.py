@@ -17,6 +17,7 @@ from sample_models.resnet_cifar import resnet8
 from vconvert.convert.compress import compress
 from vconvert.convert.target_size import (
     FP32_GRAPH_BITS_PER_CONV,
+    FP32_GRAPH_BITS_PER_FILE,
     Candidate,
     Choice,
     choice_bits,
@@ -113,7 +114,7 @@ def test_the_fp32_size_counts_every_conv_and_linear_weight_a_bias_per_output_and
             expected, convs = expected + module.weight.numel() + module.out_channels, convs + 1
         elif isinstance(module, nn.Linear):
             expected += module.weight.numel() + module.bias.numel()
-    assert fp32_file_bits(model) == 32 * expected + convs * FP32_GRAPH_BITS_PER_CONV
+    assert fp32_file_bits(model) == 32 * expected + convs * FP32_GRAPH_BITS_PER_CONV + FP32_GRAPH_BITS_PER_FILE
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def planned() -> tuple[nn.Module, nn.Module, object]:
 def test_a_plan_for_a_size_fits_it_and_gives_every_planned_conv_a_width(planned) -> None:
     teacher, model, plan = planned
     assert plan.target_size == 0.1 and "--target-size 0.1" in plan.choice_note
-    ratio = float(plan.choice_note.split("planned int8 weights ")[1].split("x")[0])
+    ratio = float(plan.choice_note.split("planned int8 file ")[1].split("x")[0])
     assert ratio <= 0.1
     widths = layer_widths(model)
     for decision in plan.layers:
@@ -175,6 +176,27 @@ def test_a_planned_checkpoint_exports_each_layer_at_its_width(planned, tmp_path:
     info = report.quantization
     expected = {name: min(width or 8, 7) for name, width in layer_widths(model).items()}  # int8 target any: 7 bits
     assert info["layer_weight_bits"] == expected and info["compact_equals_dense"]
+
+
+@pytest.mark.parametrize("size", [0.07, 0.12], ids=lambda size: f"target{size}")
+def test_the_exported_int8_file_is_the_asked_size_of_the_fp32_file(size: float, tmp_path: Path) -> None:
+    from vconvert.export.pipeline import export
+
+    torch.manual_seed(0)
+    teacher = resnet8().eval()
+    for module in teacher.modules():  # folded biases that are not zero, as in a trained network
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.normal_(0, 0.1)
+    images = [torch.randn(8, 3, 32, 32)]
+    model, plan = compress(teacher, images[0][:1], target_size=size, calibration=images)
+    export(teacher, tmp_path / "fp32.onnx", input_shape=[1, 3, 32, 32], measure=False)
+    export(model, tmp_path / "int8.onnx", input_shape=[1, 3, 32, 32], quantize="int8", compact=True,
+           calibration=images, measure=False, min_agreement=0.0)  # fmt: skip
+    ratio = (tmp_path / "int8.onnx").stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    planned = float(plan.choice_note.split("planned int8 file ")[1].split("x")[0])
+    assert ratio == pytest.approx(planned, rel=0.03) and ratio <= size * 1.02, (ratio, planned)
 
 
 def test_a_damaged_width_in_a_plan_is_refused(planned, tmp_path: Path) -> None:

@@ -40,11 +40,15 @@ FLOAT_BITS = 32
 PER_OUTPUT_BITS = FLOAT_BITS  # the int8 file's weight scale (or folded BN and bias) per output channel
 RESOLUTION = 1000  # the knapsack rounds bits to budget / RESOLUTION
 RECORDED_BYTES = 1 << 30  # activations kept per batch while measuring (a batch of ResNet-20 at 32x32: ~2.5 MB an image)
-# What a file holds per conv besides its weights (nodes, names, Q/DQ scales and zero points, int32 biases, the
-# primary index at a whole int8), measured on the shared ResNet-20's files (21 convs): fp32 1,097,532 B against
-# 1,086,760 B of weights; int8 compact s=2 at 4 and 7 bits 17,375 and 17,561 B above their planned weights.
-FP32_GRAPH_BITS_PER_CONV = 510 * 8
-INT8_GRAPH_BITS_PER_CONV = 830 * 8
+# What a file holds besides its weights (nodes, names, metadata, Q/DQ scales and zero points, int32 biases, the
+# primary index at a whole int8): a constant per file and one per conv, fitted by least squares on exported files
+# (docs/NOTES.md session 20): fp32 resnet8 and ResNet-20 (5,029 and 10,772 B above their weights); int8 25 files
+# of resnet8 and ResNet-20 plans at 0.06-0.20x and fixed s=2/s=4 rows, the sizes within 1,150 B (at most 1.4 % of
+# a file) of the fit. A plain int8 conv costs the least, a packed dense one unpacks its integers, a versatile one
+# also expands its masks, shared masks in a graph of their own.
+FP32_GRAPH_BITS_PER_FILE, FP32_GRAPH_BITS_PER_CONV = 720 * 8, 480 * 8
+INT8_GRAPH_BITS_PER_FILE = 3000 * 8
+INT8_GRAPH_BITS = {"plain": 440 * 8, "dense": 830 * 8, "per-filter": 750 * 8, "shared": 990 * 8}
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,15 @@ class Choice:
     def plain(self) -> bool:
         """A plain Conv2d left to the int8 export (dense at 8 bits)."""
         return self.secondary == 1 and self.bits == INT8
+
+    @property
+    def graph_bits(self) -> int:
+        """What the int8 file holds for a conv stored this way besides its weights (:data:`INT8_GRAPH_BITS`)."""
+        if self.plain:
+            return INT8_GRAPH_BITS["plain"]
+        if self.secondary == 1:
+            return INT8_GRAPH_BITS["dense"]
+        return INT8_GRAPH_BITS["shared" if self.shared else "per-filter"]
 
     @property
     def weight_bits(self) -> int | None:
@@ -81,7 +94,8 @@ class Choice:
 
 @dataclass
 class Candidate:
-    """A choice for one conv, with the bits it stores and how much it alone changes the network's output."""
+    """A choice for one conv, with the bits the int8 file spends on it (weights and graph) and how much it alone
+    changes the network's output."""
 
     choice: Choice
     bits: int
@@ -106,8 +120,9 @@ def choice_bits(conv: nn.Conv2d, choice: Choice, base: dict) -> int:
 
 def fp32_file_bits(model: nn.Module) -> int:
     """Bits of the fp32 ONNX file: every conv and Linear weight and bias in float32, a conv without a bias getting
-    one per output channel (BatchNorm folds into it), and :data:`FP32_GRAPH_BITS_PER_CONV` per conv."""
-    total = 0
+    one per output channel (BatchNorm folds into it), and the graph (:data:`FP32_GRAPH_BITS_PER_CONV` per conv and
+    :data:`FP32_GRAPH_BITS_PER_FILE`)."""
+    total = FP32_GRAPH_BITS_PER_FILE
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             total += (module.weight.numel() + module.out_channels) * FLOAT_BITS + FP32_GRAPH_BITS_PER_CONV
@@ -117,16 +132,17 @@ def fp32_file_bits(model: nn.Module) -> int:
 
 
 def fixed_int8_bits(model: nn.Module, planned: Sequence[str]) -> int:
-    """Bits of what the plan does not choose: Linear weights at 8 bits with float biases, a float bias and
-    :data:`INT8_GRAPH_BITS_PER_CONV` per conv, and convs outside ``planned`` as plain int8."""
-    total = 0
+    """Bits of what the plan does not choose: Linear weights at 8 bits with float biases, a float bias per conv
+    output, convs outside ``planned`` as plain int8 with their graph (a planned conv's graph is its choice's,
+    :attr:`Choice.graph_bits`), and :data:`INT8_GRAPH_BITS_PER_FILE`."""
+    total = INT8_GRAPH_BITS_PER_FILE
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() * INT8 + (module.out_features * FLOAT_BITS if module.bias is not None else 0)
         elif isinstance(module, nn.Conv2d):
-            total += module.out_channels * FLOAT_BITS + INT8_GRAPH_BITS_PER_CONV
+            total += module.out_channels * FLOAT_BITS
             if name not in planned:
-                total += plain_int8_bits(module)
+                total += plain_int8_bits(module) + INT8_GRAPH_BITS["plain"]
     return total
 
 
@@ -168,13 +184,13 @@ def _stored_form(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: 
 
 
 def _sized_choices(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> list[tuple[Choice, int]]:
-    """Every choice ``conv``'s shape takes with its bits."""
+    """Every choice ``conv``'s shape takes with the bits the int8 file spends on it (weights and graph)."""
     sized = []
     for secondary in secondaries:
         shared = [Choice(secondary, bits, shared=True) for bits in SHARED_BIT_CHOICES if secondary in SHARED_SECONDARY]
         for choice in [*(Choice(secondary, bits) for bits in BIT_CHOICES), *shared]:
             try:
-                sized.append((choice, choice_bits(conv, choice, base)))
+                sized.append((choice, choice_bits(conv, choice, base) + choice.graph_bits))
             except ValueError:  # the shape cannot take that many secondaries
                 continue
     return sized
@@ -327,7 +343,7 @@ class SizePlan:
 
     @property
     def size_ratio(self) -> float:
-        """The int8 file's weights over the fp32 file's, as planned."""
+        """The int8 file's size over the fp32 file's, as planned (weights and graph)."""
         return self.int8_bits / self.fp32_bits
 
     def note(self) -> str:
@@ -336,8 +352,8 @@ class SizePlan:
             counts[candidate.choice.label()] = counts.get(candidate.choice.label(), 0) + 1
         mix = ", ".join(f"{count}x {label}" for label, count in sorted(counts.items()))
         return (
-            f"--target-size {self.target_size:g}: {mix}; planned int8 weights {self.size_ratio:.3f}x of the fp32 "
-            f"file's (the {self.search} of the least output divergence on the calibration images)"
+            f"--target-size {self.target_size:g}: {mix}; planned int8 file {self.size_ratio:.3f}x of the fp32 "
+            f"file (the {self.search} of the least output divergence on the calibration images)"
         )
 
 
@@ -372,7 +388,7 @@ def plan_for_size(
             f"`target_size` {target_size:g} is out of reach: the smallest plan (every conv at its fewest bits) is "
             f"{smallest / fp32:.3f}x of the fp32 file; ask for more."
         )
-    plain = fixed + sum(plain_int8_bits(conv) for conv in convs.values())
+    plain = fixed + sum(plain_int8_bits(conv) + INT8_GRAPH_BITS["plain"] for conv in convs.values())
     if plain <= target_size * fp32:
         raise BadInputError(
             f"`target_size` {target_size:g} is no smaller than the plain int8 file ({plain / fp32:.3f}x): export with "
