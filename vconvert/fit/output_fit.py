@@ -18,7 +18,9 @@ from torch import Tensor
 
 from vconvert.nn.quantize import largest_level
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # step = ratio · max|P_p| / Q, best one kept
+# step = ratio · max|P_p| / Q, the best one kept. Down to 0.15: at 2-3 bits a primary with one large element
+# otherwise rounds all its others to zero (docs/NOTES.md session 20: the 0.06x plan's start 28 % -> 70 %)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15)
 _SYSTEM_BYTES = 1 << 27  # float64 K x K systems built at once (chunked over primaries)
 EXACT_LIMIT = 1152  # K = c·kh·kw above which primaries are solved by conjugate gradients, not factorisations
 CG_ITERATIONS = 30
