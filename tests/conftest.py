@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import socket_guard
+from torch import nn
 
 from vconvert.io.metadata import CheckpointMetadata
 
@@ -170,3 +171,14 @@ def noise_image_folder(root: Path, size: tuple[int, int] = (32, 32)) -> Path:
                 pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{index}.png")
     return root
+
+
+def perturb_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with random BatchNorm statistics and biases (global RNG), so folded biases are not zero, as in a
+    trained network."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.normal_(0, 0.1)
+    return model

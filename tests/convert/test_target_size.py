@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RESNET8_ARCH, assert_one_sentence_error, invoke, noise_image_folder
+from conftest import RESNET8_ARCH, assert_one_sentence_error, invoke, noise_image_folder, perturb_batchnorm
 from torch import nn
 
 from sample_models.resnet_cifar import resnet8
@@ -183,12 +183,7 @@ def test_the_exported_int8_file_is_the_asked_size_of_the_fp32_file(size: float, 
     from vconvert.export.pipeline import export
 
     torch.manual_seed(0)
-    teacher = resnet8().eval()
-    for module in teacher.modules():  # folded biases that are not zero, as in a trained network
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.bias.data.normal_(0, 0.1)
+    teacher = perturb_batchnorm(resnet8().eval())
     images = [torch.randn(8, 3, 32, 32)]
     model, plan = compress(teacher, images[0][:1], target_size=size, calibration=images)
     export(teacher, tmp_path / "fp32.onnx", input_shape=[1, 3, 32, 32], measure=False)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import assert_one_sentence_error, compress_resnet8, invoke
+from conftest import assert_one_sentence_error, compress_resnet8, invoke, perturb_batchnorm
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -109,12 +109,7 @@ def test_int8_subgraph_computes_the_reference_decoder_in_onnxruntime(options: di
 def _converted_resnet8(options: dict) -> tuple[nn.Module, int]:
     """resnet8 with perturbed BatchNorm (so folded biases are not zero), converted with ``options``."""
     torch.manual_seed(0)
-    base = resnet8().eval()
-    for module in base.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.bias.data.normal_(0, 0.1)
+    base = perturb_batchnorm(resnet8().eval())
     model, plan = compress(base, torch.randn(1, 3, 32, 32), init="naive", **options)
     return model.eval(), len(plan.converted)
 
