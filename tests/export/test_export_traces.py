@@ -76,4 +76,5 @@ def test_exported_file_has_no_trace_of_the_machine(
     model = onnx.load_from_string(data)
     assert all(not node.metadata_props and not node.doc_string for node in model.graph.node)
     assert not model.graph.value_info and not model.doc_string
+    assert not model.graph.metadata_props, "torch.export's graph signature (a line per parameter) is stripped"
     assert {prop.key.split(".")[0] for prop in model.metadata_props} == {"vconvert"}

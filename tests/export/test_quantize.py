@@ -149,6 +149,7 @@ def test_compact_int8_runs_every_converted_conv_as_qlinearconv(mode: str, tmp_pa
     assert rebuild | {"Gather", "QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in stored.graph.node}
     props = {p.key: p.value for p in stored.metadata_props}
     assert props["vconvert.format"] == "compact" and json.loads(props["vconvert.quantization"])["type"] == "int8"
+    assert all(key.startswith("vconvert.") for key in props) and not stored.graph.metadata_props
     rows = {row["model"]: row for row in report.table}
     assert rows["exported"]["file_bytes"] < rows["int8 dense"]["file_bytes"] < rows["dense fold"]["file_bytes"] / 2.5
     assert rows["exported"]["bits_per_weight"] < 7 < rows["int8 dense"]["bits_per_weight"] < 9

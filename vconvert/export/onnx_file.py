@@ -160,7 +160,8 @@ def strip_export_traces(model: onnx.ModelProto) -> None:
 
     The exporter annotates every node with debugging metadata (stack traces with absolute paths, FX
     node text, the class hierarchy, rewrite-rule names) and keeps intermediate ``value_info``; none of
-    it is needed to run the model. Model-level ``metadata_props`` keep vconvert's own keys only.
+    it is needed to run the model. Model-level ``metadata_props`` keep vconvert's own keys only; graph-level
+    ones (torch.export's graph signature: a line per parameter, ~3 KB for a ResNet-20) go.
     """
     model.doc_string = ""
     kept = [(prop.key, prop.value) for prop in model.metadata_props if prop.key.startswith("vconvert.")]
@@ -178,6 +179,7 @@ def strip_export_traces(model: onnx.ModelProto) -> None:
     for graph in graphs:
         graph.doc_string = ""
         del graph.value_info[:]
+        del graph.metadata_props[:]
         for value in [*graph.input, *graph.output]:
             value.doc_string = ""
             del value.metadata_props[:]
