@@ -22,8 +22,11 @@ from vconvert.errors import CheckFailedError
 from vconvert.evaluate import evaluate_file
 from vconvert.export.compact import encode_layer
 from vconvert.export.fold import prepare_for_export
+from vconvert.export.int8_weights import zero_outputs
 from vconvert.export.pipeline import export
+from vconvert.export.qdq_graph import beyond_int32, bias_fitting_scale, check_int32_biases
 from vconvert.export.quantize import (
+    ZeroedOutputsWarning,
     decode_int8_layer,
     encode_int8_layer,
     int8_layer_subgraph,
@@ -86,6 +89,42 @@ def test_int8_encoding_decodes_to_sign_mask_times_int8_primary(options: dict) ->
     assert not decode_int8_layer(encoded)[5].any()
     # what the compact file stores is smaller than the dense int8 weight
     assert encoded.nbytes() < 0.8 * expected.numel()
+
+
+@pytest.mark.parametrize("options", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("has_zero", [False, True], ids=["appends-zero-primary", "reuses-zero-primary"])
+def test_zeroed_outputs_decode_to_zero_and_leave_every_other_output(options: dict, has_zero: bool) -> None:
+    layer, bn_scale = _layer(options)
+    if not has_zero:
+        bn_scale[5] = 0.7
+    encoded = encode_int8_layer(encode_layer(layer, bn_scale))
+    outputs = np.isin(np.arange(24), [2, 17])
+    fitted = zero_outputs(encoded, outputs, np.full(24, 3.0, dtype=np.float32))
+    before, after = decode_int8_layer(encoded), decode_int8_layer(fitted)
+    assert not after[outputs].any() and np.array_equal(after[~outputs], before[~outputs])
+    assert np.array_equal(fitted.weight_scale, np.where(outputs, 3.0, encoded.weight_scale).astype(np.float32))
+    assert len(fitted.structure.primary) == len(encoded.structure.primary) + (not has_zero)
+
+
+def test_a_bias_beyond_int32_is_found_and_a_fitting_scale_holds_it() -> None:
+    bias, input_scale = np.array([0.5, -0.5, 0.0, 1e-3]), np.array(0.05, dtype=np.float32)
+    weight_scale = np.array([1e-3, 1e-12, 1e-12, 1e-5], dtype=np.float32)
+    assert beyond_int32(bias, input_scale, weight_scale).tolist() == [False, True, False, False]
+    fitting = bias_fitting_scale(bias, input_scale)
+    assert not beyond_int32(bias, input_scale, fitting).any()
+    assert np.all(np.abs(bias / (input_scale * fitting.astype(np.float64)))[:2] > 2**29)
+
+
+def test_a_clipped_int32_bias_fails_the_check() -> None:
+    values = np.array([5, np.iinfo(np.int32).min], dtype=np.int32)
+    node = helper.make_node("DequantizeLinear", ["b", "s"], ["y"])
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    graph.initializer.extend([onnx.numpy_helper.from_array(values, "b"),
+                              onnx.numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")])  # fmt: skip
+    with pytest.raises(CheckFailedError, match="clipped"):
+        check_int32_biases(helper.make_model(graph))
+    graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(values // 2, "b"))
+    check_int32_biases(helper.make_model(graph))
 
 
 @pytest.mark.parametrize("options", [MODES["learned-s2"], MODES["spatial+channel"]], ids=["learned", "spatial+channel"])
@@ -169,16 +208,28 @@ def _int8_files(model: torch.nn.Module, folder: Path, variants: list[dict], **co
     return files
 
 
-def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp_path: Path) -> None:
-    model, _ = _converted_resnet8(MODES["learned-s2"])
-    files = _int8_files(model, tmp_path, [{"compact": False}, {"compact": True}], short_names=False)
-    files = {False: files[0], True: files[1]}
-    graph = onnx.load(str(files[False])).graph
+def _dense_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The initializers of a dense int8 file (long names), with the bias scales the graph computes."""
+    graph = onnx.load(str(path)).graph
     dense = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     # the bias scales are computed in the graph (trim_qdq): a Mul of the input and weight scales, in float32
     for node in graph.node:
         if node.op_type == "Mul" and node.output[0].endswith("bias_quantized_scale.m"):
             dense[node.output[0].removesuffix(".m")] = (dense[node.input[0]] * dense[node.input[1]]).astype(np.float32)
+    return dense
+
+
+def _bias_within_half_a_step(dense: dict[str, np.ndarray], folded: nn.Module, name: str) -> bool:
+    step = dense[f"{name}.bias_quantized_scale"].astype(np.float64)
+    bias = folded.get_submodule(name).bias.detach().double().numpy()
+    return bool(np.all(np.abs(dense[f"{name}.bias_quantized"] * step - bias) <= 0.5001 * step))
+
+
+def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp_path: Path) -> None:
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    files = _int8_files(model, tmp_path, [{"compact": False}, {"compact": True}], short_names=False)
+    files = {False: files[0], True: files[1]}
+    dense = _dense_tensors(files[False])
     assert not any(name.endswith(("weight_zero_point", "bias_quantized_zero_point")) for name in dense), "zeros"
     folded, fold = prepare_for_export(model, torch.randn(2, 3, 32, 32))
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, VersatileConv2d)):
@@ -188,13 +239,40 @@ def test_dense_int8_file_holds_the_versatile_int8_weights_and_equals_compact(tmp
         # the int32 bias is requantized for these scales: step = input scale · s_o, within half a step
         step = dense[f"{name}.bias_quantized_scale"]
         assert np.allclose(step / encoded.weight_scale, (step / encoded.weight_scale)[0], rtol=1e-6), name
-        bias = folded.get_submodule(name).bias.detach().numpy()
-        assert np.all(np.abs(dense[f"{name}.bias_quantized"] * step.astype(np.float64) - bias) <= 0.5001 * step), name
+        assert _bias_within_half_a_step(dense, folded, name), name
     sessions = [ort.InferenceSession(str(files[c]), providers=["CPUExecutionProvider"]) for c in (False, True)]
     for batch in (1, 7):
         x = torch.randn(batch, 3, 32, 32).numpy()
         first, second = (s.run(None, {"input": x})[0] for s in sessions)
         assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-int8", "compact-int8"])
+def test_an_output_whose_int32_bias_cannot_fit_is_written_as_zero_and_keeps_its_bias(
+    compact: bool, tmp_path: Path
+) -> None:
+    from vconvert.nn.versatile import versatile_layers
+
+    model, _ = _converted_resnet8(MODES["learned-s2"])
+    layers = dict(versatile_layers(model))
+    for layer in layers.values():
+        layer.set_weight_bits(4, "lsq")
+    name = next(iter(layers))
+    with torch.no_grad():  # training shrank this output to ~1e-10 while its folded bias stayed
+        layers[name].scale[3] = 1e-9
+    output = tmp_path / "m.onnx"
+    with pytest.warns(ZeroedOutputsWarning, match=f"1 output channel.s. of {name} "):
+        report = export(model, output, input_shape=[1, 3, 32, 32], quantize="int8", compact=compact,
+                        short_names=False, calibration=_calibration(), measure=False, min_agreement=0.0)  # fmt: skip
+    zeroed = report.quantization["zeroed_for_int32_bias"]
+    assert list(zeroed) == [name] and zeroed[name]["outputs"] == [3] and 0 < zeroed[name]["largest_weight"] < 1e-8
+    assert report.metadata["vconvert.quantization"]["zeroed_for_int32_bias"] == {name: [3]}
+    assert report.quantization["compact_equals_dense"] is (True if compact else None)
+    if not compact:
+        dense = _dense_tensors(output)
+        folded, _ = prepare_for_export(model, torch.randn(2, 3, 32, 32))
+        assert not dense[f"{name}.weight_quantized"][3].any() and dense[f"{name}.weight_quantized"][2].any()
+        assert _bias_within_half_a_step(dense, folded, name)  # clipped to int32, it would be off by ~all of it
 
 
 def test_agreement_below_90_percent_fails_and_writes_nothing(tmp_path: Path) -> None:

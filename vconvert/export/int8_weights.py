@@ -40,6 +40,7 @@ __all__ = [
     "quantize_primaries",
     "unpack_codes",
     "unpack_integers",
+    "zero_outputs",
 ]
 
 #: Which CPUs an int8 file is written for: ``any`` (7-bit weights: no u8 × s8 pair can saturate on x86 without
@@ -161,6 +162,23 @@ def encode_int8_layer(
         encoded, primary=quantized, primary_index=index.astype(smallest_index_dtype(index)), scale=None, bn_scale=None
     )
     return Int8Layer(structure, primary_scale, weight_scale.astype(np.float32), negated, bits)
+
+
+def zero_outputs(layer: Int8Layer, outputs: np.ndarray, weight_scale: np.ndarray) -> Int8Layer:
+    """``layer`` with the secondary filters of ``outputs`` (a boolean mask) pointing at an all-zero primary
+    (appended when there is none) and weight scales ``weight_scale`` (the others' kept from it)."""
+    structure = layer.structure
+    primary, index = structure.primary, structure.primary_index.astype(np.int64)
+    zero = next((p for p in range(len(primary)) if not primary[p].any()), None)
+    if zero is None:
+        zero = len(primary)
+        if layer.negated:  # index p + P addresses −Pq_p: one primary more shifts those
+            index = np.where(index >= zero, index + 1, index)
+        primary = np.concatenate([primary, np.zeros_like(primary[:1])])
+    index = np.where(outputs, zero, index)
+    structure = replace(structure, primary=primary, primary_index=index.astype(smallest_index_dtype(index)))
+    scale = np.where(outputs, weight_scale, layer.weight_scale).astype(np.float32)
+    return replace(layer, structure=structure, weight_scale=scale)
 
 
 def decode_int8_layer(layer: Int8Layer) -> np.ndarray:

@@ -17,12 +17,14 @@ from onnx import TensorProto, numpy_helper
 
 from vconvert.errors import CheckFailedError
 from vconvert.export.compact import _find_weight
-from vconvert.export.int8_weights import Int8Layer, decode_int8_layer
+from vconvert.export.int8_weights import Int8Layer, decode_int8_layer, zero_outputs
 
 __all__ = [
     "ConvTarget",
     "QdqConv",
+    "check_int32_biases",
     "conv_targets",
+    "fit_int32_biases",
     "initializer_bits",
     "optimized_model",
     "qlinear_convs",
@@ -91,6 +93,21 @@ def quantized_bias(
     return np.clip(values, info.min, info.max).astype(np.int32), scale
 
 
+INT32_MAX = float(np.iinfo(np.int32).max)
+
+
+def beyond_int32(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
+    """Which outputs' biases do not fit int32 at the step s_in · s_o (:func:`quantized_bias` would clip them)."""
+    scale = (input_scale.astype(np.float32) * weight_scale.astype(np.float32)).astype(np.float32).reshape(-1)
+    return np.abs(np.round(bias.astype(np.float64).reshape(-1) / scale.astype(np.float64))) > INT32_MAX
+
+
+def bias_fitting_scale(bias: np.ndarray, input_scale: np.ndarray) -> np.ndarray:
+    """A weight scale per output at which its int32 bias is at most 2^30 in magnitude (float32)."""
+    step = 2 * np.abs(bias.astype(np.float64).reshape(-1)) / (INT32_MAX * float(np.asarray(input_scale).reshape(-1)[0]))
+    return np.where(step > 0, step, 1.0).astype(np.float32)
+
+
 @dataclass
 class ConvTarget:
     conv: str  # Conv node name (kept by onnxruntime's quantizer)
@@ -113,6 +130,54 @@ def conv_targets(fp32: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> di
             bias = numpy_helper.to_array(initializers[node.input[2]])
         targets[name] = ConvTarget(node.name, bias)
     return targets
+
+
+def fit_int32_biases(
+    model: onnx.ModelProto, targets: Mapping[str, ConvTarget], layers: Mapping[str, Int8Layer]
+) -> tuple[dict[str, Int8Layer], dict[str, dict[str, Any]]]:
+    """Each layer of ``layers`` whose int32 bias fits at its calibrated step s_in · s_o, and the others with
+    those outputs written as zero at a weight scale their bias fits (what onnxruntime's quantizer does for the
+    layers it quantizes itself: it raises the weight scale, and the weights round to zero).
+
+    A bias beyond int32 at that step means |b_o| > 2^31 · s_in · s_o, so the output's weights, at most Q · s_o
+    each, add at most fan-in · Q · 255 · s_in · s_o < fan-in · Q · 255 / 2^31 · |b_o| to it: a fraction of a
+    percent of its bias (a channel that training shrank to ~1e-10 while its bias stayed). Clipping that bias
+    instead moves the output by nearly all of it. Returns (the layers, {name: {"outputs": [...],
+    "largest_weight": float}} for each layer that had such outputs)."""
+    graph = model.graph
+    producers = _producers(graph)
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    fitted, zeroed = dict(layers), {}
+    for name, layer in layers.items():
+        bias = targets[name].bias
+        if bias is None:
+            continue
+        input_scale = numpy_helper.to_array(initializers[_qdq_conv(graph, targets[name].conv, producers).input_scale])
+        outputs = beyond_int32(bias, input_scale, layer.weight_scale)
+        if not outputs.any():
+            continue
+        dequantized = decode_int8_layer(layer).reshape(layer.out_channels, -1).astype(np.float64)
+        largest = float((np.abs(dequantized[outputs]) * layer.weight_scale[outputs, None]).max(initial=0.0))
+        scale = np.where(outputs, bias_fitting_scale(bias, input_scale), layer.weight_scale)
+        fitted[name] = zero_outputs(layer, outputs, scale)
+        zeroed[name] = {"outputs": np.flatnonzero(outputs).tolist(), "largest_weight": largest}
+    return fitted, zeroed
+
+
+def check_int32_biases(model: onnx.ModelProto) -> None:
+    """No int32 bias of the QDQ ``model`` sits at the int32 limits (a clipped bias); else CheckFailedError."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    info = np.iinfo(np.int32)
+    for node in model.graph.node:
+        tensor = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if tensor is None or tensor.data_type != TensorProto.INT32:
+            continue
+        values = numpy_helper.to_array(tensor)
+        if values.size and (values.min() == info.min or values.max() == info.max):
+            raise CheckFailedError(
+                f"The int32 bias {node.input[0]!r} was clipped to the int32 range (its step is too small); "
+                "nothing was written. Report this."
+            )
 
 
 def set_int8_weights(

@@ -36,7 +36,7 @@ import onnx
 import torch
 from torch import Tensor
 
-from vconvert.errors import BadInputError, CheckFailedError, MissingCalibrationError
+from vconvert.errors import BadInputError, CheckFailedError, MissingCalibrationError, VConvertWarning
 from vconvert.export.calibration import (
     CALIBRATION_PIXELS,
     calibration_batch_size,
@@ -60,7 +60,9 @@ from vconvert.export.int8_weights import (
 )
 from vconvert.export.names import drop_defaults, shorten_names
 from vconvert.export.qdq_graph import (
+    check_int32_biases,
     conv_targets,
+    fit_int32_biases,
     initializer_bits,
     optimized_model,
     qlinear_convs,
@@ -224,6 +226,25 @@ def _warn_narrowed(
         )
 
 
+class ZeroedOutputsWarning(VConvertWarning):
+    """Outputs whose int32 bias does not fit at their weight step are written with zero weights."""
+
+
+def _warn_zeroed(zeroed: Mapping[str, Mapping[str, Any]]) -> None:
+    if not zeroed:
+        return
+    outputs = sum(len(entry["outputs"]) for entry in zeroed.values())
+    largest = max(entry["largest_weight"] for entry in zeroed.values())
+    warnings.warn(
+        ZeroedOutputsWarning(
+            f"{outputs} output channel(s) of {', '.join(zeroed)} have weights so small (at most {largest:.2g}) that "
+            "their int32 bias does not fit at the weight step; their weights are written as zero and their biases "
+            "kept, as onnxruntime does for the layers it quantizes itself."
+        ),
+        stacklevel=3,
+    )
+
+
 def quantize_export(
     fp32_bytes: bytes,
     fp32_session: Any,
@@ -259,7 +280,10 @@ def quantize_export(
     ``any``): a layer
     fine-tuned at that width keeps the very integers it was trained with, and its dequantized int8 weight must
     equal the fake-quantised weight of the fp32 file (:func:`check_fake_quantised`); other layers are quantized
-    min-max from the primaries their forward uses.
+    min-max from the primaries their forward uses. An output whose int32 bias would not fit at its weight step
+    (weights that training shrank to ~1e-10 while the bias stayed) is written with zero weights and a step its
+    bias fits (:func:`vconvert.export.qdq_graph.fit_int32_biases`; a ZeroedOutputsWarning, listed in the report
+    and the file's metadata), and no int32 bias of the file may sit at the int32 limits.
     """
     from vconvert.export.onnx_file import serialise, set_metadata, strip_export_traces
     from vconvert.export.verify import start_session
@@ -293,14 +317,18 @@ def quantize_export(
     model = quantize_static_qdq(fp32_bytes, calibration, input_name, reduce_range=target == "any")
     strip_export_traces(model)  # the quantizer's shape-inference value_info and its own metadata
     timings["calibrate_quantize_s"] = round(time.perf_counter() - clock, 3)
+    int8_layers, zeroed = fit_int32_biases(model, targets, int8_layers)
+    _warn_zeroed(zeroed)
     convs = set_int8_weights(model, targets, int8_layers)
+    check_int32_biases(model)
     trim_qdq(model)
     if short_names:
         drop_defaults(model)
     images = sum(len(batch) for batch in calibration)
-    info = dict(metadata) | {
-        "vconvert.quantization": _quantization_info(widths, requested, target, trained_bits, images)
-    }
+    quantization = _quantization_info(widths, requested, target, trained_bits, images)
+    if zeroed:
+        quantization["zeroed_for_int32_bias"] = {name: entry["outputs"] for name, entry in zeroed.items()}
+    info = dict(metadata) | {"vconvert.quantization": quantization}
     set_metadata(model, info)
     renaming: dict[str, str] = {}
     if compact and short_names:  # the dense file is only compared with: rename a copy, compacting needs the names
@@ -374,6 +402,7 @@ def quantize_export(
         "requested_weight_bits": _one_width(requested),
         "layer_weight_bits": widths,
         "weights_equal_fake_quantised": trained_bits or None,
+        "zeroed_for_int32_bias": zeroed,
         "compact_layer_bytes": layer_bytes,
         "timings_s": timings,
     }
