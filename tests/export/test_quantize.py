@@ -131,17 +131,33 @@ def test_a_clipped_int32_bias_fails_the_check() -> None:
 def test_int8_subgraph_computes_the_reference_decoder_in_onnxruntime(options: dict) -> None:
     layer, bn_scale = _layer(options)
     encoded = encode_int8_layer(encode_layer(layer, bn_scale))
+    model = _rebuild_model(encoded)
+    ops = {node.op_type for node in model.graph.node}
+    assert {"BitShift", "BitwiseAnd", "Gather", "Neg"} <= ops and encoded.negated and "DequantizeLinear" not in ops
+    assert _rebuilt_in_onnxruntime(model, encoded)
+    # outputs zeroed for their int32 bias, with a zero primary appended behind the negated index range
+    bn_scale[5] = 0.7
+    encoded = encode_int8_layer(encode_layer(layer, bn_scale))
+    fitted = zero_outputs(encoded, np.isin(np.arange(24), [0, 9]), np.ones(24, dtype=np.float32))
+    assert fitted.negated and len(fitted.structure.primary) == len(encoded.structure.primary) + 1
+    assert _rebuilt_in_onnxruntime(_rebuild_model(fitted), fitted)
+
+
+def _rebuild_model(encoded) -> onnx.ModelProto:
+    """A model whose one output is the int8 weight the compact subgraph rebuilds from ``encoded``."""
     nodes, inits = int8_layer_subgraph(encoded, "weight", "vq0")
     shape = list(decode_int8_layer(encoded).shape)
     graph = helper.make_graph(nodes, "rebuild", [], [helper.make_tensor_value_info("weight", TensorProto.INT8, shape)])
     graph.initializer.extend(inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
-    ops = {node.op_type for node in model.graph.node}
-    assert {"BitShift", "BitwiseAnd", "Gather", "Neg"} <= ops and encoded.negated and "DequantizeLinear" not in ops
+    return model
+
+
+def _rebuilt_in_onnxruntime(model: onnx.ModelProto, encoded) -> bool:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {})
-    assert got.dtype == np.int8 and np.array_equal(got, decode_int8_layer(encoded))
+    return got.dtype == np.int8 and np.array_equal(got, decode_int8_layer(encoded))
 
 
 # --------------------------------------------------------------------------- int8 files in onnxruntime
