@@ -87,10 +87,17 @@ def quantized_bias(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(int32 bias, its float32 scale) as onnxruntime's QDQ quantizer computes them: scale s_in · s_w in
     float32, round(b / scale) in float64, clipped to int32."""
-    scale = (input_scale.astype(np.float32) * weight_scale.astype(np.float32)).astype(np.float32).reshape(-1)
-    values = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    values, scale = _bias_quotients(bias, input_scale, weight_scale)
     info = np.iinfo(np.int32)
     return np.clip(values, info.min, info.max).astype(np.int32), scale
+
+
+def _bias_quotients(
+    bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(round(b / scale) in float64, unclipped; the float32 scale s_in · s_w), as onnxruntime computes them."""
+    scale = (input_scale.astype(np.float32) * weight_scale.astype(np.float32)).astype(np.float32).reshape(-1)
+    return np.round(bias.astype(np.float64).reshape(-1) / scale.astype(np.float64)), scale
 
 
 INT32_MAX = float(np.iinfo(np.int32).max)
@@ -98,8 +105,7 @@ INT32_MAX = float(np.iinfo(np.int32).max)
 
 def beyond_int32(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
     """Which outputs' biases do not fit int32 at the step s_in · s_o (:func:`quantized_bias` would clip them)."""
-    scale = (input_scale.astype(np.float32) * weight_scale.astype(np.float32)).astype(np.float32).reshape(-1)
-    return np.abs(np.round(bias.astype(np.float64).reshape(-1) / scale.astype(np.float64))) > INT32_MAX
+    return np.abs(_bias_quotients(bias, input_scale, weight_scale)[0]) > INT32_MAX
 
 
 def bias_fitting_scale(bias: np.ndarray, input_scale: np.ndarray) -> np.ndarray:
