@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vconvert.data.datasets import (
-    DIGITS,
     DataSpec,
     batch_loader,
     check_class_count,
@@ -26,6 +25,7 @@ from vconvert.data.datasets import (
     normalisation_origin,
     open_split,
 )
+from vconvert.data.digits import DIGITS
 from vconvert.errors import BadInputError, CheckFailedError, VConvertWarning, first_line, shown
 from vconvert.io.budget import (
     ForwardRejected,

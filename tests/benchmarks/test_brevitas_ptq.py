@@ -18,7 +18,7 @@ from benchmarks import pareto, reconstruct
 from benchmarks.brevitas_peer import as_brevitas_qat
 from benchmarks.brevitas_ptq import brevitas_gptq_peer, gptq_quantize
 from sample_models.resnet_cifar import resnet8, resnet20
-from vconvert.data import datasets
+from vconvert.data import image_folders
 from vconvert.export.int8_weights import unpack_integers
 from vconvert.nn.versatile import VersatileConv2d, versatile_layers
 
@@ -102,12 +102,12 @@ def test_the_measured_peer_step_reads_images_but_never_labels(tmp_path: Path, mo
     """reconstruct.py's child process of the brevitas row (``--make-peer``), run in this process on a folder whose
     labels raise when used; its module exports at 4 bits."""
     folder = noise_image_folder(tmp_path / "images")
-    read = datasets.ImageFolderData.__getitem__
+    read = image_folders.ImageFolderData.__getitem__
 
-    def image_only(self: datasets.ImageFolderData, index: int) -> tuple:
+    def image_only(self: image_folders.ImageFolderData, index: int) -> tuple:
         return read(self, index)[0], _Unreadable()
 
-    monkeypatch.setattr(datasets.ImageFolderData, "__getitem__", image_only)
+    monkeypatch.setattr(image_folders.ImageFolderData, "__getitem__", image_only)
     models = tmp_path / "models"
     models.mkdir()
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from sample_models.resnet_cifar import resnet20
 from vconvert.convert.calibrate import output_divergence, recalibrate_batchnorm, recalibrate_if_closer
 from vconvert.convert.compress import compress
 from vconvert.convert.reconstruct import ReconstructSettings, output_errors, reconstruct
-from vconvert.data.datasets import digits_tensors
+from vconvert.data.digits import digits_tensors
 from vconvert.nn.quantize import largest_level
 from vconvert.nn.versatile import versatile_layers
 

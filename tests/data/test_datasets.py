@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import noise_image_folder
 
-from vconvert.data.datasets import ImageFolderData, calibration_batches, open_split
+from vconvert.data.datasets import calibration_batches, open_split
+from vconvert.data.image_folders import ImageFolderData
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

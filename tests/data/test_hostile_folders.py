@@ -21,13 +21,9 @@ from typing import Any
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from vconvert.data.datasets import (
-    MAX_IMAGE_PIXELS,
-    UnreadableImagesWarning,
-    image_folder,
-    load_image,
-    open_split,
-)
+from vconvert.data.datasets import open_split
+from vconvert.data.image_files import MAX_IMAGE_PIXELS, load_image
+from vconvert.data.image_folders import UnreadableImagesWarning, image_folder
 from vconvert.errors import BadInputError, VConvertWarning
 
 DEADLINE = 60.0  # seconds; a healthy case takes well under one

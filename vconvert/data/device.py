@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from vconvert.data.datasets import SeededSamples, TensorImages, load_image
+from vconvert.data.datasets import SeededSamples, TensorImages
+from vconvert.data.image_files import load_image
 from vconvert.errors import BadInputError
 
 MAX_SIDE = 64  # larger images use random-resized crops, which this loader does not implement

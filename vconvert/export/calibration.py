@@ -69,8 +69,8 @@ def _digits(shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit
 
 def _image_files(folder: Path, root: Path) -> list[Path]:
     """The image files under ``folder``, listed as every image folder is (regular files only, no linked folders,
-    links only inside ``root``: :func:`vconvert.data.datasets.scan_images`)."""
-    from vconvert.data.datasets import scan_images
+    links only inside ``root``: :func:`vconvert.data.image_folders.scan_images`)."""
+    from vconvert.data.image_folders import scan_images
 
     files, _ = scan_images(str(folder), os.path.realpath(root))
     return [Path(file) for file in files]
@@ -79,7 +79,8 @@ def _image_files(folder: Path, root: Path) -> list[Path]:
 def _folder(
     root: Path, shape: Sequence[int], preprocessing: Mapping[str, Any] | None, limit: int, seed: int, size_from: str
 ) -> Tensor:
-    from vconvert.data.datasets import check_image_size, image_transform, load_image
+    from vconvert.data.datasets import check_image_size, image_transform
+    from vconvert.data.image_files import load_image
 
     if not root.is_dir():
         raise BadInputError(f"Calibration folder {root} does not exist; give a folder of images or 'digits'.")

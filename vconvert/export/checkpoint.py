@@ -60,7 +60,7 @@ def check_calibration_memory(model: Any, source: str | Path, shape: Sequence[int
     image = [1, *(int(v) for v in shape[1:])]
     count = limit
     if str(source) == "digits":
-        from vconvert.data.datasets import digits_tensors
+        from vconvert.data.digits import digits_tensors
 
         count += len(digits_tensors("train")[1])
     size = "x".join(map(str, image[1:]))

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vconvert.data.datasets import DIGITS, DataSpec
+from vconvert.data.datasets import DataSpec
+from vconvert.data.digits import DIGITS
 from vconvert.errors import BadInputError
 from vconvert.nn.quantize import QUANTIZERS
 from vconvert.validate import (

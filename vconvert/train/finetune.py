@@ -24,14 +24,7 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from vconvert.convert.calibrate import recalibrate_batchnorm
-from vconvert.data.datasets import (
-    DataSpec,
-    batch_loader,
-    choose_data,
-    limited,
-    log,
-    open_split,
-)
+from vconvert.data.datasets import DataSpec, batch_loader, choose_data, limited, log, open_split
 from vconvert.data.device import DeviceImageSet
 from vconvert.errors import BadInputError, CheckFailedError
 from vconvert.evaluate import evaluate_batches, evaluate_model

@@ -8,9 +8,7 @@ import math
 
 import torch
 
-from vconvert.data.datasets import (
-    DataSpec,
-)
+from vconvert.data.datasets import DataSpec
 from vconvert.data.device import AUTO_HOST_BYTES, MAX_SIDE
 from vconvert.errors import BadInputError
 from vconvert.train.config import FinetuneConfig

@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vconvert.data.datasets import (
-    DIGITS,
     DataSpec,
     SeededSamples,
     check_class_count,
@@ -21,6 +20,7 @@ from vconvert.data.datasets import (
     normalisation_origin,
     open_split,
 )
+from vconvert.data.digits import DIGITS
 from vconvert.errors import BadInputError, first_line
 from vconvert.io.checkpoint import Checkpoint
 from vconvert.train.config import FinetuneConfig

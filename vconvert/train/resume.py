@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vconvert.data.datasets import (
-    DataSpec,
-)
+from vconvert.data.datasets import DataSpec
 from vconvert.errors import BadInputError
 from vconvert.io.checkpoint import Checkpoint, save
 from vconvert.io.files import atomic_write_bytes, same_file
