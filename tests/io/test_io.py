@@ -20,9 +20,10 @@ from torch import nn
 
 from sample_models.resnet_cifar import resnet8
 from vconvert.errors import BadInputError, UntrustedCodeError
+from vconvert.io.architectures import resolve_arch
 from vconvert.io.files import atomic_save, atomic_write_bytes, check_writable
 from vconvert.io.format import CHECKPOINT_FORMAT, read_checkpoint, write_checkpoint
-from vconvert.io.untrusted import BaseSpec, build_base, load_model, resolve_arch
+from vconvert.io.untrusted import BaseSpec, build_base, load_model
 
 
 def _assert_one_sentence(error: BaseException) -> None:
@@ -682,7 +683,7 @@ def test_malformed_base_spec_is_bad_input(data: object) -> None:
 
 
 def test_readme_states_the_file_arch_rule_as_the_code_applies_it() -> None:
-    from vconvert.io.untrusted import FILE_ARCH_REFUSED_KWARGS
+    from vconvert.io.architectures import FILE_ARCH_REFUSED_KWARGS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rule = readme[readme.index("registered\n  model builder") :]

@@ -24,7 +24,8 @@ from torch import nn
 
 from sample_models.resnet_cifar import resnet8
 from vconvert.errors import BadInputError, UntrustedCodeError
-from vconvert.io.untrusted import BaseSpec, _build_arch, load_model, offline_kwargs
+from vconvert.io.architectures import build_arch, offline_kwargs
+from vconvert.io.untrusted import BaseSpec, load_model
 
 ZOO = {  # builder, input side
     "torchvision-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64),
@@ -161,7 +162,7 @@ def test_builders_never_download_their_default_backbone(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     spec = "torchvision.models.segmentation:lraspp_mobilenet_v3_large"
     with torch.device("meta"):
-        model = _build_arch(spec, {}, trust=False, typed_by_user=False, origin="a.vc.pt")
+        model = build_arch(spec, {}, trust=False, typed_by_user=False, origin="a.vc.pt")
     assert isinstance(model, nn.Module)
     builder = torchvision.models.segmentation.lraspp_mobilenet_v3_large
     assert offline_kwargs(builder, {}) == {"weights": None, "weights_backbone": None}
@@ -172,7 +173,7 @@ def test_builders_never_download_their_default_backbone(monkeypatch: pytest.Monk
 
 def test_a_typed_download_argument_needs_trust() -> None:
     with pytest.raises(UntrustedCodeError, match="downloads weights"):
-        _build_arch("torchvision.models:resnet18", {"weights": "DEFAULT"}, trust=False, typed_by_user=True, origin=None)
+        build_arch("torchvision.models:resnet18", {"weights": "DEFAULT"}, trust=False, typed_by_user=True, origin=None)
 
 
 def test_arch_kwargs_nested_deeper_than_the_limit_are_refused_without_recursion_error() -> None:

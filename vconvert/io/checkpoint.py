@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from vconvert.convert.plan import ConversionPlan, apply_plan
 from vconvert.errors import BadInputError, UntrustedCodeError, first_line, shown
+from vconvert.io.architectures import resolve_arch
 from vconvert.io.format import read_checkpoint, write_checkpoint
 from vconvert.io.metadata import CheckpointMetadata
-from vconvert.io.untrusted import BaseSpec, build_base, resolve_arch
+from vconvert.io.untrusted import BaseSpec, build_base
 from vconvert.nn.versatile import set_weight_quantization_, versatile_layers, weight_quantization
 from vconvert.validate import (
     all_finite,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vconvert.errors import BadInputError, first_line, shown
 from vconvert.io.files import atomic_save
-from vconvert.io.untrusted import _check_input_file, _file_kind
+from vconvert.io.untrusted import check_input_file, file_kind
 
 CHECKPOINT_FORMAT = "vconvert.checkpoint/1"
 
@@ -62,9 +62,9 @@ def write_checkpoint(path: str | Path, payload: dict) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """Read a ``.vc.pt`` with ``torch.load(weights_only=True)`` and check its format."""
-    path = _check_input_file(path, "Checkpoint")
+    path = check_input_file(path, "Checkpoint")
     label = f"Checkpoint '{shown(path)}'"
-    _file_kind(path, label)
+    file_kind(path, label)
     try:
         with warnings.catch_warnings():  # a sparse tensor is refused later as a weight: no warning first
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants", category=UserWarning)

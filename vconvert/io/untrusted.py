@@ -10,9 +10,7 @@ The loading policy (docs/FORMAT.md §9):
   allowlist is never imported to resolve a name.
 - Anything else would run code from the file: it loads only with ``trust=True`` (``--trust``).
 - An arch string read back from a file is code to call: without ``trust=True`` it may only be a
-  registered model builder (torchvision's and timm's ``list_models()``, the shipped samples'
-  ``MODEL_BUILDERS``, the samples found by their installed location) with plain JSON keyword
-  arguments that name no file, URL or pretrained weights. A package prefix is not a boundary.
+  registered model builder with plain offline arguments (:mod:`vconvert.io.architectures`).
 - A ``.vc.pt`` checkpoint holds plain data and tensors only, so it loads with ``weights_only=True``
   (:mod:`vconvert.io.format`).
 """
@@ -20,51 +18,32 @@ The loading policy (docs/FORMAT.md §9):
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import inspect
 import io
 import os
 import pickle
 import pickletools
-import re
 import stat
-import sys
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
 
 from vconvert.errors import BadInputError, UntrustedCodeError, first_line, shown
+from vconvert.io.architectures import (
+    SAMPLES_PACKAGE,
+    build_arch,
+    is_shipped_samples,
+    kwargs_depth_problem,
+    normalise_arch,
+    working_directory_importable,
+)
 from vconvert.io.budget import check_allocation
 from vconvert.io.pickled_modules import MODULE_PACKAGES, RefusedPickle, allowed_global, load_pickled_modules
 
-# Keyword arguments of a model builder that load weights from a file or the network: never from a file.
-FILE_ARCH_REFUSED_KWARGS = frozenset(
-    {
-        "weights",
-        "weights_backbone",
-        "pretrained",
-        "pretrained_backbone",
-        "pretrained_cfg",
-        "pretrained_cfg_overlay",
-        "pretrained_strict",
-        "checkpoint_path",
-        "cache_dir",
-        "file",
-        "url",
-        "model_dir",
-    }
-)
-# Builder parameters that download weights when left at their default: always passed as "none" unless the user
-# typed a value (torchvision's detection/segmentation builders default `weights_backbone` to ImageNet weights).
-DOWNLOAD_PARAMETERS = {"weights": None, "weights_backbone": None, "pretrained": False, "pretrained_backbone": False}
-SAMPLES_PACKAGE = "sample_models"
 _KNOWN_LIBRARIES_TEXT = "torch.nn, torchvision's and timm's models and layers, sample_models"
 # Zip members torch.save writes are stored, not compressed: a member that inflates more than this is hostile.
 MAX_ZIP_INFLATION = 100
@@ -73,7 +52,6 @@ _MODULE_KEYS = ("model", "module", "net")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The first pickle of a legacy-format torch.save file (after the protocol byte).
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-_ARCH_PATTERN = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?::[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)?$")
 
 
 # --------------------------------------------------------------------------- base model spec
@@ -123,305 +101,8 @@ class BaseSpec:
         return cls(arch=arch, arch_kwargs=dict(kwargs), pickled=pickled, source=source)
 
 
-# --------------------------------------------------------------------------- arch strings
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether dotted ``name`` is one of ``prefixes`` or inside one of them (component-wise)."""
-    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
-
-
-def _split_arch(spec: str, label: str = "`arch`") -> tuple[str, str]:
-    """ "pkg.mod:fn" or "pkg.mod.fn" -> ("pkg.mod", "fn"); ``label`` names the arch in messages."""
-    spec = spec.strip()
-    if not _ARCH_PATTERN.match(spec) or ("." not in spec and ":" not in spec):
-        raise BadInputError(
-            f"{label} '{shown(spec)}' is not of the form package.module:function (e.g. torchvision.models:resnet18)."
-        )
-    if ":" in spec:
-        module_name, attribute = spec.split(":", 1)
-    else:
-        module_name, attribute = spec.rsplit(".", 1)
-    return module_name, attribute
-
-
-def shipped_samples_folder() -> Path:
-    """Where the sample models shipped with vconvert are installed (the folder next to the package)."""
-    return Path(__file__).resolve().parents[2] / SAMPLES_PACKAGE
-
-
-def _is_shipped_samples() -> bool:
-    """Whether ``import sample_models`` gives the shipped samples, not a folder of that name elsewhere on sys.path.
-
-    Decided without running the package: ``find_spec`` of a top-level name only searches sys.path.
-    """
-    expected = shipped_samples_folder() / "__init__.py"
-    loaded = sys.modules.get(SAMPLES_PACKAGE)
-    if loaded is not None:
-        origin = getattr(loaded, "__file__", None)
-    else:
-        try:
-            found = importlib.util.find_spec(SAMPLES_PACKAGE)
-        except (ImportError, ValueError):
-            return False
-        origin = found.origin if found is not None else None
-    return origin is not None and Path(origin).resolve() == expected
-
-
-def _import_under_trusted(module_name: str) -> ModuleType | None:
-    """Import ``module_name`` if it is inside torchvision.models, timm or the shipped samples, else None."""
-    if _under(module_name, (SAMPLES_PACKAGE,)) and not _is_shipped_samples():
-        return None
-    if not _under(module_name, ("torchvision.models", "timm", SAMPLES_PACKAGE)):
-        return None
-    try:
-        return importlib.import_module(module_name)
-    except Exception:
-        return None
-
-
-def _registered_name(module_name: str, attribute: str, kwargs: Mapping[str, Any]) -> str | None:
-    """The registry name of the model builder an arch string read from a file names, or None.
-
-    Registered builders: torchvision's ``list_models()``, timm's ``list_models()`` and
-    :data:`sample_models.MODEL_BUILDERS` of the shipped samples; also ``get_model`` /
-    ``create_model`` when their name argument is registered. Identity, not the name, decides: the
-    resolved object must be the very function the registry holds.
-    """
-    if attribute.startswith("_") or "." in attribute:
-        return None
-    module = _import_under_trusted(module_name)
-    obj = getattr(module, attribute, None) if module is not None else None
-    if obj is None:
-        return None
-    if _under(module_name, ("torchvision.models",)):
-        import torchvision.models as tv_models
-
-        if obj is tv_models.get_model:
-            name = kwargs.get("name")
-            return name if isinstance(name, str) and name in tv_models.list_models() else None
-        return next((n for n in tv_models.list_models() if tv_models.get_model_builder(n) is obj), None)
-    if _under(module_name, ("timm",)):
-        import timm
-
-        if obj is timm.create_model:
-            name = kwargs.get("model_name")
-            return name if isinstance(name, str) and timm.is_model(name) else None
-        name = getattr(obj, "__name__", "")
-        return name if timm.is_model(name) and timm.models.model_entrypoint(name) is obj else None
-    samples = importlib.import_module(SAMPLES_PACKAGE)
-    for entry in getattr(samples, "MODEL_BUILDERS", ()):
-        sub, _, function = entry.partition(":")
-        builder = getattr(importlib.import_module(f"{SAMPLES_PACKAGE}.{sub}"), function)
-        if builder is obj:
-            return f"{SAMPLES_PACKAGE}.{entry}"
-    return None
-
-
-def _looks_like_path(value: str) -> bool:
-    """A string that could name a file or a URL: it has a separator, a home or drive prefix, or exists here."""
-    if any(mark in value for mark in ("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value):
-        return True
-    try:
-        return value in (".", "..") or os.path.lexists(value)
-    except (OSError, ValueError):
-        return True
-
-
-MAX_KWARGS_DEPTH = 32
-
-
-def kwargs_depth_problem(value: Any, limit: int = MAX_KWARGS_DEPTH) -> str | None:
-    """Why ``value`` (JSON-like data read from a file) is nested too deeply to walk, or None; iterative, so a
-    hostile depth never reaches Python's recursion limit."""
-    pending = [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        if depth > limit:
-            return f"it is nested more than {limit} levels deep"
-        if isinstance(item, dict):
-            pending.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, (list, tuple)):
-            pending.extend((child, depth + 1) for child in item)
-    return None
-
-
-def _file_kwargs_problem(value: Any, where: str = "") -> str | None:
-    """Why keyword arguments read from a file are not plain, offline JSON data (None if they are)."""
-    if (problem := kwargs_depth_problem(value)) is not None:
-        return problem
-    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
-        return None
-    if isinstance(value, str):
-        return (
-            f"{where or 'a value'} = '{shown(value, 80)}' looks like a path or URL" if _looks_like_path(value) else None
-        )
-    if isinstance(value, list):
-        return next((p for i, v in enumerate(value) if (p := _file_kwargs_problem(v, f"{where}[{i}]"))), None)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{where or 'a key'} is not a string"
-            if key in FILE_ARCH_REFUSED_KWARGS:
-                return f"'{shown(key, 80)}' loads weights or reaches the network"
-            if problem := _file_kwargs_problem(item, f"{where}.{key}" if where else key):
-                return problem
-        return None
-    return f"{where or 'a value'} is a {type(value).__name__}, not JSON data"
-
-
-def _untrusted_arch(spec: str, where: str, why: str) -> UntrustedCodeError:
-    return UntrustedCodeError(
-        f"The architecture '{shown(spec)}'{where} {why}, so building it would run code chosen by that file: pass "
-        "`trust=True` if you trust the file (you do if you compressed it yourself with that `arch`)."
-    )
-
-
-def resolve_arch(
-    spec: str,
-    *,
-    trust: bool,
-    typed_by_user: bool,
-    origin: str | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-) -> Callable[..., nn.Module]:
-    """Turn "package.module:function" (or "package.module.function") into the callable it names.
-
-    An arch the user typed (``typed_by_user``) or one from a trusted file is any importable callable.
-    An arch read back from a file without ``trust`` may only be a registered model builder
-    (:func:`_registered_name`) called with ``kwargs`` that are plain JSON data naming no file, URL or
-    pretrained weights (:data:`FILE_ARCH_REFUSED_KWARGS`); else :class:`UntrustedCodeError`, and no
-    module outside torchvision.models, timm and the shipped samples is imported. ``origin`` names
-    that file in messages. Import failures, a missing attribute or an object that is not callable
-    raise :class:`BadInputError`.
-    """
-    where = f" recorded in {shown(origin)}" if origin else ""
-    label = "`arch`" if typed_by_user else "The arch"
-    module_name, attribute = _split_arch(spec, label)
-    if not typed_by_user and not trust:
-        if _registered_name(module_name, attribute, kwargs or {}) is None:
-            raise _untrusted_arch(
-                spec, where, "is not a registered model builder of torchvision, timm or vconvert's sample models"
-            )
-        if problem := _file_kwargs_problem(dict(kwargs or {})):
-            raise _untrusted_arch(spec, where, f"comes with arguments that are not plain offline data ({problem})")
-    try:
-        module = _import_from_here_too(module_name)
-    except Exception as error:
-        raise BadInputError(
-            f"{label} '{shown(spec)}'{where} does not import ({type(error).__name__}: {first_line(error)}): check the "
-            "spelling, that the package is installed, or run vconvert in the folder that holds the module."
-        ) from error
-    obj: Any = module
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            raise BadInputError(
-                f"{label} '{shown(spec)}'{where}: module '{shown(module_name)}' has no attribute '{shown(attribute)}'; "
-                "check the function name."
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise BadInputError(
-            f"{label} '{shown(spec)}'{where} names a {type(obj).__name__}, not a function or class that builds an "
-            "nn.Module."
-        )
-    return obj
-
-
-@contextlib.contextmanager
-def _working_directory_importable() -> Iterator[None]:
-    """Put the working directory on ``sys.path`` (if it is not there) for the duration: code the user chose
-    (a typed arch, a pickle loaded with ``trust``) may live in a file next to where vconvert runs."""
-    here = os.getcwd()
-    if here in sys.path or "" in sys.path:
-        yield
-        return
-    sys.path.insert(0, here)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(here)
-
-
-def _import_from_here_too(module_name: str) -> ModuleType:
-    """Import ``module_name``; a top-level module that is not installed is also looked up in the working
-    directory, as ``python -m`` and other Python command-line tools do (only for archs the user chose)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name.split(".")[0]:
-            raise
-    with _working_directory_importable():
-        return importlib.import_module(module_name)
-
-
-def _downloading_function(builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callable[..., Any]:
-    """The function whose parameters decide downloads: the registered builder behind torchvision's get_model."""
-    if getattr(builder, "__module__", "").startswith("torchvision.models") and builder.__name__ == "get_model":
-        import torchvision.models as tv_models
-
-        name = kwargs.get("name")
-        if isinstance(name, str) and name in tv_models.list_models():
-            return tv_models.get_model_builder(name)
-    return builder
-
-
-def offline_kwargs(builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``kwargs`` plus every download parameter the builder takes (:data:`DOWNLOAD_PARAMETERS`) set to "none"
-    where ``kwargs`` does not set it, so that no default (e.g. ``weights_backbone``) reaches the network."""
-    try:
-        parameters = inspect.signature(_downloading_function(builder, kwargs)).parameters
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    extra = {
-        name: value
-        for name, value in DOWNLOAD_PARAMETERS.items()
-        if name not in kwargs and (name in parameters or (takes_any and name == "pretrained" and _is_timm(builder)))
-    }
-    return {**kwargs, **extra}
-
-
-def _is_timm(builder: Callable[..., Any]) -> bool:
-    return getattr(builder, "__module__", "").split(".")[0] == "timm"
-
-
-def _normalise_arch(spec: str) -> str:
-    """Canonical "package.module:function" form of an arch string."""
-    module_name, attribute = _split_arch(spec)
-    return f"{module_name}:{attribute}"
-
-
-def _build_arch(
-    spec: str, kwargs: Mapping[str, Any], *, trust: bool, typed_by_user: bool, origin: str | None
-) -> nn.Module:
-    """Resolve ``spec`` and call it with ``kwargs``; the result must be an nn.Module."""
-    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
-        raise BadInputError("`arch_kwargs` must be a JSON object with string keys, e.g. '{\"num_classes\": 10}'.")
-    builder = resolve_arch(spec, trust=trust, typed_by_user=typed_by_user, origin=origin, kwargs=kwargs)
-    if typed_by_user and not trust:
-        downloading = [key for key in DOWNLOAD_PARAMETERS if kwargs.get(key) not in (None, False)]
-        if downloading:
-            raise UntrustedCodeError(
-                f"`arch_kwargs` sets {downloading[0]!r}, which downloads weights from the network: the model file "
-                "holds the weights, so drop it (or pass `trust=True` to allow the download)."
-            )
-    kwargs = offline_kwargs(builder, kwargs)
-    try:
-        model = builder(**kwargs)
-    except Exception as error:
-        raise BadInputError(
-            f"Building `arch` '{shown(spec)}' with `arch_kwargs` {shown(dict(kwargs))} failed ({type(error).__name__}: "
-            f"{first_line(error)}): check the arguments the function accepts."
-        ) from error
-    if not isinstance(model, nn.Module):
-        raise BadInputError(
-            f"`arch` '{shown(spec)}' returned a {type(model).__name__}, not an nn.Module: name a model builder."
-        )
-    return model
-
-
 # --------------------------------------------------------------------------- reading torch files
-def _check_input_file(path: str | Path, what: str = "Model file") -> Path:
+def check_input_file(path: str | Path, what: str = "Model file") -> Path:
     """The path as a Path if it is an existing, non-empty regular file, else BadInputError."""
     path = Path(path)
     if not path.exists():
@@ -476,7 +157,7 @@ def _check_zip_members(members: list[zipfile.ZipInfo], label: str) -> None:
     check_allocation(sum(member.file_size for member in members), label)
 
 
-def _file_kind(source: Path | bytes, label: str) -> TorchFile:
+def file_kind(source: Path | bytes, label: str) -> TorchFile:
     """The file's container, checked; BadInputError for anything that is not a torch.save file."""
     with _opened(source) as stream:
         head = stream.read(len(_LEGACY_MAGIC))
@@ -565,7 +246,7 @@ def _legacy_globals(source: Path | bytes) -> list[str]:
 def _module_packages() -> tuple[str, ...]:
     """The packages whose module classes a pickle may use: the shipped samples only when they are the ones
     ``import sample_models`` gives (not a folder of that name elsewhere on sys.path)."""
-    if _is_shipped_samples():
+    if is_shipped_samples():
         return MODULE_PACKAGES
     return tuple(package for package in MODULE_PACKAGES if package != SAMPLES_PACKAGE)
 
@@ -582,7 +263,7 @@ def _untrusted_message(label: str, reason: str) -> str:
 def _full_unpickle(source: Path | bytes, label: str) -> Any:
     """torch.load with pickle's own unpickler: runs whatever the file asks (only ever with ``trust``)."""
     try:
-        with _opened(source) as stream, _working_directory_importable():
+        with _opened(source) as stream, working_directory_importable():
             return torch.load(stream, map_location="cpu", weights_only=False)
     except AttributeError as error:
         if "__main__" in str(error):
@@ -620,7 +301,7 @@ def _load_torch_file(source: Path | bytes, label: str, *, trust: bool) -> Any:
     :func:`~vconvert.io.pickled_modules.load_pickled_modules` (no constructor runs). Anything else, or
     a legacy-format pickled model: only with ``trust``, by a full unpickle.
     """
-    container = _file_kind(source, label)
+    container = file_kind(source, label)
     try:
         if container.kind == "zip":
             with _opened(source) as stream:
@@ -757,17 +438,17 @@ def load_model(
     Without ``arch`` the file is a pickled nn.Module (``torch.save(model)``): classes from known model
     libraries load with ``weights_only=True``; anything else needs ``trust=True``.
     """
-    path = _check_input_file(path)
+    path = check_input_file(path)
     label = f"Model file '{shown(path)}'"
     if arch is not None:
         kwargs = dict(arch_kwargs or {})
-        model = _build_arch(arch, kwargs, trust=trust, typed_by_user=True, origin=None)
+        model = build_arch(arch, kwargs, trust=trust, typed_by_user=True, origin=None)
         obj = _load_torch_file(path, label, trust=trust)
         state = extract_state_dict(obj)
         if state is None:
             raise BadInputError(f"{label} holds {_describe(obj)}, not a state_dict or model, so `arch` cannot use it.")
         _load_state_dict_strict(model, state, label, arch)
-        spec = BaseSpec(arch=_normalise_arch(arch), arch_kwargs=kwargs, pickled=None, source=str(path))
+        spec = BaseSpec(arch=normalise_arch(arch), arch_kwargs=kwargs, pickled=None, source=str(path))
         return model.eval(), spec
     try:
         data = path.read_bytes()
@@ -795,7 +476,7 @@ def build_base(spec: BaseSpec, *, trust: bool = False, origin: str | None = None
     """
     origin = origin or spec.source or "the checkpoint"
     if spec.arch is not None:
-        model = _build_arch(spec.arch, spec.arch_kwargs, trust=trust, typed_by_user=False, origin=origin)
+        model = build_arch(spec.arch, spec.arch_kwargs, trust=trust, typed_by_user=False, origin=origin)
         return model.eval()
     if spec.pickled is None:
         raise BadInputError("The checkpoint's base-model spec has neither an arch nor a pickled model: re-create it.")
