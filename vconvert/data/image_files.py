@@ -18,8 +18,6 @@ from vconvert.errors import BadInputError, shown
 IMAGE_CHANNELS = (1, 3)  # what an image folder can feed: grey or RGB
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 
-
-# --------------------------------------------------------------------------- reading untrusted files
 # Decoded by content whatever the file is named; never PostScript/EPS (Pillow hands those to ghostscript).
 # JPEG includes MPO (camera JPEGs). No GIF: it is no image folder extension, and Pillow's GIF reader warns.
 IMAGE_FORMATS = ("BMP", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
