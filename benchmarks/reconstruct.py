@@ -3,7 +3,8 @@
 For each row the real CLI runs: ``vconvert compress`` of the shared CIFAR-10 ResNet-20 (as benchmarks/pareto.py:
 ``--skip downsample --mode learned --secondary S``, or ``--target-size F``: each layer at its planned form and
 width), data-free (BatchNorm recalibration only) or with
-``--reconstruct [--weight-bits B]``, both on the same unlabeled training images (``--calib-images``, no labels);
+``--reconstruct [--weight-bits B]`` (with compress's default block refinement, docs/FIT.md §19, unless
+``--refine-steps`` says otherwise), both on the same unlabeled training images (``--calib-images``, no labels);
 then ``vconvert export --quantize int8 --compact`` (default ``--int8-target any``) and ``vconvert evaluate`` of the
 ONNX file in onnxruntime on the test images. Each compress runs as a child process whose wall time and peak RSS
 are recorded. The dense row is the original model's fp32 ONNX file (file size reference), evaluated the same way.
@@ -93,6 +94,8 @@ EXPORT_CALIBRATION_IMAGES = 512  # activation calibration of the int8 exports (v
 def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: bool, bits: int | None) -> dict:
     """Run ``vconvert compress`` as a measured child; its JSON output plus wall seconds and peak RSS (GB)."""
     options = ["--reconstruct"] + (["--weight-bits", str(bits)] if bits else []) if reconstruct else []
+    if reconstruct and args.refine_steps is not None:
+        options += ["--refine-steps", str(args.refine_steps)]
     command = common.vconvert_command(
         "compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape", SHAPE,
         "--skip", "downsample", "--mean", common.CIFAR_MEAN_ARG, "--std", common.CIFAR_STD_ARG,
@@ -192,6 +195,8 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, help="unlabeled training images (default 1024; quick 256)")
     parser.add_argument("--eval-limit", type=int, help="test images (default 10,000; quick 1,000)")
     parser.add_argument("--rows", help="comma-separated row numbers to run (default all)")
+    parser.add_argument("--refine-steps", type=int, help="compress --refine-steps of the reconstructed rows "
+                        "(default: compress's own, 300 for this network)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/reconstruct_MODE)")
     parser.add_argument("--peers", choices=("with", "only", "none"), default="with",
                         help="no-label peer rows (dense network): with the rows (default), only, none")  # fmt: skip
@@ -295,9 +300,10 @@ def write(record: dict[str, Any], stem: Path) -> None:
         lines += [
             "",
             "| row | weight bits | file bytes | ratio to fp32 | top-1 | Δ vs dense | output error before → after | "
+            "block refinement: blocks kept, block error before → after (s) | "
             "BatchNorm statistics (output divergence without → with recalibration) | "
             "compress wall s (reconstruction s) | peak RSS GB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for row in record["rows"]:
         made = row["compress"]
@@ -307,7 +313,7 @@ def write(record: dict[str, Any], stem: Path) -> None:
         ratio = f"{row['file_bytes'] / fp32:.3f}x" if fp32 else ""
         delta = f"{row['top1'] - record['dense_top1_10k']:+.2f}"
         cells = [row["row"], row["weight_bits"], f"{row['file_bytes']:,}", ratio, f"{row['top1']:.2f}", delta, error,
-                 batchnorm_cell(made), seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
+                 refinement_cell(rebuilt), batchnorm_cell(made), seconds, f"{made['peak_rss_gb']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if record["rows"]:
         lines += ["", "Commands (compress, measured as child processes):", ""]
@@ -322,6 +328,20 @@ def write(record: dict[str, Any], stem: Path) -> None:
             f"Δ vs dense compares {record['eval_images']} test images with the dense model's 10,000: indicative.",
         ]
     common.write_markdown(stem.with_suffix(".md"), lines)
+
+
+def refinement_cell(rebuilt: dict[str, Any] | None) -> str:
+    """A reconstructed row's block refinement (docs/FIT.md §19): blocks kept of those refined, the mean block output
+    error before and after, its seconds; "none" where compress ran without it."""
+    if rebuilt is None:
+        return ""
+    refined = rebuilt.get("refinement")
+    if refined is None:
+        return "none"
+    return (
+        f"{refined['kept']}/{refined['blocks']}, {refined['error_before']:.4f} → {refined['error_after']:.4f} "
+        f"({refined['seconds']})"
+    )
 
 
 def batchnorm_cell(made: dict[str, Any]) -> str:

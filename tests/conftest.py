@@ -182,3 +182,27 @@ def perturb_batchnorm(model: nn.Module) -> nn.Module:
             module.running_var.uniform_(0.5, 2.0)
             module.bias.data.normal_(0, 0.1)
     return model
+
+
+DIGITS_WEIGHTS = Path(__file__).resolve().parents[1] / "sample_models" / "weights" / "resnet20_digits.pt"
+DIGITS_MEAN, DIGITS_STD = 0.3049, 0.3234  # the shipped digits model's input normalisation
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """(the shipped digits ResNet-20, its data-free s=2 conversion, 128 normalised training digits in 2 batches,
+    128 held-out digits in 2 batches)."""
+    import torch
+
+    from sample_models.resnet_cifar import resnet20
+    from vconvert.convert.compress import compress
+    from vconvert.data.digits import digits_tensors
+
+    torch.manual_seed(0)
+    teacher = resnet20(num_classes=10, in_channels=1)
+    teacher.load_state_dict(torch.load(DIGITS_WEIGHTS, weights_only=True))
+    images, _ = digits_tensors("train")
+    held_out, _ = digits_tensors("test")
+    images, held_out = (images - DIGITS_MEAN) / DIGITS_STD, (held_out - DIGITS_MEAN) / DIGITS_STD
+    student, _ = compress(teacher.eval(), images[:1])
+    return teacher.eval(), student, list(images[:128].split(64)), list(held_out[:128].split(64))

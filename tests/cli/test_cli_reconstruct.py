@@ -33,13 +33,16 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
     weights, images = workspace
     output = tmp_path / "r.vc.pt"
     result = compress(weights, "--calib-data", images, "--reconstruct", "--weight-bits", "4", "--calib-images", "4",
-                      "-o", output)  # fmt: skip
+                      "--refine-steps", "5", "-o", output)  # fmt: skip
     assert result.exit_code == 0, result.output + result.stderr
-    assert "Reconstructed 8 layers on 4 images" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert "Reconstructed 8 layers on 4 images" in said and "blocks (5 steps each)" in said
     checkpoint = load_checkpoint(output)
     record = checkpoint.metadata.reconstruction
     assert record["data"] == str(images.resolve()) and record["images"] == 4 and record["layers"] == 8
     assert record["settings"]["weight_bits"] == 4 and record["error_after"] <= record["error_before"]
+    refined = record["refinement"]  # resnet8: three BasicBlocks
+    assert refined["steps"] == 5 and refined["blocks"] == 3 and refined["error_after"] <= refined["error_before"]
     recalibrated = checkpoint.metadata.bn_recalibration  # kept only where it brought the outputs closer
     assert recalibrated is None or recalibrated["images"] == 4
     assert "BatchNorm statistics " in result.output
@@ -50,14 +53,16 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
     assert onnx_file.exists()
     inspected = invoke("inspect", output)
     assert inspected.exit_code == 0, inspected.output + inspected.stderr
-    assert "reconstructed: 8 layers against the original network's outputs on 4" in " ".join(inspected.output.split())
+    inspected_text = " ".join(inspected.output.split())
+    assert "reconstructed: 8 layers against the original network's outputs on 4" in inspected_text
+    assert f"refined: {refined['kept']} of 3 blocks, 5 steps each" in inspected_text
 
 
 def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace, tmp_path: Path) -> None:
     weights, images = workspace
     output = tmp_path / "d.vc.pt"
     result = compress(weights, "--secondary", "1", "--calib-data", images, "--reconstruct", "--weight-bits", "3",
-                      "--calib-images", "4", "--json", "-o", output)  # fmt: skip
+                      "--calib-images", "4", "--refine-steps", "0", "--json", "-o", output)  # fmt: skip
     assert result.exit_code == 0, result.output + result.stderr
     checkpoint = load_checkpoint(output)
     outcome = json.loads(result.stdout)["bn_recalibration"]
@@ -65,6 +70,7 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
     assert (checkpoint.metadata.bn_recalibration is not None) == outcome["kept"]
     layers = dict(versatile_layers(checkpoint.model))
     assert len(layers) == 8 and checkpoint.metadata.reconstruction["layers"] == 8
+    assert "refinement" not in checkpoint.metadata.reconstruction  # --refine-steps 0: the layer-wise fit only
     for layer in layers.values():  # one filter per primary, scaled per output: the dense conv at 3 bits
         assert (layer.mode, layer.group_size, layer.num_primary) == ("channel", 1, layer.out_channels)
         assert layer.weight_bits == 3 and layer.primary_integers()[0].abs().max() <= 3
@@ -91,6 +97,8 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
             ("--calib-data", "IMAGES", "--target-size", "0.2", "--reconstruct", "--weight-bits", "4"),
             "--target-size picks each layer's width itself: drop --weight-bits",
         ),
+        (("--refine-steps", "10"), "--refine-steps refines the reconstructed blocks: pass it with --reconstruct"),
+        (("--calib-data", "IMAGES", "--reconstruct", "--refine-steps", "-1"), "--refine-steps must be 0"),
     ],
     ids=[
         "no-calib-data",
@@ -102,6 +110,8 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
         "dense-without-bits",
         "dense-at-8-bits",
         "bits-with-target-size",
+        "refine-without-reconstruct",
+        "refine-negative",
     ],
 )
 def test_bad_reconstruction_options_exit_2(workspace, tmp_path: Path, options: tuple[str, ...], fragment: str) -> None:
@@ -157,3 +167,17 @@ def test_the_batchnorm_outcome_is_said_in_one_line(images: int, kept: bool, frag
 
     line = recalibration_line(Recalibration(images, 0.02, 0.01 if kept else 0.03, kept))
     assert fragment in line and "\n" not in line
+
+
+def test_block_refinement_runs_by_default_on_small_networks_only() -> None:
+    from vconvert.convert.refine import AUTO_LIMIT_MACS, DEFAULT_STEPS, default_steps
+
+    assert default_steps(41_000_000) == DEFAULT_STEPS == 300  # ResNet-20 on 32x32 images
+    assert default_steps(4_100_000_000) == 0  # ResNet-50 at 224 px: only with --refine-steps
+    import typer
+
+    from vconvert.cli.app import app
+
+    command = typer.main.get_command(app).commands["compress"]
+    help_text = next(param.help for param in command.params if param.name == "refine_steps")
+    assert f"default {DEFAULT_STEPS} for networks up to {AUTO_LIMIT_MACS // 10**9} G" in help_text

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from sample_models.resnet_cifar import resnet20
 from vconvert.convert.calibrate import output_divergence, recalibrate_batchnorm, recalibrate_if_closer
 from vconvert.convert.compress import compress
 from vconvert.convert.reconstruct import ReconstructSettings, output_errors, reconstruct
-from vconvert.data.digits import digits_tensors
 from vconvert.nn.quantize import largest_level
 from vconvert.nn.versatile import versatile_layers
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "sample_models" / "weights" / "resnet20_digits.pt"
-MEAN, STD = 0.3049, 0.3234
 LAYERS = ("layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2")  # the first blocks: quick
-
-
-@pytest.fixture(scope="module")
-def digits_model():
-    torch.manual_seed(0)
-    teacher = resnet20(num_classes=10, in_channels=1)
-    teacher.load_state_dict(torch.load(WEIGHTS, weights_only=True))
-    images, _ = digits_tensors("train")
-    held_out, _ = digits_tensors("test")
-    images, held_out = (images - MEAN) / STD, (held_out - MEAN) / STD
-    student, _ = compress(teacher.eval(), images[:1])
-    return teacher.eval(), student, list(images[:128].split(64)), list(held_out[:128].split(64))
 
 
 @pytest.mark.parametrize("bits", [None, 4], ids=["float", "4-bit"])

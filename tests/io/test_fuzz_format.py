@@ -706,6 +706,21 @@ RECONSTRUCTION = {  # what compress --reconstruct records (vconvert.io.metadata.
     "error_after": 0.05,
     "seconds": 1.0,
 }
+REFINEMENT = {  # the block refinement's part of it (vconvert.io.metadata.check_refinement)
+    "steps": 300,
+    "batch_size": 64,
+    "lr": 1e-4,
+    "mask_lr": 2e-3,
+    "drop": 0.5,
+    "seed": 0,
+    "held_out": 0.125,
+    "blocks": 9,
+    "kept": 8,
+    "error_before": 0.04,
+    "error_after": 0.035,
+    "seconds": 90.0,
+}
+REFINED = {**RECONSTRUCTION, "refinement": REFINEMENT}
 META_VALUES = {
     "input-shape-huge": ("input_shape", [1, 1, 100000, 100000]),
     "input-shape-huge-batch": ("input_shape", [10**9, 1, 16, 16]),
@@ -760,6 +775,13 @@ META_VALUES = {
         {**RECONSTRUCTION, "settings": {**RECONSTRUCTION["settings"], "weight_bits": 9}},
     ),
     "reconstruction-extra-key": ("reconstruction", {**RECONSTRUCTION, "eval": "x"}),
+    "refinement-list": ("reconstruction", {**RECONSTRUCTION, "refinement": [1]}),
+    "refinement-kept-beyond-blocks": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "kept": 10}}),
+    "refinement-drop-2": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "drop": 2.0}}),
+    "refinement-held-out-1": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "held_out": 1.0}}),
+    "refinement-lr-zero": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "lr": 0.0}}),
+    "refinement-steps-str": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "steps": "300"}}),
+    "refinement-extra-key": ("reconstruction", {**RECONSTRUCTION, "refinement": {**REFINEMENT, "eval": "x"}}),
 }
 
 
@@ -782,6 +804,12 @@ def metadata_cases() -> list[Case]:
         Case(
             "metadata-reconstruction-good",
             edit(setting("metadata", "reconstruction", value=RECONSTRUCTION)),
+            OK,
+            commands=("inspect",),
+        ),
+        Case(
+            "metadata-refinement-good",
+            edit(setting("metadata", "reconstruction", value=REFINED)),
             OK,
             commands=("inspect",),
         ),

@@ -87,12 +87,19 @@ DEFAULT_INPUT_SHAPE = "1,3,224,224"
 DEFAULT_CALIB_IMAGES = 2000
 
 
-def check_calibration_options(calib_data: Path | None, images: int | None, reconstruct: bool, bits: int | None) -> int:
-    """The number of calibration images to read, once --calib-images, --reconstruct and --weight-bits agree."""
+def check_calibration_options(
+    calib_data: Path | None, images: int | None, reconstruct: bool, bits: int | None, refine_steps: int | None = None
+) -> int:
+    """The number of calibration images to read, once --calib-images, --reconstruct, --weight-bits and
+    --refine-steps agree."""
     if reconstruct and calib_data is None:
         raise BadInputError("--reconstruct needs unlabeled images: pass --calib-data DIR (a folder of images).")
     if bits is not None and not reconstruct:
         raise BadInputError("--weight-bits rounds the primaries against the outputs: pass it with --reconstruct.")
+    if refine_steps is not None and not reconstruct:
+        raise BadInputError("--refine-steps refines the reconstructed blocks: pass it with --reconstruct.")
+    if refine_steps is not None and refine_steps < 0:
+        raise BadInputError(f"--refine-steps must be 0 (no block refinement) or more; got {refine_steps}.")
     if bits is not None and not 2 <= bits <= 8:
         raise BadInputError(f"--weight-bits must be an integer from 2 to 8; got {bits}.")
     if images is not None and images < 1:
@@ -102,17 +109,45 @@ def check_calibration_options(calib_data: Path | None, images: int | None, recon
     return images
 
 
-def reconstruct_layers(converted, original, batches: list, calib_data: Path, bits: int | None) -> dict:
-    """Reconstruct ``converted`` against ``original`` on ``batches`` (a progress bar) and return the metadata record."""
+def reconstruct_layers(
+    converted, original, batches: list, calib_data: Path, bits: int | None, refine_steps: int | None = None
+) -> dict:
+    """Reconstruct ``converted`` against ``original`` on ``batches`` layer by layer, then refine it block by block
+    (``refine_steps`` steps a block, 0: not at all, None: by the network's size), each with a progress bar; return
+    the metadata record."""
     from vconvert.convert.reconstruct import ReconstructSettings, reconstruct
-    from vconvert.data.datasets import absolute_data
+    from vconvert.convert.refine import AUTO_LIMIT_MACS, RefineSettings, default_steps, refine_blocks
+    from vconvert.convert.report import count_macs
+    from vconvert.data.datasets import absolute_data, log
 
     if not batches:
         raise BadInputError(f"--calib-data {shown(calib_data)} holds no images to reconstruct on.")
     with progress_bar() as progress:
         report = reconstruct(converted, original, batches, ReconstructSettings(weight_bits=bits),
                              fitting_progress(progress, "reconstructing"))  # fmt: skip
-    return report.record(absolute_data(str(calib_data)))
+    record = report.record(absolute_data(str(calib_data)))
+    if refine_steps is None:
+        macs = count_macs(original.eval(), batches[0][:1])
+        refine_steps = default_steps(macs)
+        if not refine_steps:
+            log.info(
+                f"Block refinement skipped: {macs / 1e9:.1f} G multiply-accumulates an image is above the "
+                f"{AUTO_LIMIT_MACS / 1e9:.0f} G it runs for by default; --refine-steps 300 runs it (slow on CPUs)."
+            )
+    if refine_steps:
+        with progress_bar() as progress:
+            refinement = refine_blocks(converted, original, batches, RefineSettings(steps=refine_steps),
+                                       fitting_progress(progress, "refining blocks"))  # fmt: skip
+        record["refinement"] = refinement.record()
+    return record
+
+
+def refinement_line(record: dict) -> str:
+    """What block refinement did (its metadata record)."""
+    return (
+        f"Refined {record['kept']} of {record['blocks']} blocks ({record['steps']} steps each): mean block output "
+        f"error {record['error_before']:.4f} → {record['error_after']:.4f} ({record['seconds']:.0f} s)."
+    )
 
 
 def recalibration_line(outcome: Recalibration) -> str:
@@ -213,6 +248,16 @@ def compress(
             "--secondary 1 the convs stay dense at B bits.",
         ),
     ] = None,
+    refine_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--refine-steps",
+            help="With --reconstruct: after the layer-by-layer fit, gradient steps per block (e.g. a residual block) "
+            "on the block's output error against the original's, masks included (default 300 for networks up to 1 G "
+            "multiply-accumulates an image, 0 above; 0: none). A block whose error does not fall keeps its "
+            "layer-wise fit.",
+        ),
+    ] = None,
     mean: Annotated[
         str | None, typer.Option("--mean", help="Per-channel input mean, e.g. 0.485,0.456,0.406 (ImageNet's for RGB).")
     ] = None,
@@ -239,7 +284,7 @@ def compress(
         raise BadInputError("--target-size measures each layer on images: pass --calib-data (no labels needed).")
     if plan_images < 1:
         raise BadInputError(f"--plan-images must be at least 1; got {plan_images}.")
-    calib_images = check_calibration_options(calib_data, calib_images, reconstruct, weight_bits)
+    calib_images = check_calibration_options(calib_data, calib_images, reconstruct, weight_bits, refine_steps)
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
     example = example_input(model, shape)
@@ -286,7 +331,9 @@ def compress(
         )  # fmt: skip
         if reconstruct:
             batches = list(batches)
-            metadata.reconstruction = reconstruct_layers(converted, model, batches, calib_data, weight_bits)
+            metadata.reconstruction = reconstruct_layers(
+                converted, model, batches, calib_data, weight_bits, refine_steps
+            )
             recalibration = recalibrate_if_closer(converted, model, batches, calib_images)
             used = recalibration.images if recalibration.kept else None
         else:
@@ -315,6 +362,8 @@ def compress(
             f"Reconstructed {record['layers']} layers on {record['images']} images: mean output error "
             f"{record['error_before']:.4f} → {record['error_after']:.4f} ({record['seconds']:.0f} s)."
         )
+        if "refinement" in record:
+            console.print(refinement_line(record["refinement"]))
     if recalibration is not None:
         console.print(recalibration_line(recalibration))
     elif calib_data is not None:

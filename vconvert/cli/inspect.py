@@ -130,4 +130,10 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
             f"unlabeled images of {shown(rebuilt['data'])} (mean output error {rebuilt['error_before']:.4f} → "
             f"{rebuilt['error_after']:.4f})."
         )
+        refined = rebuilt.get("refinement")
+        if refined is not None:
+            lines.append(
+                f"refined: {refined['kept']} of {refined['blocks']} blocks, {refined['steps']} steps each (mean block "
+                f"output error {refined['error_before']:.4f} → {refined['error_after']:.4f})."
+            )
     return lines

@@ -46,6 +46,7 @@ from vconvert.fit.output_fit import (
     solve_primaries,
     solve_scales,
 )
+from vconvert.nn.modes import eval_mode
 from vconvert.nn.quantize import check_bits
 from vconvert.nn.versatile import PROXY_OFF, PROXY_ON, VersatileConv2d, versatile_layers
 
@@ -194,12 +195,12 @@ class _Stop(Exception):
 
 
 def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor]) -> Iterator[Tensor]:
-    """The input of ``model``'s module ``name`` for each batch (forward stopped right after it)."""
+    """The (first) input of ``model``'s module ``name`` for each batch (forward stopped right before it runs)."""
     module = model.get_submodule(name)
     seen: list[Tensor] = []
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach())
+        seen.append(args[0].detach() if isinstance(args[0], Tensor) else args[0])
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
@@ -389,10 +390,8 @@ def reconstruct(
     if not batches:
         raise ValueError("reconstruction needs at least one batch of calibration images.")
     begin = time.perf_counter()
-    flags = {module: module.training for module in (*student.modules(), *teacher.modules())}
-    student.eval(), teacher.eval()
     report = Reconstruction(settings, sum(int(batch.shape[0]) for batch in batches))
-    try:
+    with eval_mode(student, teacher):
         order = [name for name in execution_order(student, batches[0]) if layers is None or name in layers]
         walk = single_pass_inputs(student, teacher, batches, order)
         if walk is None:
@@ -403,9 +402,6 @@ def reconstruct(
             report.layers.append(_reconstruct_layer(student, teacher, name, inputs, settings))
         if progress:
             progress(len(order), len(order), "")
-    finally:
-        for module, training in flags.items():
-            module.train(training)
     report.seconds = time.perf_counter() - begin
     return report
 
@@ -500,18 +496,15 @@ def output_errors(student: nn.Module, teacher: nn.Module, batches: Sequence[Tens
         for name in names:
             hook = lambda _m, _a, out, which=which, name=name: outputs[which].__setitem__(name, out.detach())  # noqa: E731
             handles.append(model.get_submodule(name).register_forward_hook(hook))
-    flags = {module: module.training for module in (*student.modules(), *teacher.modules())}
-    student.eval(), teacher.eval()
     try:
-        for batch in batches:
-            student(batch), teacher(batch)
-            for name in names:
-                y_s, y_t = outputs["student"][name].double(), outputs["teacher"][name].double()
-                sums[name][0] += float((y_s - y_t).square().sum())
-                sums[name][1] += float((y_t - y_t.mean(dim=(0, 2, 3), keepdim=True)).square().sum())
+        with eval_mode(student, teacher):
+            for batch in batches:
+                student(batch), teacher(batch)
+                for name in names:
+                    y_s, y_t = outputs["student"][name].double(), outputs["teacher"][name].double()
+                    sums[name][0] += float((y_s - y_t).square().sum())
+                    sums[name][1] += float((y_t - y_t.mean(dim=(0, 2, 3), keepdim=True)).square().sum())
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in flags.items():
-            module.train(training)
     return {name: error / total if total > 0 else 0.0 for name, (error, total) in sums.items()}

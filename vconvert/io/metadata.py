@@ -147,13 +147,20 @@ class CheckpointMetadata:
 
 RECONSTRUCTION_FIELDS = ("data", "images", "settings", "layers", "error_before", "error_after", "seconds")
 RECONSTRUCTION_SETTINGS = ("rounds", "mask_sweeps", "damping", "weight_bits", "normalise", "positions")
+REFINEMENT_FIELDS = (
+    "steps", "batch_size", "lr", "mask_lr", "drop", "seed", "held_out", "blocks", "kept", "error_before",
+    "error_after", "seconds",
+)  # fmt: skip
 
 
 def check_reconstruction(value: object, where: str) -> dict:
     """The record ``compress --reconstruct`` writes (:meth:`vconvert.convert.reconstruct.Reconstruction.record`):
     the image folder, the image count, the settings, the layers refit and their mean relative output error before
-    and after, the seconds it took; exactly these fields, each of its type."""
-    record = check_fields(value, where, RECONSTRUCTION_FIELDS)
+    and after, the seconds it took, and (files since block refinement) the ``refinement`` record; exactly these
+    fields, each of its type."""
+    record = check_fields(value, where, RECONSTRUCTION_FIELDS, ("refinement",))
+    if "refinement" in record:
+        check_refinement(record["refinement"], f"{where} refinement")
     check_str(record["data"], f"{where} data")
     check_int(record["images"], f"{where} images", 1)
     check_int(record["layers"], f"{where} layers")
@@ -169,6 +176,25 @@ def check_reconstruction(value: object, where: str) -> dict:
         check_int(settings["weight_bits"], f"{where} settings weight_bits", 2, 8)
     if not isinstance(settings["normalise"], bool):
         raise BadInputError(f"{where} settings normalise must be true or false: the file is damaged.")
+    return record
+
+
+def check_refinement(value: object, where: str) -> dict:
+    """The block refinement's record (:meth:`vconvert.convert.refine.Refinement.record`)."""
+    record = check_fields(value, where, REFINEMENT_FIELDS)
+    for key in ("steps", "seed", "blocks", "kept"):
+        check_int(record[key], f"{where} {key}")
+    check_int(record["batch_size"], f"{where} batch_size", 1)
+    if record["kept"] > record["blocks"]:
+        raise BadInputError(f"{where} kept must not exceed blocks: the file is damaged.")
+    check_float(record["lr"], f"{where} lr", positive=True)
+    for key in ("mask_lr", "error_before", "error_after", "seconds"):
+        if check_float(record[key], f"{where} {key}") < 0:
+            raise BadInputError(f"{where} {key} must not be negative: the file is damaged.")
+    if not 0 <= check_float(record["drop"], f"{where} drop") <= 1:
+        raise BadInputError(f"{where} drop must be between 0 and 1: the file is damaged.")
+    if not 0 <= check_float(record["held_out"], f"{where} held_out") < 1:
+        raise BadInputError(f"{where} held_out must be at least 0 and below 1: the file is damaged.")
     return record
 
 
