@@ -119,6 +119,7 @@ def reconstruct_layers(
     from vconvert.convert.refine import AUTO_LIMIT_MACS, RefineSettings, default_steps, refine_blocks
     from vconvert.convert.report import count_macs
     from vconvert.data.datasets import absolute_data, log
+    from vconvert.nn.modes import eval_mode
 
     if not batches:
         raise BadInputError(f"--calib-data {shown(calib_data)} holds no images to reconstruct on.")
@@ -127,7 +128,8 @@ def reconstruct_layers(
                              fitting_progress(progress, "reconstructing"))  # fmt: skip
     record = report.record(absolute_data(str(calib_data)))
     if refine_steps is None:
-        macs = count_macs(original.eval(), batches[0][:1])
+        with eval_mode(original):  # counting runs a forward: no BatchNorm statistics may move
+            macs = count_macs(original, batches[0][:1])
         refine_steps = default_steps(macs)
         if not refine_steps:
             log.info(
