@@ -58,6 +58,19 @@ def test_reconstructed_file_records_it_round_trips_and_exports_int8(workspace, t
     assert f"refined: {refined['kept']} of 3 blocks, 5 steps each" in inspected_text
 
 
+def test_a_size_plan_for_reconstruction_measures_its_choices_reconstructed(workspace, tmp_path: Path) -> None:
+    weights, images = workspace
+    planned = {}
+    for label, extra in (("data-free", ()), ("reconstructed", ("--reconstruct", "--refine-steps", "0"))):
+        output = tmp_path / f"{label}.vc.pt"
+        result = compress(weights, "--mode", "learned", "--target-size", "0.2", "--calib-data", images,
+                          "--calib-images", "4", "--plan-images", "4", *extra, "-o", output)  # fmt: skip
+        assert result.exit_code == 0, result.output + result.stderr
+        planned[label] = load_checkpoint(output).plan.choice_note
+    assert planned["reconstructed"].endswith("on the calibration images, each choice as reconstruction leaves it)")
+    assert planned["data-free"].endswith("on the calibration images)")
+
+
 def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace, tmp_path: Path) -> None:
     weights, images = workspace
     output = tmp_path / "d.vc.pt"

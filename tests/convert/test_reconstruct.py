@@ -209,3 +209,36 @@ def test_recalibration_is_kept_when_it_brings_the_outputs_closer(digits_model) -
     outcome = recalibrate_if_closer(model, teacher, calibration, 128)
     assert outcome.kept and outcome.divergence_after < outcome.divergence_before
     assert output_divergence(model, teacher, calibration) == pytest.approx(outcome.divergence_after)
+
+
+WIDTH_LAYERS = {
+    "dense": {"mode": "channel", "secondary": 1},
+    "learned-s2": {"mode": "learned", "secondary": 2},
+    "learned-s4-bias": {"mode": "learned", "secondary": 4},
+}
+
+
+@pytest.mark.parametrize("kind", list(WIDTH_LAYERS))
+def test_fitting_once_then_rounding_to_each_width_is_what_fit_layer_gives_at_that_width(kind: str) -> None:
+    from vconvert.convert.reconstruct import fit_layer, fit_widths, moments_of_inputs, write_fit
+    from vconvert.fit.initialise import initialise_from_weight
+    from vconvert.nn.versatile import VersatileConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=kind.endswith("bias"))
+    inputs = [torch.relu(torch.randn(16, 8, 6, 6) + 0.3) for _ in range(2)]
+    start = VersatileConv2d.shaped_like(conv, **WIDTH_LAYERS[kind])
+    initialise_from_weight(start, conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
+    moments = moments_of_inputs(zip(inputs, inputs, strict=True), start, conv)
+    untouched = copy.deepcopy(start.state_dict())
+    fits = fit_widths(start, conv, moments, [None, 4, 2], ReconstructSettings(rounds=2, mask_sweeps=1))
+    assert all(torch.equal(value, untouched[key]) for key, value in start.state_dict().items())
+    for bits, fit in fits.items():
+        alone, shared = copy.deepcopy(start), copy.deepcopy(start)
+        with torch.no_grad():
+            fit_layer(alone, conv, moments, ReconstructSettings(rounds=2, mask_sweeps=1, weight_bits=bits))
+        write_fit(shared, fit, bits)
+        assert shared.weight_bits == alone.weight_bits == bits
+        assert torch.equal(shared.dense_weight(), alone.dense_weight()), bits
+        if conv.bias is not None:
+            assert torch.equal(shared.bias, alone.bias)

@@ -303,3 +303,27 @@ def _ten_class_folder(root: Path) -> Path:
             folder.mkdir(parents=True)
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "0.png")
     return root
+
+
+def test_reconstructed_candidates_measure_each_choice_as_reconstruction_leaves_it(digits_model) -> None:
+    """Planning for ``--reconstruct``: the same choices and bits, a plain int8 conv measured alike, and the low-bit
+    choices measured after GPTQ-style rounding against the outputs, which costs far less than min-max rounding."""
+    from vconvert.convert.target_size import measure_candidates
+
+    teacher, _, calibration, _ = digits_model
+    convs = {name: teacher.get_submodule(name) for name in ("layer1.1.conv1", "layer2.0.conv2", "layer2.2.conv1")}
+    allowed = dict.fromkeys(convs, (1, 2))
+    plain = measure_candidates(teacher, convs, allowed, LEARNED, calibration)
+    rebuilt = measure_candidates(teacher, convs, allowed, LEARNED, calibration, reconstructed=True)
+    low_bits = {"plain": 0.0, "rebuilt": 0.0}
+    for name in convs:
+        assert [(c.choice, c.bits) for c in plain[name]] == [(c.choice, c.bits) for c in rebuilt[name]]
+        for ours, theirs in zip(rebuilt[name], plain[name], strict=True):
+            if ours.choice.plain:
+                assert ours.divergence == theirs.divergence
+            elif ours.choice.bits <= 3:
+                low_bits["rebuilt"] += ours.divergence
+                low_bits["plain"] += theirs.divergence
+    assert low_bits["rebuilt"] < 0.1 * low_bits["plain"], low_bits
+    for name, conv in convs.items():  # measuring left the network as it was
+        assert teacher.get_submodule(name) is conv

@@ -318,6 +318,7 @@ def compress(
             target_size=target_size,
             calibration=plan_batches,
             weight_bits=weight_bits,
+            reconstructed=reconstruct,
         )
     metadata = CheckpointMetadata(input_shape=shape, preprocessing=preprocessing)
     origin = "--mean/--std" if mean is not None else "ImageNet's, the default for RGB"

@@ -92,6 +92,7 @@ def compress(
     search: str = "knapsack",
     candidates: dict | None = None,
     weight_bits: int | None = None,
+    reconstructed: bool = False,
 ) -> tuple[nn.Module, ConversionPlan]:
     """Convert the eligible Conv2d layers of ``model`` into VersatileConv2d, initialised without data.
 
@@ -105,9 +106,10 @@ def compress(
     ``target_size`` (a fraction of the fp32 file, e.g. 0.1) plans each conv instead: dense or versatile with 2
     or 4 secondaries, at 2, 3, 4 or 8 bits, measured on the unlabeled ``calibration`` batches
     (:mod:`vconvert.convert.target_size`; ``search`` knapsack or greedy; ``candidates`` a dict that keeps the
-    measured choices: filled when empty, reused when filled, to plan several sizes from one measurement). Convs
-    the rules above skip may still be stored dense at fewer bits; the layers get their widths (fine-tuning and
-    export keep them).
+    measured choices: filled when empty, reused when filled, to plan several sizes from one measurement;
+    ``reconstructed``: each choice measured as reconstruction on ``calibration`` leaves it, for a model that will
+    be reconstructed next). Convs the rules above skip may still be stored dense at fewer bits; the layers get
+    their widths (fine-tuning and export keep them).
 
     ``weight_bits`` fake-quantises the primaries of every converted layer at that width from the start (a learned
     step started min-max, what :func:`vconvert.convert.reconstruct.reconstruct` then rounds against the outputs)
@@ -150,7 +152,8 @@ def compress(
     widths: dict[str, int | None] = dict.fromkeys(chosen, weight_bits) if weight_bits is not None else {}
     if target_size is not None:
         planner = functools.partial(plan_for_size, images=calibration, target_size=target_size, init=init,
-                                    search=search, progress=progress, candidates=candidates)  # fmt: skip
+                                    search=search, progress=progress, candidates=candidates,
+                                    reconstructed=reconstructed)  # fmt: skip
         chosen, widths, choice_note = _plan_for_size(source, convs, decisions, reasons, base_options, planner)
     # apply: fit each chosen layer to its conv's weights and swap it in by qualified name
     if dry_run:

@@ -318,52 +318,141 @@ def write_layer(layer: VersatileConv2d, primary: Tensor, masks: Tensor, scale: T
         layer.bias.copy_(bias)
 
 
+@dataclass
+class LayerFit:
+    """A fitted layer state (float64): primaries (P, K), masks (N, K), scales (N,), the primaries' quantization
+    steps (P,) when they are integers times a step, the bias when the layer has one."""
+
+    primary: Tensor
+    masks: Tensor
+    scale: Tensor
+    steps: Tensor | None = None
+    bias: Tensor | None = None
+
+
+@dataclass
+class LayerProblem:
+    """One layer's output error as a quadratic form (docs/FIT.md §18): E_o = w_oᵀ A w_o − 2 w_o·g_o + c_o, the
+    output weights ``d``, which primary each output uses, and what the layer lets move."""
+
+    a: Tensor
+    g: Tensor
+    c: Tensor
+    d: Tensor
+    index: Tensor
+    learns_masks: bool
+    has_scale: bool
+
+    def rows(self, fit: LayerFit) -> Tensor:
+        """The dense (N, K) weight of ``fit``."""
+        return fit.scale.unsqueeze(1) * fit.masks * fit.primary[self.index]
+
+    def error(self, fit: LayerFit) -> float:
+        """Relative output error of ``fit``."""
+        return relative_error(self.rows(fit), self.a, self.g, self.c, self.d)
+
+
+def layer_problem(
+    layer: VersatileConv2d, teacher: nn.Conv2d, moments: Moments, settings: ReconstructSettings
+) -> LayerProblem:
+    """The quadratic ``layer`` is fitted on against ``teacher`` (its original conv), from ``moments``."""
+    centred = layer.bias is not None
+    a, b, c = moments.second_moments(centred)
+    g = teacher.weight.detach().double().flatten(1) @ b.T
+    n = max(moments.count, 1)
+    d = row_weights(c if centred else c - (moments.y / n).square(), settings.normalise)
+    learns_masks = layer.mask_proxy is not None and layer.mask_sharing == "per-filter"
+    return LayerProblem(a, g, c, d, layer.primary_index, learns_masks, layer.scale is not None)
+
+
+def solve_float(problem: LayerProblem, fit: LayerFit, settings: ReconstructSettings) -> LayerFit:
+    """``settings.rounds`` of masks, primaries and scales from ``fit`` (none of them can raise the error)."""
+    primary, masks, scale = fit.primary, fit.masks, fit.scale
+    for _ in range(settings.rounds):
+        if problem.learns_masks:
+            masks = improve_masks(problem.a, problem.g, scale.unsqueeze(1) * primary[problem.index], masks,
+                                  settings.mask_sweeps)  # fmt: skip
+        primary = solve_primaries(problem.a, problem.g, masks, scale, problem.d, problem.index, primary,
+                                  settings.damping)  # fmt: skip
+        if problem.has_scale:
+            scale = solve_scales(problem.a, problem.g, masks * primary[problem.index], scale)
+    return LayerFit(primary, masks, scale)
+
+
+def round_to_width(problem: LayerProblem, fit: LayerFit, bits: int, settings: ReconstructSettings) -> LayerFit:
+    """``fit``'s primaries rounded to ``bits`` (GPTQ under the output error), then two rounds of masks and scales
+    around the fixed integers."""
+    a, g, index = problem.a, problem.g, problem.index
+    codes, steps = quantize_primaries(a, g, fit.masks, fit.scale, problem.d, index, fit.primary, bits,
+                                      settings.damping)  # fmt: skip
+    primary, masks, scale = codes * steps.unsqueeze(1), fit.masks, fit.scale
+    for _ in range(2):
+        if problem.learns_masks:
+            masks = improve_masks(a, g, scale.unsqueeze(1) * primary[index], masks, settings.mask_sweeps)
+        if problem.has_scale:
+            scale = solve_scales(a, g, masks * primary[index], scale)
+    return LayerFit(primary, masks, scale, steps)
+
+
+def with_bias(problem: LayerProblem, fit: LayerFit, teacher: nn.Conv2d, moments: Moments) -> LayerFit:
+    """``fit`` with the bias that zeroes the mean output error (layers with a bias; else unchanged)."""
+    n = max(moments.count, 1)
+    teacher_bias = teacher.bias.detach().double() if teacher.bias is not None else 0.0
+    target = teacher.weight.detach().double().flatten(1)
+    fit.bias = target @ (moments.t / n) + teacher_bias - problem.rows(fit) @ (moments.s / n)
+    return fit
+
+
+@torch.no_grad()
+def write_fit(layer: VersatileConv2d, fit: LayerFit, bits: int | None) -> None:
+    """Copy ``fit`` into ``layer``; with ``fit.steps`` the layer is left fake-quantised at ``bits`` with them."""
+    if fit.steps is not None:
+        layer.set_weight_bits(bits, "lsq")
+    write_layer(layer, fit.primary, fit.masks, fit.scale, fit.bias)
+    if fit.steps is not None:
+        layer.primary_step.data.copy_(fit.steps.to(layer.primary_step))
+
+
 def fit_layer(
     layer: VersatileConv2d, teacher: nn.Conv2d, moments: Moments, settings: ReconstructSettings
 ) -> LayerResult:
     """Refit ``layer`` in place to the outputs of ``teacher`` (its original conv) described by ``moments``."""
     result = LayerResult(name="")
-    centred = layer.bias is not None
-    a, b, c = moments.second_moments(centred)
-    target = teacher.weight.detach().double().flatten(1)
-    g = target @ b.T
-    n = max(moments.count, 1)
-    d = row_weights(c if centred else c - (moments.y / n).square(), settings.normalise)
-    index = layer.primary_index
-    primary, masks, scale = layer_state(layer)
-    learns_masks = layer.mask_proxy is not None and layer.mask_sharing == "per-filter"
-    start_masks = masks.clone()
-    rows = lambda: scale.unsqueeze(1) * masks * primary[index]  # noqa: E731
-    result.error_before = relative_error(rows(), a, g, c, d)
-    has_scale = layer.scale is not None
-    for _ in range(settings.rounds):
-        if learns_masks:
-            masks = improve_masks(a, g, scale.unsqueeze(1) * primary[index], masks, settings.mask_sweeps)
-        primary = solve_primaries(a, g, masks, scale, d, index, primary, settings.damping)
-        if has_scale:
-            scale = solve_scales(a, g, masks * primary[index], scale)
-    steps = None
+    problem = layer_problem(layer, teacher, moments, settings)
+    start = LayerFit(*layer_state(layer))
+    result.error_before = problem.error(start)
+    fit = solve_float(problem, start, settings)
     bits = settings.weight_bits if settings.weight_bits is not None else layer.weight_bits  # a planned width too
     if bits is not None:
-        codes, steps = quantize_primaries(a, g, masks, scale, d, index, primary, bits, settings.damping)
-        primary = codes * steps.unsqueeze(1)
-        for _ in range(2):
-            if learns_masks:
-                masks = improve_masks(a, g, scale.unsqueeze(1) * primary[index], masks, settings.mask_sweeps)
-            if has_scale:
-                scale = solve_scales(a, g, masks * primary[index], scale)
-    result.error_after = relative_error(rows(), a, g, c, d)
-    result.mask_flips = int((masks != start_masks).sum()) if learns_masks else 0
-    bias = None
-    if centred:
-        teacher_bias = teacher.bias.detach().double() if teacher.bias is not None else 0.0
-        bias = target @ (moments.t / n) + teacher_bias - rows() @ (moments.s / n)
-    if steps is not None:
-        layer.set_weight_bits(bits, "lsq")
-    write_layer(layer, primary, masks, scale, bias)
-    if steps is not None:
-        layer.primary_step.data.copy_(steps.to(layer.primary_step))
+        fit = round_to_width(problem, fit, bits, settings)
+    result.error_after = problem.error(fit)
+    result.mask_flips = int((fit.masks != start.masks).sum()) if problem.learns_masks else 0
+    if layer.bias is not None:
+        fit = with_bias(problem, fit, teacher, moments)
+    write_fit(layer, fit, bits)
     return result
+
+
+def fit_widths(
+    layer: VersatileConv2d,
+    teacher: nn.Conv2d,
+    moments: Moments,
+    widths: Sequence[int | None],
+    settings: ReconstructSettings,
+) -> dict[int | None, LayerFit]:
+    """``layer`` (not changed) fitted to ``teacher``'s outputs once in float, then rounded to each of ``widths``
+    (None: left float): what :func:`fit_layer` would give at each width, for the price of one float fit."""
+    problem = layer_problem(layer, teacher, moments, settings)
+    fitted = solve_float(problem, LayerFit(*layer_state(layer)), settings)
+    fits = {}
+    for bits in widths:
+        fit = fitted if bits is None else round_to_width(problem, fitted, bits, settings)
+        fits[bits] = (
+            with_bias(problem, LayerFit(fit.primary, fit.masks, fit.scale, fit.steps), teacher, moments)
+            if layer.bias is not None
+            else fit
+        )
+    return fits
 
 
 # --------------------------------------------------------------------------- the pass

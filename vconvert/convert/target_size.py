@@ -10,11 +10,18 @@ multiple-choice knapsack over the layers (exact on bits rounded to a thousandth 
 with the least total divergence that fits. Convs compress would not convert (the stem, ``--skip`` matches,
 1x1 downsampling when skipped) may still be stored dense at fewer bits; grouped and depthwise convs and
 Linear layers stay int8.
+
+When the layers will be reconstructed on the images afterwards (``compress --reconstruct``), each choice is
+measured as reconstruction leaves it instead: the fit refitted to the conv's outputs on the calibration images
+and its primaries rounded against them (GPTQ, docs/FIT.md §18) rather than min-max. The two rank choices
+differently: min-max rounding costs a dense 3-bit conv far more than GPTQ does, so a plan measured data-free
+spends its bits where reconstruction would not have needed them (docs/ALGEBRA.md §13).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vconvert.convert.plan import DENSE, detached, storage_of
+from vconvert.convert.reconstruct import (
+    Moments,
+    ReconstructSettings,
+    fit_widths,
+    layer_inputs,
+    moments_of_inputs,
+    write_fit,
+)
 from vconvert.convert.replay import LayerReplay, values_bytes
 from vconvert.errors import BadInputError
 from vconvert.fit.initialise import initialise_from_weight
@@ -179,9 +194,46 @@ def _fitted(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict)
     return layer
 
 
-def _stored_form(conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict) -> nn.Module:
-    """``conv`` as ``choice`` stores it: dense and fake-quantised, or fitted (``cache``: the fits of this conv)."""
+def _reconstructed(
+    conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict, moments: Callable[[], Moments]
+) -> VersatileConv2d:
+    """``conv`` as reconstruction leaves ``choice``: the data-free fit refitted to ``conv``'s outputs described by
+    ``moments`` (computed on first use) once in float, then rounded against them at each width its structure
+    takes (8 bits: left float, quantized min-max as the int8 export does). ``cache`` keeps every width's layer."""
+    key = (choice.secondary, choice.shared, choice.bits)
+    if key not in cache:
+        layer = VersatileConv2d.shaped_like(conv, **choice.options(base))
+        initialise_from_weight(layer, conv.weight.detach(), detached(conv.bias), method=init)
+        widths = SHARED_BIT_CHOICES if choice.shared else BIT_CHOICES
+        fits = fit_widths(layer, conv, moments(), [None if bits == INT8 else bits for bits in widths],
+                          ReconstructSettings())  # fmt: skip
+        for bits, fit in fits.items():
+            form = copy.deepcopy(layer)
+            write_fit(form, fit, bits)
+            if bits is None:
+                form.set_weight_bits(INT8, "minmax")
+            cache[(choice.secondary, choice.shared, bits or INT8)] = form.eval()
+    return cache[key]
+
+
+def _stored_form(
+    conv: nn.Conv2d, choice: Choice, base: dict, init: str, cache: dict, moments: Callable[[], Moments] | None
+) -> nn.Module:
+    """``conv`` as ``choice`` stores it: a plain int8 conv; dense below 8 bits and fake-quantised, or fitted
+    (``cache``: the fits of this conv); reconstructed on the images where ``moments`` are given."""
+    if choice.plain:
+        return _quantized_conv(conv, choice.bits)
+    if moments is not None:
+        return _reconstructed(conv, choice, base, init, cache, moments)
     return _quantized_conv(conv, choice.bits) if choice.secondary == 1 else _fitted(conv, choice, base, init, cache)
+
+
+def _input_moments(model: nn.Module, name: str, conv: nn.Conv2d, images: Sequence[Tensor]) -> Moments:
+    """Moments of the input patches of ``model``'s conv ``name`` on ``images`` (the original network's own
+    inputs on both sides: each conv is measured alone in the original network)."""
+    shape = VersatileConv2d.shaped_like(conv, **DENSE.layer_kwargs())
+    inputs = list(layer_inputs(model, name, images))
+    return moments_of_inputs(zip(inputs, inputs, strict=True), shape, conv)
 
 
 def _sized_choices(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> list[tuple[Choice, int]]:
@@ -233,16 +285,23 @@ def measure_candidates(
     images: Sequence[Tensor],
     init: str = "fit",
     progress: Callable[[int, int, str], None] | None = None,
+    reconstructed: bool = False,
 ) -> dict[str, list[Candidate]]:
     """Every choice of every conv in ``convs`` (secondary counts ``allowed[name]``, each at every width of
     :data:`BIT_CHOICES`) with its bits and the mean divergence of the network's outputs on ``images`` when that
-    conv alone takes it. Each batch runs through the network once; each swap then re-runs only what follows the
-    conv (:class:`~vconvert.convert.replay.LayerReplay`; the whole network where FX cannot trace it). ``model``
-    is left as it was."""
+    conv alone takes it; ``reconstructed``: each choice as reconstruction on ``images`` would leave it. Each batch
+    runs through the network once; each swap then re-runs only what follows the conv
+    (:class:`~vconvert.convert.replay.LayerReplay`; the whole network where FX cannot trace it). ``model`` is left
+    as it was."""
     model.eval()
     sized = {name: _sized_choices(conv, allowed[name], base) for name, conv in convs.items()}
     summed = {name: [0.0] * len(choices) for name, choices in sized.items()}
-    fits: dict[str, dict[tuple[int, bool], VersatileConv2d]] = {name: {} for name in convs}
+    fits: dict[str, dict[tuple, VersatileConv2d]] = {name: {} for name in convs}
+    moments = (
+        {name: functools.partial(_input_moments, model, name, conv, images) for name, conv in convs.items()}
+        if reconstructed
+        else dict.fromkeys(convs)
+    )
     with torch.no_grad():
         try:
             runner: LayerReplay | _FullRuns = LayerReplay(model)
@@ -256,7 +315,8 @@ def measure_candidates(
                 if progress:
                     progress(batch_index * len(convs) + index, len(batches) * len(convs), name)
                 for position, (choice, _) in enumerate(sized[name]):
-                    outputs = runner.run_with(values, name, _stored_form(conv, choice, base, init, fits[name]))
+                    form = _stored_form(conv, choice, base, init, fits[name], moments[name])
+                    outputs = runner.run_with(values, name, form)
                     summed[name][position] += divergence(reference, outputs) * len(batch)
             del values
     if progress:
@@ -337,6 +397,7 @@ class SizePlan:
     fixed_bits: int
     target_size: float
     search: str
+    reconstructed: bool = False
 
     @property
     def int8_bits(self) -> int:
@@ -352,9 +413,10 @@ class SizePlan:
         for candidate in self.chosen.values():
             counts[candidate.choice.label()] = counts.get(candidate.choice.label(), 0) + 1
         mix = ", ".join(f"{count}x {label}" for label, count in sorted(counts.items()))
+        measured = ", each choice as reconstruction leaves it" if self.reconstructed else ""
         return (
             f"--target-size {self.target_size:g}: {mix}; planned int8 file {self.size_ratio:.3f}x of the fp32 "
-            f"file (the {self.search} of the least output divergence on the calibration images)"
+            f"file (the {self.search} of the least output divergence on the calibration images{measured})"
         )
 
 
@@ -369,11 +431,13 @@ def plan_for_size(
     search: str = "knapsack",
     progress: Callable[[int, int, str], None] | None = None,
     candidates: dict[str, list[Candidate]] | None = None,
+    reconstructed: bool = False,
 ) -> SizePlan:
     """Choose a :class:`Choice` for each conv of ``convs`` so that the int8 file's weights are at most
     ``target_size`` of the fp32 file's (convs left out of ``convs`` stay plain int8). ``candidates`` keeps the
     measured choices (:func:`measure_candidates`): an empty dict is filled, a filled one is reused (several sizes
-    planned from one measurement)."""
+    planned from one measurement). ``reconstructed``: measure each choice as reconstruction on ``images`` leaves
+    it (the layers will be reconstructed after planning)."""
     if not 0 < target_size < 1:
         raise BadInputError(f"`target_size` must lie between 0 and 1 (a fraction of the fp32 file); got {target_size}.")
     if search not in SEARCHES:
@@ -396,14 +460,14 @@ def plan_for_size(
             "--quantize int8 instead, or ask for less."
         )
     if not candidates:
-        measured = measure_candidates(model, convs, allowed, base, images, init, progress)
+        measured = measure_candidates(model, convs, allowed, base, images, init, progress, reconstructed)
         if candidates is not None:
             candidates.update(measured)
         candidates = measured
     chosen = SEARCHES[search](candidates, budget)
     if chosen is None:  # unreachable after the size check above, kept as a guard against rounding
         raise BadInputError(f"`target_size` {target_size:g} is out of reach; ask for more.")
-    return SizePlan(chosen, fp32, fixed, target_size, search)
+    return SizePlan(chosen, fp32, fixed, target_size, search, reconstructed)
 
 
 def _fewest_bits(conv: nn.Conv2d, secondaries: Sequence[int], base: dict) -> int:
