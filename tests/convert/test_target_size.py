@@ -327,3 +327,21 @@ def test_reconstructed_candidates_measure_each_choice_as_reconstruction_leaves_i
     assert low_bits["rebuilt"] < 0.1 * low_bits["plain"], low_bits
     for name, conv in convs.items():  # measuring left the network as it was
         assert teacher.get_submodule(name) is conv
+
+
+def test_reconstructed_candidates_compute_each_convs_input_moments_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vconvert.convert import target_size
+
+    computed = []
+    measure = target_size._input_moments
+    monkeypatch.setattr(
+        target_size, "_input_moments", lambda model, name, *rest: computed.append(name) or measure(model, name, *rest)
+    )
+    torch.manual_seed(0)
+    model = resnet8().eval()
+    convs = {name: model.get_submodule(name) for name in ("layer1.0.conv1", "layer2.0.conv2")}
+    images = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    found = target_size.measure_candidates(model, convs, dict.fromkeys(convs, (1, 2, 4)), LEARNED, images,
+                                           reconstructed=True)  # fmt: skip
+    assert sorted(computed) == sorted(convs)  # once per conv, for its three structures and their widths
+    assert all(len(found[name]) > 8 for name in convs)

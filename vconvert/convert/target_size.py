@@ -297,8 +297,11 @@ def measure_candidates(
     sized = {name: _sized_choices(conv, allowed[name], base) for name, conv in convs.items()}
     summed = {name: [0.0] * len(choices) for name, choices in sized.items()}
     fits: dict[str, dict[tuple, VersatileConv2d]] = {name: {} for name in convs}
-    moments = (
-        {name: functools.partial(_input_moments, model, name, conv, images) for name, conv in convs.items()}
+    moments = (  # computed once per conv, when its first choice is built, and released once all are
+        {
+            name: functools.cache(functools.partial(_input_moments, model, name, conv, images))
+            for name, conv in convs.items()
+        }
         if reconstructed
         else dict.fromkeys(convs)
     )
@@ -318,6 +321,8 @@ def measure_candidates(
                     form = _stored_form(conv, choice, base, init, fits[name], moments[name])
                     outputs = runner.run_with(values, name, form)
                     summed[name][position] += divergence(reference, outputs) * len(batch)
+                if moments[name] is not None:
+                    moments[name].cache_clear()  # every choice of this conv is built and cached in `fits`
             del values
     if progress:
         progress(len(batches) * len(convs), len(batches) * len(convs), "")
