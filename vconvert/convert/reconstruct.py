@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -395,12 +395,11 @@ def round_to_width(problem: LayerProblem, fit: LayerFit, bits: int, settings: Re
 
 
 def with_bias(problem: LayerProblem, fit: LayerFit, teacher: nn.Conv2d, moments: Moments) -> LayerFit:
-    """``fit`` with the bias that zeroes the mean output error (layers with a bias; else unchanged)."""
+    """A copy of ``fit`` with the bias that zeroes the mean output error (for layers that have a bias)."""
     n = max(moments.count, 1)
     teacher_bias = teacher.bias.detach().double() if teacher.bias is not None else 0.0
     target = teacher.weight.detach().double().flatten(1)
-    fit.bias = target @ (moments.t / n) + teacher_bias - problem.rows(fit) @ (moments.s / n)
-    return fit
+    return replace(fit, bias=target @ (moments.t / n) + teacher_bias - problem.rows(fit) @ (moments.s / n))
 
 
 @torch.no_grad()
@@ -447,11 +446,7 @@ def fit_widths(
     fits = {}
     for bits in widths:
         fit = fitted if bits is None else round_to_width(problem, fitted, bits, settings)
-        fits[bits] = (
-            with_bias(problem, LayerFit(fit.primary, fit.masks, fit.scale, fit.steps), teacher, moments)
-            if layer.bias is not None
-            else fit
-        )
+        fits[bits] = with_bias(problem, fit, teacher, moments) if layer.bias is not None else fit
     return fits
 
 
