@@ -96,6 +96,8 @@ def compress(args: argparse.Namespace, output: Path, layout: str, reconstruct: b
     options = ["--reconstruct"] + (["--weight-bits", str(bits)] if bits else []) if reconstruct else []
     if reconstruct and args.refine_steps is not None:
         options += ["--refine-steps", str(args.refine_steps)]
+    if args.calib_seed:
+        options += ["--calib-seed", str(args.calib_seed)]
     command = common.vconvert_command(
         "compress", str(args.models / common.RESNET20_FILE), "--arch", ARCH, "--input-shape", SHAPE,
         "--skip", "downsample", "--mean", common.CIFAR_MEAN_ARG, "--std", common.CIFAR_STD_ARG,
@@ -197,6 +199,8 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated row numbers to run (default all)")
     parser.add_argument("--refine-steps", type=int, help="compress --refine-steps of the reconstructed rows "
                         "(default: compress's own, 300 for this network)")  # fmt: skip
+    parser.add_argument("--calib-seed", type=int, default=0, help="compress --calib-seed of vconvert's rows: another "
+                        "subset of the training images, for the spread over subsets (with --peers none)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/reconstruct_MODE)")
     parser.add_argument("--peers", choices=("with", "only", "none"), default="with",
                         help="no-label peer rows (dense network): with the rows (default), only, none")  # fmt: skip
@@ -207,6 +211,8 @@ def main() -> None:
     if args.make_peer:
         print(json.dumps(make_peer(args)))
         return
+    if args.calib_seed and args.peers != "none":
+        parser.error("--calib-seed draws vconvert's rows' images only: pass --peers none with it.")
     mode = "quick" if args.quick else "full"
     args.calib_images = args.calib_images or (256 if args.quick else 1024)
     args.eval_limit = args.eval_limit or (1000 if args.quick else 10000)
@@ -225,6 +231,7 @@ def main() -> None:
         "mode": mode,
         "command": common.command_line(__file__, quote=True),
         "calibration_images": args.calib_images,
+        "calibration_seed": args.calib_seed,
         "calibration_split": "train (labels not read)",
         "eval_images": args.eval_limit,
         "dense_top1_10k": DENSE_TOP1,
@@ -290,7 +297,7 @@ def write(record: dict[str, Any], stem: Path) -> None:
         f"Command: `{record['command']}`  ",
         f"Shared CIFAR-10 ResNet-20 (dense fp32 {record['dense_top1_10k']} on the 10,000 test images); "
         f"{record['calibration_images']} unlabeled training images for reconstruction and BatchNorm recalibration "
-        "(and the peers' calibration); "
+        f"(subset {record.get('calibration_seed', 0)}; and the peers' calibration); "
         f"top-1 of each ONNX file (int8: --int8-target any) in onnxruntime on {record['eval_images']} test "
         f"images. Load average at the start {record['machine']['load_average_start']}, at the end "
         f"{record['machine'].get('load_average_end', 'n/a')} (2 cores shared with other jobs; OMP_NUM_THREADS "

@@ -112,6 +112,8 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
         ),
         (("--refine-steps", "10"), "--refine-steps refines the reconstructed blocks: pass it with --reconstruct"),
         (("--calib-data", "IMAGES", "--reconstruct", "--refine-steps", "-1"), "--refine-steps must be 0"),
+        (("--calib-seed", "3"), "--calib-seed chooses which --calib-data images are read: pass --calib-data DIR"),
+        (("--calib-data", "IMAGES", "--reconstruct", "--calib-seed", "-1"), "--calib-seed must be 0 or more"),
     ],
     ids=[
         "no-calib-data",
@@ -125,6 +127,8 @@ def test_secondary_1_keeps_the_convs_dense_at_the_reconstructed_width(workspace,
         "bits-with-target-size",
         "refine-without-reconstruct",
         "refine-negative",
+        "seed-without-calib-data",
+        "seed-negative",
     ],
 )
 def test_bad_reconstruction_options_exit_2(workspace, tmp_path: Path, options: tuple[str, ...], fragment: str) -> None:
@@ -149,6 +153,7 @@ def test_damaged_reconstruction_record_is_one_sentence(workspace, tmp_path: Path
         ({"settings": {"rounds": 1}}, "reconstruction settings lacks"),
         ({"error_after": -1.0}, "reconstruction error_after must not be negative"),
         ({"surprise": 1}, "reconstruction has unknown field(s) surprise"),
+        ({"seed": "1"}, "reconstruction seed must be an integer ≥ 0"),
     ]:
         damaged = dict(payload)
         damaged["metadata"] = {
@@ -158,6 +163,42 @@ def test_damaged_reconstruction_record_is_one_sentence(workspace, tmp_path: Path
         path = tmp_path / "damaged.vc.pt"
         torch.save(damaged, path)
         assert_one_sentence_error(invoke("inspect", path), 2, fragment)
+
+
+def test_calib_seed_draws_another_subset_the_same_each_time_and_the_file_says_which(workspace, tmp_path: Path) -> None:
+    from vconvert.data.datasets import calibration_batches
+
+    weights, images = workspace
+    drawn = {seed: torch.cat(list(calibration_batches(images, (32, 32), (0.5,) * 3, (0.25,) * 3, limit=2, seed=seed)))
+             for seed in (0, 5)}  # fmt: skip
+    assert not torch.equal(drawn[0], drawn[5])  # 2 of the 6 images: another pair
+    options = ("--calib-data", images, "--reconstruct", "--weight-bits", "4", "--calib-images", "2", "--refine-steps",
+               "0")  # fmt: skip
+    files = {}
+    for label, extra in (("default", ()), ("seed5", ("--calib-seed", "5")), ("seed5-again", ("--calib-seed", "5"))):
+        files[label] = tmp_path / f"{label}.vc.pt"
+        result = compress(weights, *options, *extra, "-o", files[label])
+        assert result.exit_code == 0, result.output + result.stderr
+        if extra:
+            assert "Reconstructed 8 layers on 2 images (--calib-seed 5)" in " ".join(result.output.split())
+    loaded = {label: load_checkpoint(path) for label, path in files.items()}
+    assert "seed" not in loaded["default"].metadata.reconstruction  # the default subset: files as before
+    assert loaded["seed5"].metadata.reconstruction["seed"] == 5
+    assert loaded["seed5"].metadata.bn_recalibration in (None, {"data": str(images.resolve()), "images": 2, "seed": 5})
+    states = {label: checkpoint.model.state_dict() for label, checkpoint in loaded.items()}
+    assert all(torch.equal(value, states["seed5-again"][key]) for key, value in states["seed5"].items())
+    assert not all(torch.equal(value, states["default"][key]) for key, value in states["seed5"].items())
+    inspected = invoke("inspect", files["seed5"])
+    assert inspected.exit_code == 0, inspected.output + inspected.stderr
+    assert "on 2 images (--calib-seed 5) of" in " ".join(inspected.output.split())
+
+
+def test_calib_seed_is_recorded_with_batchnorm_recalibration_alone(workspace, tmp_path: Path) -> None:
+    weights, images = workspace
+    output = tmp_path / "bn.vc.pt"
+    result = compress(weights, "--calib-data", images, "--calib-images", "2", "--calib-seed", "2", "-o", output)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert load_checkpoint(output).metadata.bn_recalibration == {"data": str(images.resolve()), "images": 2, "seed": 2}
 
 
 def test_default_image_counts() -> None:

@@ -109,6 +109,17 @@ def check_calibration_options(
     return images
 
 
+def check_calibration_seed(calib_data: Path | None, seed: int | None) -> int:
+    """The seed of the calibration subset (0 unless --calib-seed says otherwise)."""
+    if seed is None:
+        return 0
+    if calib_data is None:
+        raise BadInputError("--calib-seed chooses which --calib-data images are read: pass --calib-data DIR.")
+    if seed < 0:
+        raise BadInputError(f"--calib-seed must be 0 or more; got {seed}.")
+    return seed
+
+
 def reconstruct_layers(
     converted, original, batches: list, calib_data: Path, bits: int | None, refine_steps: int | None = None
 ) -> dict:
@@ -142,6 +153,12 @@ def reconstruct_layers(
                                        fitting_progress(progress, "refining blocks"))  # fmt: skip
         record["refinement"] = refinement.record()
     return record
+
+
+def images_drawn(record: dict) -> str:
+    """ "N images", and which subset when a --calib-seed other than 0 drew them (a reconstruction record)."""
+    seed = record.get("seed", 0)
+    return f"{record['images']} images" + (f" (--calib-seed {seed})" if seed else "")
 
 
 def refinement_line(record: dict) -> str:
@@ -232,6 +249,14 @@ def compress(
             "(default 2000, or 1024 with --reconstruct).",
         ),
     ] = None,
+    calib_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--calib-seed",
+            help="Which random subset of --calib-data is read (default 0; the same seed, the same images): a few "
+            "seeds show how much the result depends on the images. Recorded in the file when not 0.",
+        ),
+    ] = None,
     reconstruct: Annotated[
         bool,
         typer.Option(
@@ -287,6 +312,7 @@ def compress(
     if plan_images < 1:
         raise BadInputError(f"--plan-images must be at least 1; got {plan_images}.")
     calib_images = check_calibration_options(calib_data, calib_images, reconstruct, weight_bits, refine_steps)
+    seed = check_calibration_seed(calib_data, calib_seed)
     preprocessing = parse_preprocessing(mean, std, shape, required=calib_data is not None)
     model, base = load_input_model(file, arch, arch_kwargs, trust)
     example = example_input(model, shape)
@@ -297,7 +323,9 @@ def compress(
 
         mean_std = preprocessing["mean"], preprocessing["std"]
         plan_batches = list(
-            calibration_batches(calib_data, (shape[2], shape[3]), *mean_std, limit=plan_images, size_from=size_from)
+            calibration_batches(
+                calib_data, (shape[2], shape[3]), *mean_std, limit=plan_images, seed=seed, size_from=size_from
+            )
         )
     with progress_bar() as progress:
         converted, plan = compress_model(
@@ -330,19 +358,20 @@ def compress(
 
         batches = calibration_batches(
             calib_data, (shape[2], shape[3]), preprocessing["mean"], preprocessing["std"], limit=calib_images,
-            size_from=size_from,
+            seed=seed, size_from=size_from,
         )  # fmt: skip
+        subset = {"seed": seed} if seed else {}  # files of the default subset stay as they were
         if reconstruct:
             batches = list(batches)
-            metadata.reconstruction = reconstruct_layers(
-                converted, model, batches, calib_data, weight_bits, refine_steps
+            metadata.reconstruction = (
+                reconstruct_layers(converted, model, batches, calib_data, weight_bits, refine_steps) | subset
             )
             recalibration = recalibrate_if_closer(converted, model, batches, calib_images)
             used = recalibration.images if recalibration.kept else None
         else:
             used = recalibrate_batchnorm(converted, batches, max_images=calib_images)
         if used is not None:
-            metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used}
+            metadata.bn_recalibration = {"data": absolute_data(str(calib_data)), "images": used} | subset
     save(output, converted, plan, base, model, metadata)
     if as_json:
         record = {"output": str(output), "plan": plan.to_dict(), "summary": plan_summary(plan)}
@@ -362,7 +391,7 @@ def compress(
     if metadata.reconstruction is not None:
         record = metadata.reconstruction
         console.print(
-            f"Reconstructed {record['layers']} layers on {record['images']} images: mean output error "
+            f"Reconstructed {record['layers']} layers on {images_drawn(record)}: mean output error "
             f"{record['error_before']:.4f} → {record['error_after']:.4f} ({record['seconds']:.0f} s)."
         )
         if "refinement" in record:

@@ -27,7 +27,7 @@ from vconvert.cli.common import (
     labelled,
     parse_shape,
 )
-from vconvert.cli.compress import example_input, load_input_model, plan_summary
+from vconvert.cli.compress import example_input, images_drawn, load_input_model, plan_summary
 from vconvert.errors import shown
 
 if TYPE_CHECKING:
@@ -126,9 +126,9 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
     rebuilt = metadata.reconstruction  # checked field by field when the file was read
     if rebuilt is not None:
         lines.append(
-            f"reconstructed: {rebuilt['layers']} layers against the original network's outputs on {rebuilt['images']} "
-            f"unlabeled images of {shown(rebuilt['data'])} (mean output error {rebuilt['error_before']:.4f} → "
-            f"{rebuilt['error_after']:.4f})."
+            f"reconstructed: {rebuilt['layers']} layers against the original network's outputs on "
+            f"{images_drawn(rebuilt)} of {shown(rebuilt['data'])}, unlabeled (mean output error "
+            f"{rebuilt['error_before']:.4f} → {rebuilt['error_after']:.4f})."
         )
         refined = rebuilt.get("refinement")
         if refined is not None:

@@ -106,9 +106,11 @@ class CheckpointMetadata:
             preprocessing = check_preprocessing(preprocessing, f"{where}'s preprocessing", channels)
         recalibration = metadata.pop("bn_recalibration", None)
         if recalibration is not None:
-            recalibration = check_fields(recalibration, f"{where}'s bn_recalibration", ("data", "images"))
+            recalibration = check_fields(recalibration, f"{where}'s bn_recalibration", ("data", "images"), ("seed",))
             check_str(recalibration["data"], f"{where}'s bn_recalibration data")
             check_int(recalibration["images"], f"{where}'s bn_recalibration images")
+            if "seed" in recalibration:
+                check_int(recalibration["seed"], f"{where}'s bn_recalibration seed")
         data = metadata.pop("data", None)
         if data is not None:
             data = check_fields(data, f"{where}'s data", tuple(item.name for item in fields(DataSpec)))
@@ -156,11 +158,14 @@ REFINEMENT_FIELDS = (
 def check_reconstruction(value: object, where: str) -> dict:
     """The record ``compress --reconstruct`` writes (:meth:`vconvert.convert.reconstruct.Reconstruction.record`):
     the image folder, the image count, the settings, the layers refit and their mean relative output error before
-    and after, the seconds it took, and (files since block refinement) the ``refinement`` record; exactly these
-    fields, each of its type."""
-    record = check_fields(value, where, RECONSTRUCTION_FIELDS, ("refinement",))
+    and after, the seconds it took, and (files since block refinement) the ``refinement`` record and (files of a
+    subset other than the default) the ``seed`` the images were drawn with; exactly these fields, each of its
+    type."""
+    record = check_fields(value, where, RECONSTRUCTION_FIELDS, ("refinement", "seed"))
     if "refinement" in record:
         check_refinement(record["refinement"], f"{where} refinement")
+    if "seed" in record:
+        check_int(record["seed"], f"{where} seed")
     check_str(record["data"], f"{where} data")
     check_int(record["images"], f"{where} images", 1)
     check_int(record["layers"], f"{where} layers")
