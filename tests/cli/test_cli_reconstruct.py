@@ -190,7 +190,7 @@ def test_calib_seed_draws_another_subset_the_same_each_time_and_the_file_says_wh
     assert not all(torch.equal(value, states["default"][key]) for key, value in states["seed5"].items())
     inspected = invoke("inspect", files["seed5"])
     assert inspected.exit_code == 0, inspected.output + inspected.stderr
-    assert "on 2 images (--calib-seed 5) of" in " ".join(inspected.output.split())
+    assert "on 2 unlabeled images (--calib-seed 5) of" in " ".join(inspected.output.split())
 
 
 def test_calib_seed_is_recorded_with_batchnorm_recalibration_alone(workspace, tmp_path: Path) -> None:

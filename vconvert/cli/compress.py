@@ -155,10 +155,11 @@ def reconstruct_layers(
     return record
 
 
-def images_drawn(record: dict) -> str:
-    """ "N images", and which subset when a --calib-seed other than 0 drew them (a reconstruction record)."""
+def images_drawn(record: dict, noun: str = "images") -> str:
+    """How many images a reconstruction record was fitted on, and which subset when a --calib-seed other than 0
+    drew them."""
     seed = record.get("seed", 0)
-    return f"{record['images']} images" + (f" (--calib-seed {seed})" if seed else "")
+    return f"{record['images']} {noun}" + (f" (--calib-seed {seed})" if seed else "")
 
 
 def refinement_line(record: dict) -> str:

@@ -127,7 +127,7 @@ def checkpoint_notes(metadata: CheckpointMetadata) -> list[str]:
     if rebuilt is not None:
         lines.append(
             f"reconstructed: {rebuilt['layers']} layers against the original network's outputs on "
-            f"{images_drawn(rebuilt)} of {shown(rebuilt['data'])}, unlabeled (mean output error "
+            f"{images_drawn(rebuilt, 'unlabeled images')} of {shown(rebuilt['data'])} (mean output error "
             f"{rebuilt['error_before']:.4f} → {rebuilt['error_after']:.4f})."
         )
         refined = rebuilt.get("refinement")
