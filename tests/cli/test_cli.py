@@ -37,6 +37,7 @@ TABLE_COMMAND = {
     "--target-ratio": "compress",
     "--target-size": "compress",
     "--skip": "compress",
+    "--calib-seed": "compress",
     "--masks": "finetune",
     "--loader": "finetune",
     "--distill": "finetune",
